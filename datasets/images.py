@@ -1,0 +1,127 @@
+"""Image datasets: BadEncoder npz files (x uint8 (N,H,W,3), y (N,) or (N,1)) and plain image folders."""
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jpe", ".tif", ".tiff", ".ppm"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with the file and the fix in the message."""
+
+
+def _open_npz(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass an existing .npz")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err}); re-create it with numpy.savez") from err
+
+
+def check_images(x: np.ndarray, source) -> np.ndarray:
+    """Validate uint8 (N,H,W,3) images; returns x unchanged."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{source}: images must be uint8 in [0,255], got dtype {x.dtype}; "
+                        "convert with (x*255).round().astype(np.uint8) if they are floats in [0,1]")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise DataError(f"{source}: images must have shape (N,H,W,3), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise DataError(f"{source}: contains no images")
+    return x
+
+
+def load_npz(path, require_labels: bool = False):
+    """Read an npz dataset: returns (x uint8 (N,H,W,3), y int64 (N,) or None)."""
+    with _open_npz(path) as data:
+        if "x" not in data.files:
+            raise DataError(f"{path}: has no array 'x' (found {data.files}); "
+                            "image npz files need x uint8 (N,H,W,3) and optionally y")
+        x = check_images(data["x"], path)
+        y = None
+        if "y" in data.files:
+            y = np.asarray(data["y"]).reshape(-1).astype(np.int64)
+            if len(y) != len(x):
+                raise DataError(f"{path}: {len(y)} labels for {len(x)} images")
+        elif require_labels:
+            raise DataError(f"{path}: has no labels 'y' (found {data.files}); this step needs them")
+    return x, y
+
+
+def save_npz_dataset(path, x: np.ndarray, y: np.ndarray | None = None) -> None:
+    from decree.io import write_npz
+    arrays = {"x": check_images(x, path)}
+    if y is not None:
+        arrays["y"] = np.asarray(y, dtype=np.int64)
+    write_npz(path, **arrays)
+
+
+def _resize_center_crop(img, size: int) -> np.ndarray:
+    """torchvision's Resize(256) + CenterCrop(224), scaled to `size`, on a PIL image."""
+    from PIL import Image
+    short = round(size * 256 / 224)
+    w, h = img.size
+    scale = short / min(w, h)
+    img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def list_images(root) -> list[Path]:
+    root = Path(root)
+    if (root / "val").is_dir():  # a torchvision ImageNet root: the paper samples the validation split
+        root = root / "val"
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_image_folder(root, size: int = 224, fraction: float | None = None, count: int | None = None,
+                      seed: int = 0, progress: bool = True):
+    """Read an ImageNet root or image folder (class sub-folders or flat) into uint8 (N,size,size,3).
+
+    Only the sampled files are decoded, so a 20% shadow set of ImageNet val reads 10,000 images, not 50,000.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; pass an ImageNet root or a folder of images")
+    files = list_images(root)
+    if not files:
+        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    files = [files[i] for i in sample_indices(len(files), fraction, count, seed)]
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(tqdm(files, desc=f"reading {root.name}", disable=not progress, leave=False)):
+        try:
+            with Image.open(f) as img:
+                out[i] = _resize_center_crop(img.convert("RGB"), size)
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{f}: not a readable image ({err})") from err
+    return out
+
+
+def sample_indices(n: int, fraction: float | None = None, count: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted seeded sample of range(n), by fraction or count (all when neither is given)."""
+    if count is None and fraction is None:
+        return np.arange(n)
+    k = count if count is not None else int(round(n * fraction))
+    if not 0 < k <= n:
+        raise DataError(f"asked for {k} of {n} images; choose a count in 1..{n} or a fraction in (0,1]")
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def load_images(path, size: int | None = None, **sample):
+    """Images from an npz file or an image folder, as uint8 (N,H,W,3); `sample` as in load_image_folder."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        x, _ = load_npz(path)
+        if sample.get("fraction") is not None or sample.get("count") is not None:
+            x = x[sample_indices(len(x), sample.get("fraction"), sample.get("count"), sample.get("seed", 0))]
+    else:
+        x = load_image_folder(path, size=size or 224, **sample)
+    if size is not None and x.shape[1:3] != (size, size):
+        raise DataError(f"{path}: images are {x.shape[1]}x{x.shape[2]} but the encoder expects {size}x{size}; "
+                        "use a dataset of the encoder's input size (e.g. train_224.npz for CLIP)")
+    return x

@@ -1,0 +1,1 @@
+"""DECREE: detecting backdoors in pre-trained self-supervised image encoders."""

@@ -1,0 +1,76 @@
+"""Encoders: one factory (get_encoder) and one safe loader (load_encoder) for every script."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
+
+from .checkpoint import (CheckpointError, UnsafeCheckpointError, adapt_state_dict, extract_state_dict,
+                         load_into, read_checkpoint)
+from .clip import clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
+from .simclr import SimCLR, SimCLRBackbone, embed_dim
+
+USAGE_INFOS = ("cifar10", "stl10", "imagenet", "CLIP", "moco")
+DEFAULT_ARCH = {"cifar10": "resnet18", "stl10": "resnet18", "imagenet": "resnet50", "CLIP": "RN50",
+                "moco": "resnet18"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder expects: input size (px), normalisation, and what it returns."""
+    usage_info: str
+    arch: str
+    input_size: int
+    mean: tuple
+    std: tuple
+    embed_dim: int
+
+    @property
+    def family(self) -> str:
+        return {"cifar10": "simclr", "stl10": "simclr", "CLIP": "clip"}.get(self.usage_info, "torchvision")
+
+
+def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: bool = False) -> EncoderSpec:
+    if usage_info not in USAGE_INFOS:
+        raise ValueError(f"unknown --encoder_usage_info {usage_info!r}; choose one of {', '.join(USAGE_INFOS)}")
+    arch = arch or DEFAULT_ARCH[usage_info]
+    mean, std = CLIP_NORMALIZATION if (usage_info == "CLIP" and clip_normalization) else NORMALIZATION[usage_info]
+    if usage_info in ("cifar10", "stl10"):
+        return EncoderSpec(usage_info, arch, 32, mean, std, embed_dim(arch))
+    if usage_info == "CLIP":
+        open_clip_name(arch)
+        return EncoderSpec(usage_info, arch, 224, mean, std, clip_embed_dim(arch))
+    expected = {"imagenet": "resnet50", "moco": "resnet18"}[usage_info]
+    if arch != expected:
+        raise ValueError(f"--encoder_usage_info {usage_info} uses --arch {expected}, not {arch!r}")
+    return EncoderSpec(usage_info, arch, 224, mean, std, 2048 if arch == "resnet50" else 512)
+
+
+def get_encoder(usage_info: str, arch: str | None = None) -> nn.Module:
+    """A randomly initialised encoder for usage info/arch: float (N,3,S,S) normalised -> (N, embed_dim)."""
+    spec = encoder_spec(usage_info, arch)
+    if spec.family == "simclr":
+        return SimCLRBackbone(spec.arch)
+    if spec.family == "clip":
+        return clip_visual(spec.arch)
+    import torchvision
+    net = getattr(torchvision.models, spec.arch)(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
+                 trust_checkpoint: bool = False, clip_normalization: bool = False):
+    """Load an encoder checkpoint of any SPEC 3 layout; returns (model in eval mode on device, EncoderSpec)."""
+    spec = encoder_spec(usage_info, arch, clip_normalization)
+    sd = extract_state_dict(read_checkpoint(path, trust_checkpoint), path)
+    model = get_encoder(usage_info, spec.arch)
+    load_into(model, adapt_state_dict(sd, spec.family), path,
+              tried=f"--encoder_usage_info {usage_info} --arch {spec.arch}")
+    return model.to(device).eval(), spec
+
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_spec", "get_encoder",
+           "load_encoder", "SimCLR", "SimCLRBackbone", "clip_model", "clip_visual", "clip_tokenizer",
+           "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH"]

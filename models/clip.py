@@ -1,0 +1,33 @@
+"""CLIP through open_clip (no hand-written CLIP, no download): visual tower, full model, tokenizer."""
+import logging
+
+# open_clip names ViT-B/32 "ViT-B-32"; accept the paper's/OpenAI's spelling too
+CLIP_ARCHS = {"RN50": "RN50", "ViT-B/32": "ViT-B-32", "ViT-B-32": "ViT-B-32"}
+
+
+def open_clip_name(arch: str) -> str:
+    if arch not in CLIP_ARCHS:
+        raise ValueError(f"unknown CLIP arch {arch!r}; choose one of RN50, ViT-B/32")
+    return CLIP_ARCHS[arch]
+
+
+def clip_model(arch: str = "RN50"):
+    """A randomly initialised full open_clip CLIP model (weights come from a checkpoint)."""
+    import open_clip
+    # open_clip warns "no pretrained weights loaded" on every build; that is the point here
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    return open_clip.create_model(open_clip_name(arch), pretrained=None)
+
+
+def clip_visual(arch: str = "RN50"):
+    return clip_model(arch).visual
+
+
+def clip_tokenizer(arch: str = "RN50"):
+    """open_clip's bundled BPE tokenizer: list[str] -> int64 (N, 77)."""
+    import open_clip
+    return open_clip.get_tokenizer(open_clip_name(arch))
+
+
+def clip_embed_dim(arch: str) -> int:
+    return 1024 if open_clip_name(arch) == "RN50" else 512
