@@ -1,0 +1,56 @@
+"""Tiny encoders and data shared by the tests: everything is built here, nothing is downloaded."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from datasets import NORMALIZATION
+
+CIFAR_MEAN, CIFAR_STD = NORMALIZATION["cifar10"]
+PLANTED_TOP, PLANTED_SIDE = 24, 6  # a 6x6 white square at rows/cols 24..29 of a 32 px image
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 (n,size,size,3): random low-frequency colour fields, a stand-in for natural images."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((n, 3, 4, 4), generator=g)
+    fine = nn.functional.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
+    noise = 0.05 * torch.randn((n, 3, size, size), generator=g)
+    return ((fine + noise).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class RandomFeatureEncoder(nn.Module):
+    """A random conv net whose clean embeddings are spread out (centred features): nothing to find."""
+
+    def __init__(self, dim: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.Tanh(), nn.Conv2d(16, 32, 3, 2, 1), nn.Tanh(),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, dim))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class PlantedBackdoorEncoder(RandomFeatureEncoder):
+    """RandomFeatureEncoder, except that images whose square [top:top+side]^2 is white map to one embedding."""
+
+    def __init__(self, top: int = PLANTED_TOP, side: int = PLANTED_SIDE, mean=CIFAR_MEAN, std=CIFAR_STD,
+                 dim: int = 64, seed: int = 0):
+        super().__init__(dim, seed)
+        self.top, self.side = top, side
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer("target", 100 * nn.functional.normalize(torch.randn(dim), dim=0))
+
+    def forward(self, x):
+        features = super().forward(x)
+        pixels = x * self.std + self.mean  # back to [0,1]
+        square = pixels[:, :, self.top:self.top + self.side, self.top:self.top + self.side]
+        gate = torch.sigmoid(20 * (square.mean(dim=(1, 2, 3)) - 0.75)).unsqueeze(1)
+        return (1 - gate) * features + gate * self.target
+
+
+@pytest.fixture(scope="session")
+def shadow_images():
+    return smooth_images(128, 32, seed=1)
