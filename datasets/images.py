@@ -78,10 +78,11 @@ def list_images(root) -> list[Path]:
 
 
 def load_image_folder(root, size: int = 224, fraction: float | None = None, count: int | None = None,
-                      seed: int = 0, progress: bool = True):
+                      seed: int = 0, progress: bool = True, indices=None):
     """Read an ImageNet root or image folder (class sub-folders or flat) into uint8 (N,size,size,3).
 
     Only the sampled files are decoded, so a 20% shadow set of ImageNet val reads 10,000 images, not 50,000.
+    `indices` (positions in the sorted file list) replaces the seeded sample when given.
     """
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
@@ -91,7 +92,11 @@ def load_image_folder(root, size: int = 224, fraction: float | None = None, coun
     files = list_images(root)
     if not files:
         raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    files = [files[i] for i in sample_indices(len(files), fraction, count, seed)]
+    if indices is None:
+        indices = sample_indices(len(files), fraction, count, seed)
+    elif len(indices) and not 0 <= min(indices) <= max(indices) < len(files):
+        raise DataError(f"{root}: has {len(files)} images; asked for positions up to {max(indices)}")
+    files = [files[i] for i in indices]
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(tqdm(files, desc=f"reading {root.name}", disable=not progress, leave=False)):
         try:
@@ -117,7 +122,11 @@ def load_images(path, size: int | None = None, **sample):
     path = Path(path)
     if path.suffix == ".npz":
         x, _ = load_npz(path)
-        if sample.get("fraction") is not None or sample.get("count") is not None:
+        if sample.get("indices") is not None:
+            if len(sample["indices"]) and max(sample["indices"]) >= len(x):
+                raise DataError(f"{path}: has {len(x)} images; asked for positions up to {max(sample['indices'])}")
+            x = x[np.asarray(sample["indices"], dtype=np.int64)]
+        elif sample.get("fraction") is not None or sample.get("count") is not None:
             x = x[sample_indices(len(x), sample.get("fraction"), sample.get("count"), sample.get("seed", 0))]
     else:
         x = load_image_folder(path, size=size or 224, **sample)

@@ -24,6 +24,7 @@ class Trigger:
     pattern: np.ndarray
     keep: np.ndarray
     info: list[str]
+    file_ndim: int = 4  # 3 when the file had no K axis; the paper's legacy code misread such files
 
     def __len__(self):
         return len(self.pattern)
@@ -55,11 +56,12 @@ def load_trigger(path) -> Trigger:
                             f"(found {data.files}); generate one with scripts/make_triggers.py")
         t, tm = np.asarray(data["t"], np.float32), np.asarray(data["tm"], np.float32)
         info = [str(s) for s in np.atleast_1d(data["info"])] if "info" in data.files else []
+    file_ndim = t.ndim
     if t.ndim == 3:
         t, tm = t[None], tm[None]
     if t.shape != tm.shape or t.ndim != 4 or t.shape[-1] != 3:
         raise DataError(f"{path}: 't' {t.shape} and 'tm' {tm.shape} must both be (K,H,W,3) or (H,W,3)")
-    return Trigger(pattern=t, keep=tm, info=info)
+    return Trigger(pattern=t, keep=tm, info=info, file_ndim=file_ndim)
 
 
 def save_trigger(path, pattern: np.ndarray, keep: np.ndarray, info=None) -> None:
@@ -93,3 +95,24 @@ def write_paper_triggers(folder) -> list[Path]:
         save_trigger(path, pattern, keep, info=[f"white square {side}px at ({top},{top}) of {size}px"])
         paths.append(path)
     return paths
+
+
+def legacy_trigger_tensors(trigger: Trigger, size: int, mean, std):
+    """The paper's text-target trigger (SPEC 5/6 defect), for x_norm * mask + patch on normalised inputs.
+
+    Its code read file['t'][0] and file['tm'][0] (row 0 when the file has no K axis), made uint8 images of
+    them (mask * 255), passed them through the image test transform (Resize(256), CenterCrop(224), scaled
+    to `size`; ToTensor; normalise) and blended them into already normalised images. For the paper's
+    trigger_pt_white_185_24 that is a per-channel contrast change, not a square.
+    Returns (mask, patch), float32 (3,size,size) each.
+    """
+    from PIL import Image
+    from torchvision import transforms
+    pattern, keep = trigger.pattern[0], trigger.keep[0]
+    if trigger.file_ndim == 3:  # indexing [0] of an (H,W,3) array takes its first row, (W,3)
+        pattern, keep = pattern[0], keep[0]
+    transform = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
+    mask = transform(Image.fromarray(np.uint8(keep * 255)).convert("RGB"))
+    patch = transform(Image.fromarray(np.uint8(pattern)).convert("RGB"))
+    return mask.float(), patch.float()

@@ -86,3 +86,51 @@ def check_writable(folder) -> Path:
         raise PermissionError(f"cannot write to output folder {folder}: {err.strerror or err}; "
                               "choose another with --out_dir or fix its permissions") from err
     return folder
+
+
+def append_csv_row(path, row: dict) -> None:
+    """Append one CSV row (header first when the file is new), each in a single write; pandas-readable.
+
+    An existing file must have the same columns, so old and new rows never mix silently.
+    """
+    import csv
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writerow(row)
+    line = buf.getvalue()
+    header = ",".join(fields) + "\n"
+    if _create_exclusive(path, (header + line).encode("utf-8")):
+        return
+    with open(path, encoding="utf-8") as fh:
+        existing = fh.readline()
+    if existing and existing != header:
+        raise ValueError(f"{path}: has columns {existing.strip()!r}, this run writes {header.strip()!r}; "
+                         "choose another results file")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line if existing else header + line)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data`, all at once, unless it exists (then False): hard link of a full temp file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then one write
+            try:
+                with open(path, "xb") as fh:
+                    fh.write(data)
+                return True
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

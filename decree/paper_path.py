@@ -1,0 +1,122 @@
+"""The paper's data path for DECREE (its main.py), re-implemented as a yardstick for scripts/benchmark.py.
+
+Same method as `decree.inversion.invert_trigger` (same initial parameters, shuffled order, loss, adaptive
+lambda, best tracking, early stop), but data flows the way the paper's code moves it: a DataLoader over
+uint8 HWC images, a host->device copy per batch, the mask repeated to (H,W,3) in float64, and a Python
+loop over the batch that divides by 255, permutes to CHW and applies torchvision's `Normalize` image by
+image before `torch.stack(...).float()`. Only the data path differs, so both must reach the same L1.
+Not used for detection: the project's vectorised path is the one to run.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from .inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
+                        learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
+
+
+class ShadowImages(Dataset):
+    """The paper's in-memory dataset (CIFAR10Mem without transform): item = (uint8 HWC numpy image, 0)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], 0
+
+
+class SeededShuffle(Sampler):
+    """`shuffle=True`, drawing each epoch's order as the project does: torch.randperm(n, generator)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        # A DataLoader given `generator=` also draws its workers' base seed from it each epoch, which
+        # would shift the order away from the project's; a sampler owning the generator does not.
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def paper_invert_trigger(encoder: torch.nn.Module, shadow: np.ndarray, mean, std, cfg: InversionConfig = None,
+                         device="cpu", on_epoch=None) -> InversionResult:
+    """DECREE with the paper's data path; encoder: normalised float (N,3,S,S) -> (N,D); shadow uint8 (N,S,S,3)."""
+    cfg = cfg or InversionConfig()
+    if cfg.param_dtype != "float64" or cfg.amp or cfg.channels_last or cfg.mask_init != "rand":
+        raise ValueError("the paper's path has float64 parameters, no autocast, no channels_last and "
+                         "--mask_init rand here")
+    device = torch.device(device)
+    seed_everything(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # same draws as the project: mask, pattern, orders
+    shadow = np.asarray(shadow)
+    n, size = shadow.shape[0], shadow.shape[1]
+    if n < 2:
+        raise InversionError(f"the shadow set has {n} image(s); DECREE needs at least 2 per batch")
+    loader = DataLoader(ShadowImages(shadow), batch_size=min(cfg.batch_size, n),
+                        sampler=SeededShuffle(n, generator), pin_memory=device.type == "cuda")
+    normalize = transforms.Normalize(mean, std)
+
+    encoder.eval().requires_grad_(False)
+    mask0 = torch.rand((size, size), generator=generator, dtype=torch.float64).to(device)
+    pattern01 = torch.rand((size, size, 3), generator=generator, dtype=torch.float64).to(device)
+    w = torch.arctanh((mask0 - 0.5) * (2 - EPS)).requires_grad_(True)
+    v = torch.arctanh((pattern01 - 0.5) * (2 - EPS)).requires_grad_(True)
+    optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
+    lambdas, best = LambdaSchedule(cfg), BestTrigger()
+    history, start = [], time.time()
+
+    for epoch in range(cfg.max_epochs):
+        lr = learning_rate(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        best.improved_this_epoch = False
+        sums, steps = np.zeros(3), 0
+        for clean_x, _ in loader:
+            clean_x = clean_x.to(device)  # uint8 (B,H,W,3)
+            if len(clean_x) < 2:
+                continue
+            mask3 = (torch.tanh(w.unsqueeze(2).repeat(1, 1, 3)) / (2 - EPS) + 0.5).clip(0, 1)
+            pattern = ((torch.tanh(v) / (2 - EPS) + 0.5) * 255).clip(0, 255)
+            stamped = ((1 - mask3) * clean_x + mask3 * pattern).clip(0, 255)  # float64
+            inputs = torch.stack([normalize(stamped[i].permute(2, 0, 1) / 255.0) for i in range(len(stamped))])
+            embeddings = encoder(inputs.to(dtype=torch.float).to(device))
+            cos = mean_pairwise_cos(embeddings)
+            l1 = mask3.abs().sum()
+            loss = -cos + lambdas.lambda_ * l1
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+            cos_value, l1_value, loss_value = torch.stack([cos.detach().double(), l1.detach().double(),
+                                                           loss.detach().double()]).tolist()
+            success = abs(cos_value) > cfg.thres
+            best.update(success, l1_value, mask3[..., 0], pattern)
+            lambdas.step(success)
+            sums += (loss_value, cos_value, l1_value)
+            steps += 1
+
+        loss_e, cos_e, l1_e = (float(s) for s in sums / max(steps, 1))
+        record = {"epoch": epoch, "loss": loss_e, "cos": cos_e, "l1": l1_e, "lambda": lambdas.lambda_,
+                  "lr": lr, "best_l1": best.l1 if best.mask is not None else math.inf,
+                  "seconds": time.time() - start}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record, best)
+        if best.should_stop(cos_e, cfg):
+            break
+
+    seconds = time.time() - start
+    if best.mask is None:
+        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history)
+    return InversionResult(mask=best.mask.float().cpu().numpy(), pattern=best.pattern.float().cpu().numpy(),
+                           l1=best.l1, pl1=pl1_norm(best.l1, size), pl1_threshold=cfg.pl1_threshold,
+                           epochs=len(history), seconds=seconds, history=history)
