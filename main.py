@@ -9,6 +9,7 @@ import argparse
 
 from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
 from decree.detect import DetectionJob, run_detection
+from models import import_arch_modules
 
 
 def parse_args(argv=None):
@@ -31,6 +32,7 @@ def main(argv=None):
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
     with user_errors("main.py"):
+        import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
     print(f"results: {job.paths().json}")
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"

@@ -33,6 +33,9 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None,
                         help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP); "
                              "default per usage info")
+    parser.add_argument("--arch_module", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first; it may call models.register_arch to add your own --arch "
+                             "(repeatable; also read from $DECREE_ARCH_MODULES)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling: this can RUN CODE hidden in the file; "
                              "only for files from a source you trust")

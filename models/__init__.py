@@ -8,6 +8,7 @@ from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
 
 from .checkpoint import (CheckpointError, UnsafeCheckpointError, adapt_state_dict, extract_state_dict,
                          load_into, read_checkpoint)
+from .registry import CUSTOM_ARCHS, import_arch_modules, register_arch
 from .clip import clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
 from .simclr import SimCLR, SimCLRBackbone, embed_dim
 
@@ -28,6 +29,8 @@ class EncoderSpec:
 
     @property
     def family(self) -> str:
+        if self.arch in CUSTOM_ARCHS:
+            return "custom"
         return {"cifar10": "simclr", "stl10": "simclr", "CLIP": "clip"}.get(self.usage_info, "torchvision")
 
 
@@ -36,6 +39,10 @@ def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: b
         raise ValueError(f"unknown --encoder_usage_info {usage_info!r}; choose one of {', '.join(USAGE_INFOS)}")
     arch = arch or DEFAULT_ARCH[usage_info]
     mean, std = CLIP_NORMALIZATION if (usage_info == "CLIP" and clip_normalization) else NORMALIZATION[usage_info]
+    import_arch_modules()
+    if arch in CUSTOM_ARCHS:
+        return EncoderSpec(usage_info, arch, 32 if usage_info in ("cifar10", "stl10") else 224, mean, std,
+                           CUSTOM_ARCHS[arch].embed_dim)
     if usage_info in ("cifar10", "stl10"):
         return EncoderSpec(usage_info, arch, 32, mean, std, embed_dim(arch))
     if usage_info == "CLIP":
@@ -50,6 +57,8 @@ def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: b
 def get_encoder(usage_info: str, arch: str | None = None) -> nn.Module:
     """A randomly initialised encoder for usage info/arch: float (N,3,S,S) normalised -> (N, embed_dim)."""
     spec = encoder_spec(usage_info, arch)
+    if spec.family == "custom":
+        return CUSTOM_ARCHS[spec.arch].factory()
     if spec.family == "simclr":
         return SimCLRBackbone(spec.arch)
     if spec.family == "clip":
@@ -73,4 +82,4 @@ def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_spec", "get_encoder",
            "load_encoder", "SimCLR", "SimCLRBackbone", "clip_model", "clip_visual", "clip_tokenizer",
-           "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH"]
+           "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules"]

@@ -1,0 +1,12 @@
+"""Custom architectures for tests that run in child processes (sweeps, CLIs): registered on import.
+
+`planted`: the conftest PlantedBackdoorEncoder; `random_features`: its clean twin. Both are plain
+modules, so their checkpoints are weights-only state dicts that `load_encoder(..., arch=...)` reads.
+"""
+from models import register_arch
+
+from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder
+
+EMBED_DIM = 64
+register_arch("planted", lambda: PlantedBackdoorEncoder(dim=EMBED_DIM), EMBED_DIM)
+register_arch("random_features", lambda: RandomFeatureEncoder(dim=EMBED_DIM), EMBED_DIM)
