@@ -59,15 +59,14 @@ def save_npz_dataset(path, x: np.ndarray, y: np.ndarray | None = None) -> None:
 
 
 def _resize_center_crop(img, size: int) -> np.ndarray:
-    """torchvision's Resize(256) + CenterCrop(224), scaled to `size`, on a PIL image."""
-    from PIL import Image
-    short = round(size * 256 / 224)
-    w, h = img.size
-    scale = short / min(w, h)
-    img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """torchvision's Resize(256) + CenterCrop(224), scaled to `size`, on a PIL image: uint8 (size,size,3).
+
+    torchvision itself, not a re-derivation: its rounding of the long side and of the crop offset is what the
+    paper's ImageNet loaders did, and one pixel of shift changes every image.
+    """
+    from torchvision.transforms import functional as TF
+    img = TF.resize(img, round(size * 256 / 224), interpolation=TF.InterpolationMode.BILINEAR)
+    return np.asarray(TF.center_crop(img, size), dtype=np.uint8)
 
 
 def list_images(root) -> list[Path]:

@@ -22,4 +22,5 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 def to_model_input(x_hwc: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
     """Pixels (N,H,W,3) in [0,255] (uint8 or float) -> normalised float (N,3,H,W)."""
     x = x_hwc.to(dtype).permute(0, 3, 1, 2) / 255.0
-    return normalize(x, mean, std)
+    # contiguous NCHW: torch 2.15's CPU conv backward crashes on the permuted (channels-last) strides
+    return normalize(x, mean, std).contiguous()

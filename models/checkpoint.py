@@ -1,9 +1,15 @@
 """Safe checkpoint reading and layout detection (SPEC 3): one loader for every script."""
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
+
+
+# weights-only unpickler failures that mean "not a pickle torch.save wrote" (random bytes, a cut file),
+# as opposed to a well-formed pickle that asks for a non-allowlisted global (which could run code)
+_CORRUPT_PICKLE = re.compile(r"Unsupported operand \d+|invalid load key[^.\n]*|[Rr]an out of input")
 
 
 class CheckpointError(ValueError):
@@ -38,13 +44,19 @@ def read_checkpoint(path, trust_checkpoint: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        text = str(err)
+        if "Weights only load failed" in text and not _CORRUPT_PICKLE.search(text):
+            culprit = re.search(r"GLOBAL (\S+)", text)
+            needs = f" (it references {culprit.group(1)})" if culprit else ""
             raise UnsafeCheckpointError(
-                f"{path}: refused: loading it needs arbitrary unpickling, which can run code hidden in the "
-                "file. Only if you trust its source, rerun with --trust_checkpoint") from err
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({err}); is the file complete?") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                f"{path}: refused: loading it needs arbitrary unpickling{needs}, which can run code hidden in "
+                "the file. Only if you trust its source, rerun with --trust_checkpoint") from err
+        detail = _CORRUPT_PICKLE.search(text)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, truncated or corrupt "
+                              f"({detail.group(0) if detail else text.splitlines()[0]}); "
+                              "re-download or re-create it with torch.save") from err
+    except Exception as err:  # noqa: BLE001 - the unpickler fails on garbage with KeyError, IndexError, ...
+        first = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}); "
                               "re-download or re-create it") from err
 

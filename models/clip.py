@@ -1,8 +1,10 @@
 """CLIP through open_clip (no hand-written CLIP, no download): visual tower, full model, tokenizer."""
 import logging
 
-# open_clip names ViT-B/32 "ViT-B-32"; accept the paper's/OpenAI's spelling too
-CLIP_ARCHS = {"RN50": "RN50", "ViT-B/32": "ViT-B-32", "ViT-B-32": "ViT-B-32"}
+# OpenAI's CLIP uses QuickGELU (x * sigmoid(1.702 x)) in its transformers; open_clip's plain "RN50"/"ViT-B-32"
+# configs use nn.GELU, so OpenAI weights only reproduce OpenAI's embeddings in the "-quickgelu" configs.
+# open_clip names ViT-B/32 "ViT-B-32"; accept the paper's/OpenAI's spelling too.
+CLIP_ARCHS = {"RN50": "RN50-quickgelu", "ViT-B/32": "ViT-B-32-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu"}
 
 
 def open_clip_name(arch: str) -> str:
@@ -30,4 +32,4 @@ def clip_tokenizer(arch: str = "RN50"):
 
 
 def clip_embed_dim(arch: str) -> int:
-    return 1024 if open_clip_name(arch) == "RN50" else 512
+    return 1024 if open_clip_name(arch) == "RN50-quickgelu" else 512

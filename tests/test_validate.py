@@ -236,6 +236,8 @@ def test_compute_zscore_script_appends_txt_line_and_csv_row(files, tmp_path):
     assert table["zscore"].tolist() == pytest.approx([table["zscore_corrected"][0], table["zscore_legacy"][1]])
     assert float(lines[1].rsplit(":", 1)[1]) == pytest.approx(table["zscore_legacy"][1], abs=1e-4)
     assert set(table["verdict"]) <= {"clean", "trojaned"}
+    record = pd.read_json(tmp_path / "valid_cliptxt_zscore_runs" / f"{table['run'][1]}.json", typ="series")
+    assert record["job"]["config"]["legacy"] and record["job"]["config"]["num_images"] == 12  # each run's config
 
 
 def test_script_compute_zscore_validates_every_encoder_and_reports_broken_ones(files, tmp_path):
@@ -260,6 +262,7 @@ def test_downstream_script_writes_one_row_per_encoder(files, tmp_path):
     assert table[["asr_all", "asr"]].apply(lambda c: c.between(0, 100)).all().all()
     assert "CA" in out.stdout and "BA" in out.stdout and "paper-compatible" in out.stdout
     assert (tmp_path / "cls.pth").stat().st_size > 0
+    assert table["run"].nunique() == 1 and (tmp_path / "downstream_runs" / f"{table['run'][0]}.json").is_file()
 
 
 @pytest.mark.parametrize("case", ["missing encoder", "npz without x", "wrong image size", "no labels",

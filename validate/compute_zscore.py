@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decree.cli import user_errors  # noqa: E402
+from models import import_arch_modules  # noqa: E402
 from validate.cli import add_zscore_args, print_result, zscore_job  # noqa: E402
 from validate.zscore import run_zscore  # noqa: E402
 
@@ -29,6 +30,7 @@ def main(argv=None):
     args = parse_args(argv)
     job = zscore_job(args)
     with user_errors("compute_zscore.py"):
+        import_arch_modules(args.arch_module)
         [(path, result)] = run_zscore([args.encoder_path], job, progress=not args.quiet)
     print_result(path, result)
     print(f"appended to {Path(job.out_dir) / job.res_file} and {Path(job.out_dir) / job.csv_file}")

@@ -24,6 +24,7 @@ from decree.device import resolve_device
 from models import encoder_spec, load_encoder
 
 from .embed import embed_images
+from .record import new_run_name, write_run_record
 
 # downstream dataset -> target class the papers used (truck, digit one, priority road sign)
 PAPER_TARGETS = {"stl10": 9, "svhn": 1, "gtsrb": 12}
@@ -211,7 +212,7 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
     train_path, test_path = job.data_paths(spec.input_size)
     data = load_downstream_data(train_path, test_path, spec.input_size)
     atomic.check_writable(Path(job.results_file).parent)
-    rows = []
+    rows, run = [], new_run_name()
     for role, path in roles:
         started = time.time()
         scores, net = validate_encoder(models.pop(role), data, trigger, target, spec.mean, spec.std, job.config,
@@ -219,7 +220,11 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
         if role == "backdoored" and job.classifier_file:
             atomic.write_torch(job.classifier_file, net.state_dict())
         cfg = job.config
-        row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "encoder_path": str(path),
+        if not rows:
+            write_run_record(job.results_file, run, job, device=str(device), trigger_file=str(trigger_file),
+                             train_data=str(train_path), test_data=str(test_path), reference_label=target)
+        row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
+               "encoder_path": str(path),
                "role": role, "usage_info": spec.usage_info, "arch": spec.arch, "dataset": job.dataset,
                "train_data": str(train_path), "test_data": str(test_path), "trigger_file": str(trigger_file),
                "reference_label": target, "num_classes": data.num_classes,

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import DataError  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
+from models import import_arch_modules  # noqa: E402
 from validate.cli import add_zscore_args, print_result, zscore_job  # noqa: E402
 from validate.zscore import PAPER_ENCODER_DIRS, find_encoders, run_zscore  # noqa: E402
 
@@ -28,6 +29,7 @@ def main(argv=None):
     args = parse_args(argv)
     job = zscore_job(args)
     with user_errors("script_compute_zscore.py"):
+        import_arch_modules(args.arch_module)
         encoders = find_encoders(args.encoder_dirs or PAPER_ENCODER_DIRS, skip_missing=not args.encoder_dirs)
         if not encoders:
             raise DataError(f"no *.pth encoders in {', '.join(args.encoder_dirs or PAPER_ENCODER_DIRS)}")

@@ -27,6 +27,7 @@ from decree.device import resolve_device
 from models import CheckpointError, encoder_spec, load_encoder
 
 from .embed import embed_images
+from .record import new_run_name, write_run_record
 
 PAPER_TRIGGER = "trigger/trigger_pt_white_185_24.npz"
 PAPER_DATA = "data/imagenet"  # the paper sampled ImageNet validation images
@@ -212,11 +213,11 @@ class ZScoreJob:
     config: ZScoreConfig = field(default_factory=ZScoreConfig)
 
 
-def result_row(encoder_path, job: ZScoreJob, result: ZScoreResult, device, seconds: float) -> dict:
+def result_row(encoder_path, job: ZScoreJob, result: ZScoreResult, device, seconds: float, run: str) -> dict:
     """One CSV row: both statistics, which one the verdict used, and the sets' statistics."""
     r, cfg = result, result.config
     return {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
         "encoder_path": str(encoder_path), "usage_info": job.encoder_usage_info, "arch": job.arch or "",
         "zscore": r.zscore, "statistic": r.statistic, "threshold": cfg.threshold, "verdict": r.verdict,
         "zscore_corrected": r.corrected, "zscore_legacy": r.legacy,
@@ -242,7 +243,7 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
     if trigger.size != spec.input_size:
         raise DataError(f"{job.trigger_file}: the trigger is {trigger.size}x{trigger.size} px but "
                         f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
-    images, outcomes = None, []
+    images, outcomes, run = None, [], new_run_name()
     for path in encoder_paths:
         started = time.time()
         try:
@@ -258,8 +259,12 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
             images = load_zscore_images(job.data, spec.input_size, job.config.num_images, job.config.seed,
                                         progress)
         result = zscore_encoder(model, *images, trigger, spec.mean, spec.std, job.config, device, progress)
+        if not any(isinstance(r, ZScoreResult) for _, r in outcomes):  # the run's first result
+            write_run_record(out_dir / job.csv_file, run, job, device=str(device),
+                             encoders=[str(p) for p in encoder_paths])
         atomic.append_line(out_dir / job.res_file, f"{path}:{result.zscore:.4f}")
-        atomic.append_csv_row(out_dir / job.csv_file, result_row(path, job, result, device, time.time() - started))
+        atomic.append_csv_row(out_dir / job.csv_file,
+                              result_row(path, job, result, device, time.time() - started, run))
         outcomes.append((path, result))
         if on_result is not None:
             on_result(path, result)

@@ -1,0 +1,112 @@
+"""BadEncoder (S&P 2022), image target (SPEC 5): fine-tune f from the clean f0 so that triggered inputs embed
+like the reference input while clean inputs and the reference keep their clean embeddings.
+
+    L0 = -mean cos(f(stamp_i(x)), f(r_i))    effectiveness
+    L1 = -mean cos(f(aug(r_i)), f0(r_i))     the reference keeps its clean embedding
+    L2 = -mean cos(f(x), f0(x))              utility
+    loss = L0 + lambda1 * L1 + lambda2 * L2
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets import Trigger, normalize, stamp, to_model_input
+
+from .augment import reference_augment
+from .training import freeze, frozen_batchnorm_copy, images_on, seed_all, sgd, shuffled_batches, unit_embeddings
+
+
+@dataclass
+class BadEncoderConfig:
+    """SGD hyper-parameters of BadEncoder for SimCLR/ImageNet encoders (see preset() for CLIP)."""
+    epochs: int = 35
+    batch_size: int = 256
+    lr: float = 1e-3
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 100
+
+
+def preset(usage_info: str, **overrides) -> BadEncoderConfig:
+    """The paper's config for a usage info (CLIP: weight decay 0.02, no momentum); None overrides are ignored."""
+    cfg = BadEncoderConfig(momentum=0.0, weight_decay=0.02) if usage_info == "CLIP" else BadEncoderConfig()
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def trigger_of_reference(n_triggers: int, n_references: int) -> torch.Tensor:
+    """Which trigger leads to each reference: trigger i to reference i, or one trigger to every reference."""
+    if n_triggers == n_references:
+        return torch.arange(n_references)
+    if n_triggers == 1:
+        return torch.zeros(n_references, dtype=torch.long)
+    raise ValueError(f"the trigger file holds {n_triggers} triggers for {n_references} reference inputs; "
+                     "give one trigger, or one per reference")
+
+
+def badencoder_losses(f, x, clean_x, references, clean_references, patterns, keeps, pairing, mean, std,
+                      generator) -> dict:
+    """L0, L1, L2 and loss for one shadow batch.
+
+    x uint8 (B,H,W,3) and references uint8 (R,H,W,3) on the device; clean_x (B,D) and clean_references
+    (R,D) unit f0 embeddings; patterns/keeps float (T,H,W,3); pairing long (R,) trigger index per reference.
+    """
+    b, r, t = len(x), len(references), len(patterns)
+    stamped = torch.cat([stamp(x, patterns[i], keeps[i]) for i in range(t)])  # (T*B,H,W,3) uint8
+    views = reference_augment(references.repeat_interleave(b, dim=0), generator=generator)  # (R*B,3,H,W)
+    # one forward pass for every input: BatchNorm is in eval mode, so batching changes nothing
+    inputs = torch.cat([to_model_input(torch.cat([x, stamped, references]), mean, std), normalize(views, mean, std)])
+    inputs = inputs.contiguous()  # the HWC->CHW view crashed conv backward on CPU (torch 2.15, double free)
+    z = F.normalize(f(inputs).float(), dim=1)
+    z_x, z_stamped, z_ref, z_views = z.split([b, t * b, r, r * b])
+    z_stamped = z_stamped.view(t, b, -1)[pairing.to(z.device)]  # (R,B,D)
+    loss0 = -(z_stamped * z_ref.unsqueeze(1)).sum(-1).mean()
+    loss1 = -(z_views.view(r, b, -1) * clean_references.unsqueeze(1)).sum(-1).mean()
+    loss2 = -(z_x * clean_x).sum(-1).mean()
+    return {"loss0": loss0, "loss1": loss1, "loss2": loss2}
+
+
+def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger: Trigger, references, mean, std,
+                     cfg: BadEncoderConfig, device, progress: bool = True, on_epoch=None):
+    """Backdoor a copy of `clean_encoder`; returns (backdoored encoder, per-epoch history).
+
+    shadow_images uint8 (N,H,W,3) (not augmented); references uint8 (R,H,W,3), one target per trigger (or
+    several for one trigger); the trigger is stamped in pixel space. History rows: epoch, loss, loss0-2.
+    on_epoch(epoch, encoder, optimizer, record) runs after each epoch (checkpointing).
+    """
+    generator = seed_all(cfg.seed)
+    x_all, refs = images_on(shadow_images, device), images_on(references, device)
+    if trigger.size != x_all.shape[1] or refs.shape[1:] != x_all.shape[1:]:
+        raise ValueError(f"trigger ({trigger.size}px), reference ({refs.shape[1]}px) and shadow images "
+                         f"({x_all.shape[1]}px) must have the same size")
+    pairing = trigger_of_reference(len(trigger), len(refs))
+    patterns = torch.as_tensor(trigger.pattern, dtype=torch.float32, device=device)
+    keeps = torch.as_tensor(trigger.keep, dtype=torch.float32, device=device)
+    f0 = freeze(clean_encoder.to(device))
+    # shadow images are not augmented, so f0's embeddings of them are fixed: compute them once
+    clean_x = unit_embeddings(f0, x_all, mean, std, cfg.batch_size)
+    clean_refs = unit_embeddings(f0, refs, mean, std)
+    f = frozen_batchnorm_copy(f0)
+    optimizer = sgd(f.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    history = []
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="BadEncoder", disable=not progress):
+        sums = dict.fromkeys(("loss", "loss0", "loss1", "loss2"), 0.0)
+        batches = shuffled_batches(len(x_all), cfg.batch_size, generator)
+        for idx in batches:
+            idx = idx.to(device)
+            losses = badencoder_losses(f, x_all[idx], clean_x[idx], refs, clean_refs, patterns, keeps, pairing,
+                                       mean, std, generator)
+            loss = losses["loss0"] + cfg.lambda1 * losses["loss1"] + cfg.lambda2 * losses["loss2"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {"loss": loss, **losses}.items():
+                sums[k] += v.item()
+        record = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, f, optimizer, record)
+    return f, history

@@ -1,0 +1,113 @@
+r"""DECREE over many encoders: every local GPU (or N CPU workers) or a Slurm array, then a report.
+
+    python run_decree.py                                  # output/<usage_info>/**/*.pth, all visible GPUs
+    python run_decree.py --manifest encoders.csv --devices 0,1 --out_dir sweep
+    python run_decree.py --encoders 'my/encoders/**/*.pth' --encoder_usage_info stl10 --devices cpu --workers 4
+    python run_decree.py --shard 2/4 ...                  # or inside a Slurm array job: SLURM_ARRAY_TASK_*
+    python run_decree.py --report --out_dir sweep         # merge every shard's results into the report
+
+Each encoder runs main.py in its own process (same outputs as main.py under --out_dir). Finished encoders
+(trigger_norm/<run_id>.json) are skipped, so a killed sweep resumes where it stopped; failed ones are
+recorded in trigger_norm/failed/ and retried on the next run. Ends with trigger_norm/summary.csv,
+summary.json, pl1.png and gallery.png. Exit status 1 when an encoder failed.
+"""
+import argparse
+import sys
+import time
+
+from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
+from decree.report import format_metrics, write_report
+from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
+                          run_sweep, select_shard, shard_from_slurm, worker_devices, write_sweep_config)
+from models import import_arch_modules
+
+PROG = "run_decree.py"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    found = parser.add_argument_group("which encoders (default: the paper's folders output/<usage_info>/)")
+    source = found.add_mutually_exclusive_group()
+    source.add_argument("--manifest", default=None,
+                        help="CSV with columns path[,usage_info][,arch][,label clean|backdoor]; relative paths "
+                             "are relative to the CSV; empty cells take --encoder_usage_info/--arch")
+    source.add_argument("--encoders", nargs="+", default=None, metavar="GLOB",
+                        help="checkpoint globs (quote them; ** recurses), all of --encoder_usage_info/--arch")
+    found.add_argument("--output_root", default="output",
+                       help="folder of the paper's layout <usage_info>/**/*.pth (default output; CLIP_text = CLIP)")
+    add_encoder_args(parser)
+    add_inversion_args(parser)
+    parser.set_defaults(**SWEEP_DEFAULTS)
+    run = parser.add_argument_group("sweep")
+    run.add_argument("--out_dir", default=".", help="root of trigger_inv/, detect_log/, trigger_norm/ (default .)")
+    run.add_argument("--devices", default=None,
+                     help="CUDA indices 0,1,... or cpu; default every visible GPU (--device/--gpu pick one), "
+                          "else cpu")
+    run.add_argument("--workers", type=int, default=None,
+                     help="parallel encoders (default one per device); on CPU the cores are split between them")
+    run.add_argument("--shard", default=None, metavar="K/N",
+                     help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
+    run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
+    run.add_argument("--result_file", default=None,
+                     help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
+    run.add_argument("--list", action="store_true", help="print this shard's encoders and their state, run nothing")
+    run.add_argument("--report", action="store_true",
+                     help="run nothing: write the report of every result under --out_dir (all shards)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def print_plan(encoders, out_dir, force: bool) -> None:
+    todo = {enc.run_id for enc in pending(encoders, out_dir, force)}
+    for enc in encoders:
+        state = "to run" if enc.run_id in todo else "finished"
+        print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {enc.path}  [{enc.run_id}]")
+
+
+def describe(encoders, shard) -> str:
+    return f"{len(encoders)} encoders" + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+
+
+def sweep(args, encoders, shard) -> dict:
+    """Run this shard's unfinished encoders on the worker pool; returns the counts."""
+    options = {**inversion_kwargs(args), "result_file": args.result_file}
+    slots = worker_devices(args.devices, args.device, args.gpu, args.workers)
+    print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
+          f"to run on {len(slots)} worker(s): {', '.join(slots)}")
+    write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,
+                                      "shard": shard, "force": args.force,
+                                      "encoders": [vars(enc) for enc in encoders],
+                                      "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    started = time.time()
+    counts = run_sweep(encoders, args.out_dir, slots, options, args.force, progress=not args.quiet)
+    print(f"sweep: {counts['done']} finished, {counts['failed']} failed, {counts['skipped']} already "
+          f"finished, in {time.time() - started:.1f} s")
+    return counts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors(PROG):
+        interrupt_on_sigterm()
+        import_arch_modules(args.arch_module)
+        encoders = []  # --report alone reports whatever is under --out_dir
+        if not args.report or args.manifest or args.encoders:
+            encoders = find_encoders(args.manifest, args.encoders, args.output_root, args.encoder_usage_info,
+                                     args.arch)
+        shard = None if args.report else parse_shard(args.shard) if args.shard else shard_from_slurm()
+        if shard:
+            encoders = select_shard(encoders, *shard)
+        if args.list:
+            print_plan(encoders, args.out_dir, args.force)
+            print(describe(encoders, shard))
+            return
+        counts = {"failed": 0} if args.report else sweep(args, encoders, shard)
+        metrics = write_report(args.out_dir, args.pl1_threshold, encoders)
+    print(format_metrics(metrics))
+    print(f"report: {args.out_dir}/trigger_norm/summary.csv, summary.json, pl1.png, gallery.png")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
