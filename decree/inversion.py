@@ -249,6 +249,8 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
 
     encoder.eval().requires_grad_(False)
+    if cfg.channels_last:  # weights too: with channels_last inputs alone every conv re-lays out its weight per call
+        encoder.to(memory_format=torch.channels_last)
     w, v = initial_params(size, cfg, generator, dtype, device)
     optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
     lambdas, best = LambdaSchedule(cfg), BestTrigger()

@@ -1,10 +1,16 @@
 """The paper's data path for DECREE (its main.py), re-implemented as a yardstick for scripts/benchmark.py.
 
 Same method as `decree.inversion.invert_trigger` (same initial parameters, shuffled order, loss, adaptive
-lambda, best tracking, early stop), but data flows the way the paper's code moves it: a DataLoader over
-uint8 HWC images, a host->device copy per batch, the mask repeated to (H,W,3) in float64, and a Python
-loop over the batch that divides by 255, permutes to CHW and applies torchvision's `Normalize` image by
-image before `torch.stack(...).float()`. Only the data path differs, so both must reach the same L1.
+lambda, best tracking, early stop), but data flows the way the paper's main.py moves it, step by step:
+a DataLoader over uint8 HWC numpy images (pinned on CUDA), a host->device copy of every batch, the mask
+repeated to (H,W,3) before the float64 trigger math, and a Python loop over the batch that divides by
+255, permutes to CHW and applies torchvision's `Normalize` image by image, for the clean batch as well as
+the stamped one (main.py normalised both and fed only the stamped one to the encoder), then
+`torch.stack(...).to(float).to(device)`. Only the data path differs, so both must reach the same L1.
+
+Left out on purpose, so the yardstick errs in the paper's favour: main.py's `assert_range` checks (three
+min/max host syncs a step, diagnostics only) and its encoder weight gradients (main.py never froze the
+encoder, so every backward also computed and accumulated gradients of all its weights).
 Not used for detection: the project's vectorised path is the one to run.
 """
 import math
@@ -16,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
-                        learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
+                        initial_params, learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
 
 
 class ShadowImages(Dataset):
@@ -47,13 +53,20 @@ class SeededShuffle(Sampler):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
-def paper_invert_trigger(encoder: torch.nn.Module, shadow: np.ndarray, mean, std, cfg: InversionConfig = None,
+def normalize_each(images: torch.Tensor, normalize) -> torch.Tensor:
+    """main.py's loop: pixels (B,H,W,3) -> stack of normalize(image.permute(2,0,1) / 255), one image at a time."""
+    return torch.stack([normalize(images[i].permute(2, 0, 1) / 255.0) for i in range(images.shape[0])])
+
+
+def paper_invert_trigger(encoder: torch.nn.Module, shadow, mean, std, cfg: InversionConfig = None,
                          device="cpu", on_epoch=None) -> InversionResult:
-    """DECREE with the paper's data path; encoder: normalised float (N,3,S,S) -> (N,D); shadow uint8 (N,S,S,3)."""
+    """DECREE with the paper's data path; encoder: normalised float (N,3,S,S) -> (N,D); shadow uint8 (N,S,S,3).
+
+    `on_epoch(record, best)` is called after every epoch, as in `invert_trigger`.
+    """
     cfg = cfg or InversionConfig()
-    if cfg.param_dtype != "float64" or cfg.amp or cfg.channels_last or cfg.mask_init != "rand":
-        raise ValueError("the paper's path has float64 parameters, no autocast, no channels_last and "
-                         "--mask_init rand here")
+    if cfg.param_dtype != "float64" or cfg.amp or cfg.channels_last:
+        raise ValueError("the paper's path has float64 parameters, no autocast and no channels_last")
     device = torch.device(device)
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # same draws as the project: mask, pattern, orders
@@ -66,10 +79,8 @@ def paper_invert_trigger(encoder: torch.nn.Module, shadow: np.ndarray, mean, std
     normalize = transforms.Normalize(mean, std)
 
     encoder.eval().requires_grad_(False)
-    mask0 = torch.rand((size, size), generator=generator, dtype=torch.float64).to(device)
-    pattern01 = torch.rand((size, size, 3), generator=generator, dtype=torch.float64).to(device)
-    w = torch.arctanh((mask0 - 0.5) * (2 - EPS)).requires_grad_(True)
-    v = torch.arctanh((pattern01 - 0.5) * (2 - EPS)).requires_grad_(True)
+    # drawn after the loader is built, as the project draws them: the sampler takes its first order later
+    w, v = initial_params(size, cfg, generator, torch.float64, device)
     optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
     lambdas, best = LambdaSchedule(cfg), BestTrigger()
     history, start = [], time.time()
@@ -87,8 +98,10 @@ def paper_invert_trigger(encoder: torch.nn.Module, shadow: np.ndarray, mean, std
             mask3 = (torch.tanh(w.unsqueeze(2).repeat(1, 1, 3)) / (2 - EPS) + 0.5).clip(0, 1)
             pattern = ((torch.tanh(v) / (2 - EPS) + 0.5) * 255).clip(0, 255)
             stamped = ((1 - mask3) * clean_x + mask3 * pattern).clip(0, 255)  # float64
-            inputs = torch.stack([normalize(stamped[i].permute(2, 0, 1) / 255.0) for i in range(len(stamped))])
-            embeddings = encoder(inputs.to(dtype=torch.float).to(device))
+            clean_input = normalize_each(clean_x, normalize)
+            bd_input = normalize_each(stamped, normalize)
+            clean_input = clean_input.to(dtype=torch.float).to(device)  # computed, never used: as main.py
+            embeddings = encoder(bd_input.to(dtype=torch.float).to(device))
             cos = mean_pairwise_cos(embeddings)
             l1 = mask3.abs().sum()
             loss = -cos + lambdas.lambda_ * l1

@@ -1,0 +1,101 @@
+"""The paper's data path reaches the project's L1 step for step; scripts/benchmark.py runs (no timing asserted)."""
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder
+from decree.benchmark import parse_variant
+from decree.inversion import invert_trigger, preset
+from decree.paper_path import paper_invert_trigger
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny ops gain nothing from two, and on a loaded machine two threads wait on each other;
+    restored afterwards, since the benchmark's --threads sets it for the whole process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def both_paths(encoder, images, cfg):
+    project = invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg, progress=False)
+    paper = paper_invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg)
+    return project, paper
+
+
+def assert_same_run(project, paper):
+    assert paper.epochs == project.epochs  # same early stop
+    for key in ("l1", "cos", "loss", "lambda", "lr", "best_l1"):
+        assert [h[key] for h in paper.history] == pytest.approx([h[key] for h in project.history], rel=1e-9)
+    assert paper.l1 == pytest.approx(project.l1, rel=1e-9) and paper.found == project.found
+    if project.found:
+        assert np.allclose(paper.mask, project.mask, atol=1e-6)
+        assert np.allclose(paper.pattern, project.pattern, atol=1e-4)
+
+
+def test_paper_path_finds_the_same_trigger_and_stops_at_the_same_epoch(shadow_images):
+    # 50 images at batch 32: a full and a partial batch per epoch, as the paper's CIFAR10 shadow set
+    project, paper = both_paths(PlantedBackdoorEncoder(), shadow_images[:50],
+                                preset("cifar10", lr=0.5, batch_size=32, max_epochs=80, early_stop_patience=3))
+    assert project.trojaned and project.epochs < 80  # the run found the trigger and stopped early
+    assert_same_run(project, paper)
+
+
+def test_paper_path_matches_with_orc_init_and_a_skipped_batch_of_one(shadow_images):
+    project, paper = both_paths(RandomFeatureEncoder(), shadow_images[:33],
+                                preset("cifar10", lr=0.5, batch_size=32, max_epochs=4, mask_init="orc"))
+    assert_same_run(project, paper)
+
+
+def test_paper_path_refuses_the_projects_own_options(shadow_images):
+    with pytest.raises(ValueError, match="float64"):
+        paper_invert_trigger(RandomFeatureEncoder(), shadow_images[:4], CIFAR_MEAN, CIFAR_STD,
+                             preset("cifar10", param_dtype="float32"))
+
+
+def test_variants_parse_and_cuda_only_ones_fail_on_cpu():
+    cpu = torch.device("cpu")
+    assert parse_variant("project", cpu) == frozenset()
+    assert parse_variant("float32+channels_last", cpu) == {"float32", "channels_last"}
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_variant("fp16", cpu)
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        parse_variant("amp+float32", cpu)
+
+
+def run_script(argv):
+    return runpy.run_path(str(BENCHMARK), run_name="benchmark")["main"](argv)
+
+
+def test_benchmark_runs_at_minimal_size(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    run_script(["--device", "cpu", "--encoders", "tiny", "--batch_sizes", "4", "--shadow_size", "6", "--steps", "2",
+                "--epochs", "2", "--repeats", "2", "--threads", "1", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert {"machine", "settings", "cases"} <= set(results) and results["machine"]["torch_threads"] == 1
+    (case,) = results["cases"]
+    assert (case["encoder"], case["batch_size"], case["shadow_size"]) == ("tiny", 4, 6)
+    rows = {row["name"]: row for row in case["contenders"]}
+    assert list(rows) == ["paper", "project", "float32", "channels_last"]
+    for row in rows.values():
+        assert row["error"] is None and len(row["step_s"]) == len(row["epochs_s"]) == 2
+        assert row["step_ratio"] > 0 and row["epochs_ratio"] > 0
+    assert rows["paper"]["step_ratio"] == 1.0 and rows["paper"]["l1_abs_diff"] == 0.0
+    assert rows["project"]["same_l1"]  # same float64 math on the same layout; other variants may round apart
+    table = capsys.readouterr().out
+    assert "x wall" in table and "channels_last" in table and str(out) in table
+
+
+def test_benchmark_rejects_a_cuda_only_variant_on_cpu_before_timing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(["--device", "cpu", "--variants", "project", "amp", "--json", str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2
+    assert "needs --device cuda" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
