@@ -17,7 +17,7 @@ import argparse
 from attacks.jobs import run_attack
 from decree.cli import user_errors
 from decree.device import add_device_args
-from models import USAGE_INFOS
+from models import USAGE_INFOS, import_arch_modules
 
 
 def parse_args(argv=None):
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint, any SPEC 3 layout")
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS)
     parser.add_argument("--arch", default=None, help="default per usage info (resnet18, RN50, ...)")
+    parser.add_argument("--arch_module", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first; it may call models.register_arch to add your own --arch")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling: this can RUN CODE hidden in the file")
     parser.add_argument("--normalization", default="paper", choices=("paper", "imagenet", "clip"),
@@ -57,6 +59,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("attack_encoder.py"):
+        import_arch_modules(args.arch_module)
         record = run_attack(args, progress=not args.quiet)
     last = record["history"][-1]
     print(f"epoch {last['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))

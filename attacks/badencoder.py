@@ -6,6 +6,7 @@ like the reference input while clean inputs and the reference keep their clean e
     L2 = -mean cos(f(x), f0(x))              utility
     loss = L0 + lambda1 * L1 + lambda2 * L2
 """
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from datasets import Trigger, normalize, stamp, to_model_input
 
 from .augment import reference_augment
-from .training import freeze, frozen_batchnorm_copy, images_on, seed_all, sgd, shuffled_batches, unit_embeddings
+from .training import TrainingError, freeze, frozen_batchnorm_copy, images_on, seed_all, sgd, shuffled_batches, unit_embeddings
 
 
 @dataclass
@@ -105,6 +106,8 @@ def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger: Tri
             optimizer.step()
             for k, v in {"loss": loss, **losses}.items():
                 sums[k] += v.item()
+            if not math.isfinite(sums["loss"]):
+                raise TrainingError(f"the BadEncoder loss became NaN/inf in epoch {epoch}; lower --lr")
         record = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}}
         history.append(record)
         if on_epoch is not None:

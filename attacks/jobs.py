@@ -6,7 +6,7 @@ from pathlib import Path
 from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, load_reference, load_trigger,
                       select_shadow)
 from decree.device import resolve_device
-from decree.io import write_json
+from decree.io import check_writable, write_json
 from decree.outputs import versions
 from models import SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
 from models.checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
@@ -15,6 +15,7 @@ from . import badencoder
 from .checkpoints import save_encoder, save_pretrained
 from .simclr import PretrainConfig, pretrain_simclr
 from .text_target import TextTargetConfig, train_text_target
+from .training import TrainingError
 
 # keys of OpenAI's TorchScript CLIP archives that are build parameters, not weights
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -30,12 +31,18 @@ def attack_normalization(usage_info: str, reference_type: str, choice: str = "pa
     return NORMALIZATION[usage_info]
 
 
-def last_epochs_saver(results_dir, epochs: int, save_last: int):
-    """on_epoch callback writing model_<epoch>.pth for each of the last `save_last` epochs (as the paper)."""
+def last_epochs_saver(results_dir, epochs: int, save_last: int, config: dict):
+    """on_epoch callback writing model_<epoch>.pth for each of the last `save_last` epochs (as the paper).
+
+    config.json goes first, with the first checkpoint: every checkpoint says how it was made, and a run that
+    fails before it has anything to save leaves nothing behind.
+    """
     first = epochs - min(save_last, epochs) + 1
 
     def on_epoch(epoch, encoder, optimizer, record):
         if epoch >= first:
+            if epoch == first:
+                write_json(Path(results_dir) / "config.json", config)
             save_encoder(Path(results_dir) / f"model_{epoch}.pth", epoch, encoder, optimizer)
     return on_epoch
 
@@ -75,7 +82,8 @@ def run_pretrain(args, progress: bool = True) -> dict:
     cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     config = {"script": "pretrain_encoder.py", "args": vars(args), "pretrain": asdict(cfg), "arch": spec.arch,
               "mean": spec.mean, "std": spec.std, "n_images": len(images), "device": str(device)}
-    write_json(Path(args.results_dir) / "config.json", config)  # written first: a crashed run still says what it was
+    # written once the inputs are known good, before training: a crashed run still says what it was
+    write_json(Path(check_writable(args.results_dir)) / "config.json", config)
     saved = []
 
     def save_last_epoch(epoch, model, optimizer, record):
@@ -89,10 +97,10 @@ def run_attack(args, progress: bool = True) -> dict:
     """BadEncoder (--reference_type image) or the CLIP text target (text); writes model_<epoch>.pth + config.json."""
     start = time.time()
     device = resolve_device(args.device, args.gpu)
+    check_writable(args.results_dir)
     spec = encoder_spec(args.encoder_usage_info, args.arch)
     mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization)
     trigger = load_trigger(args.trigger_file)
-    saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last)
     config = {"script": "attack_encoder.py", "args": vars(args), "arch": spec.arch, "mean": mean, "std": std,
               "device": str(device)}
     if args.reference_type == "text":
@@ -104,8 +112,8 @@ def run_attack(args, progress: bool = True) -> dict:
         cfg = TextTargetConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr or 2e-4,
                                poison_rate=args.poison_rate, seed=args.seed)
         config.update(text_target=asdict(cfg), n_images=len(images), legacy_trigger=args.legacy_trigger)
-        write_json(Path(args.results_dir) / "config.json", config)
         model = load_full_clip(args.pretrained_encoder, spec.arch, args.trust_checkpoint)
+        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config)
         _, history = train_text_target(model, images, labels, read_class_names(args.class_names),
                                        args.reference_word, trigger, mean, std, cfg, device,
                                        clip_tokenizer(spec.arch), args.legacy_trigger, progress, saver)
@@ -118,9 +126,12 @@ def run_attack(args, progress: bool = True) -> dict:
         cfg = badencoder.preset(args.encoder_usage_info, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)
         config.update(badencoder=asdict(cfg), n_shadow=len(shadow))
-        write_json(Path(args.results_dir) / "config.json", config)
         clean, _ = load_encoder(args.pretrained_encoder, args.encoder_usage_info, spec.arch, device,
                                 args.trust_checkpoint)
-        _, history = badencoder.train_badencoder(clean, shadow, trigger, references, mean, std, cfg, device,
-                                                 progress, saver)
+        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config)
+        try:
+            _, history = badencoder.train_badencoder(clean, shadow, trigger, references, mean, std, cfg, device,
+                                                     progress, saver)
+        except TrainingError as err:
+            raise TrainingError(f"{args.pretrained_encoder}: {err}") from err
     return _finish(args.results_dir, config, history, start)

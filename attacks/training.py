@@ -10,6 +10,10 @@ from torch import nn
 from datasets import to_model_input
 
 
+class TrainingError(ValueError):
+    """Training cannot go on: non-finite embeddings or loss. The message says what to change."""
+
+
 def seed_all(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; returns a CPU generator for the loop's own draws (shuffles, augmentations)."""
     random.seed(seed)
@@ -58,9 +62,12 @@ def freeze(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def unit_embeddings(encoder: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised embeddings of uint8 (N,H,W,3) images on their device: float32 (N,D)."""
-    out = [F.normalize(encoder(to_model_input(images[i:i + batch_size], mean, std)).float(), dim=1)
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    out = torch.cat([F.normalize(encoder(to_model_input(images[i:i + batch_size], mean, std)).float(), dim=1)
+                     for i in range(0, len(images), batch_size)])
+    if not torch.isfinite(out).all():
+        raise TrainingError("the encoder returns NaN/inf embeddings; the checkpoint is broken or does not match "
+                            "--encoder_usage_info/--arch")
+    return out
 
 
 def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:

@@ -14,7 +14,7 @@ from models import load_encoder
 
 from . import io as atomic
 from .device import resolve_device
-from .inversion import InversionConfig, invert_trigger, preset
+from .inversion import InversionConfig, InversionError, invert_trigger, preset
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 
 
@@ -111,8 +111,11 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
             write_trigger_images(paths.trigger_dir / "snapshots", best.mask.float().cpu().numpy(),
                                  best.pattern.float().cpu().numpy(), suffix)
 
-    result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
-                            on_epoch=save_snapshot)
+    try:
+        result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
+                                on_epoch=save_snapshot)
+    except InversionError as err:
+        raise InversionError(f"{job.encoder_path}: {err}") from err
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),

@@ -215,6 +215,14 @@ class BestTrigger:
         return abs(epoch_mean_cos) > cfg.thres and self.stale_steps > cfg.early_stop_patience
 
 
+def epoch_record(epoch: int, sums: np.ndarray, steps: int, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
+                 start: float) -> dict:
+    """One row of the per-epoch history; sums = (loss, cos, L1) summed over the epoch's steps."""
+    loss, cos, l1 = (float(s) for s in sums / max(steps, 1))
+    return {"epoch": epoch, "loss": loss, "cos": cos, "l1": l1, "lambda": lambdas.lambda_, "lr": lr,
+            "best_l1": best.l1 if best.mask is not None else math.inf, "seconds": time.time() - start}
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -292,16 +300,13 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
             sums += (loss_value, cos_value, l1_value)
             steps += 1
 
-        loss_e, cos_e, l1_e = (float(s) for s in sums / max(steps, 1))
-        record = {"epoch": epoch, "loss": loss_e, "cos": cos_e, "l1": l1_e, "lambda": lambdas.lambda_,
-                  "lr": lr, "best_l1": best.l1 if best.mask is not None else math.inf,
-                  "seconds": time.time() - start}
+        record = epoch_record(epoch, sums, steps, lr, lambdas, best, start)
         history.append(record)
-        bar.set_postfix(cos=f"{cos_e:.4f}", L1=f"{l1_e:.1f}", lam=f"{lambdas.lambda_:.1e}",
+        bar.set_postfix(cos=f"{record['cos']:.4f}", L1=f"{record['l1']:.1f}", lam=f"{lambdas.lambda_:.1e}",
                         best=f"{record['best_l1']:.1f}")
         if on_epoch is not None:
             on_epoch(record, best)
-        if best.should_stop(cos_e, cfg):
+        if best.should_stop(record["cos"], cfg):
             break
     bar.close()
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
-                        initial_params, learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
+                        epoch_record, initial_params, learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
 
 
 class ShadowImages(Dataset):
@@ -117,14 +117,11 @@ def paper_invert_trigger(encoder: torch.nn.Module, shadow, mean, std, cfg: Inver
             sums += (loss_value, cos_value, l1_value)
             steps += 1
 
-        loss_e, cos_e, l1_e = (float(s) for s in sums / max(steps, 1))
-        record = {"epoch": epoch, "loss": loss_e, "cos": cos_e, "l1": l1_e, "lambda": lambdas.lambda_,
-                  "lr": lr, "best_l1": best.l1 if best.mask is not None else math.inf,
-                  "seconds": time.time() - start}
+        record = epoch_record(epoch, sums, steps, lr, lambdas, best, start)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record, best)
-        if best.should_stop(cos_e, cfg):
+        if best.should_stop(record["cos"], cfg):
             break
 
     seconds = time.time() - start

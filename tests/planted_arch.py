@@ -1,6 +1,6 @@
 """Custom architectures for tests that run in child processes (sweeps, CLIs): registered on import.
 
-`planted`: the conftest PlantedBackdoorEncoder; `random_features`: its clean twin. Both are plain
+`planted`: the conftest PlantedBackdoorEncoder; `random_features`: its clean twin; `nan_output`: broken. All plain
 modules, so their checkpoints are weights-only state dicts that `load_encoder(..., arch=...)` reads.
 """
 from models import register_arch
@@ -10,3 +10,13 @@ from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder
 EMBED_DIM = 64
 register_arch("planted", lambda: PlantedBackdoorEncoder(dim=EMBED_DIM), EMBED_DIM)
 register_arch("random_features", lambda: RandomFeatureEncoder(dim=EMBED_DIM), EMBED_DIM)
+
+
+class NaNEncoder(RandomFeatureEncoder):
+    """A broken encoder: every embedding is NaN (as a checkpoint with NaN weights would give)."""
+
+    def forward(self, x):
+        return super().forward(x) * float("nan")
+
+
+register_arch("nan_output", lambda: NaNEncoder(dim=EMBED_DIM), EMBED_DIM)

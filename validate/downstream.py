@@ -21,9 +21,9 @@ from tqdm import tqdm
 from datasets import DataError, load_npz, load_trigger
 from decree import io as atomic
 from decree.device import resolve_device
-from models import encoder_spec, load_encoder
+from models import CheckpointError, encoder_spec, load_encoder
 
-from .embed import embed_images
+from .embed import NonFiniteEmbeddings, embed_images
 from .record import new_run_name, write_run_record
 
 # downstream dataset -> target class the papers used (truck, digit one, priority road sign)
@@ -215,8 +215,11 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
     rows, run = [], new_run_name()
     for role, path in roles:
         started = time.time()
-        scores, net = validate_encoder(models.pop(role), data, trigger, target, spec.mean, spec.std, job.config,
-                                       device, progress, desc=f"{role} classifier")
+        try:
+            scores, net = validate_encoder(models.pop(role), data, trigger, target, spec.mean, spec.std, job.config,
+                                           device, progress, desc=f"{role} classifier")
+        except NonFiniteEmbeddings as err:
+            raise CheckpointError(f"{path}: {err}") from err
         if role == "backdoored" and job.classifier_file:
             atomic.write_torch(job.classifier_file, net.state_dict())
         cfg = job.config

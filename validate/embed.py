@@ -9,6 +9,10 @@ from tqdm import tqdm
 from datasets import to_model_input
 
 
+class NonFiniteEmbeddings(ValueError):
+    """The encoder returned NaN/inf: a broken checkpoint, or one that does not match the usage info/arch."""
+
+
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, images, mean, std, device="cpu", batch_size: int = 256,
                  stamp: Callable | None = None, blend: Callable | None = None, l2_normalize: bool = True,
@@ -32,4 +36,8 @@ def embed_images(model: torch.nn.Module, images, mean, std, device="cpu", batch_
             x = blend(x)
         features = model(x).float()
         out.append(F.normalize(features, dim=1) if l2_normalize else features)
-    return torch.cat(out)
+    out = torch.cat(out)
+    if not torch.isfinite(out).all():
+        raise NonFiniteEmbeddings("the encoder returned NaN/inf embeddings; the checkpoint is broken or does not "
+                                  "match --encoder_usage_info/--arch")
+    return out

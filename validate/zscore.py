@@ -26,7 +26,7 @@ from decree import io as atomic
 from decree.device import resolve_device
 from models import CheckpointError, encoder_spec, load_encoder
 
-from .embed import embed_images
+from .embed import NonFiniteEmbeddings, embed_images
 from .record import new_run_name, write_run_record
 
 PAPER_TRIGGER = "trigger/trigger_pt_white_185_24.npz"
@@ -258,7 +258,13 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
         if images is None:  # after the first encoder loads, so a wrong path fails before minutes of decoding
             images = load_zscore_images(job.data, spec.input_size, job.config.num_images, job.config.seed,
                                         progress)
-        result = zscore_encoder(model, *images, trigger, spec.mean, spec.std, job.config, device, progress)
+        try:
+            result = zscore_encoder(model, *images, trigger, spec.mean, spec.std, job.config, device, progress)
+        except NonFiniteEmbeddings as err:
+            if not keep_going:
+                raise CheckpointError(f"{path}: {err}") from err
+            outcomes.append((path, CheckpointError(f"{path}: {err}")))
+            continue
         if not any(isinstance(r, ZScoreResult) for _, r in outcomes):  # the run's first result
             write_run_record(out_dir / job.csv_file, run, job, device=str(device),
                              encoders=[str(p) for p in encoder_paths])
