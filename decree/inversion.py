@@ -223,6 +223,15 @@ def epoch_record(epoch: int, sums: np.ndarray, steps: int, lr: float, lambdas: L
             "best_l1": best.l1 if best.mask is not None else math.inf, "seconds": time.time() - start}
 
 
+def final_result(best: BestTrigger, size: int, cfg: InversionConfig, history: list, seconds: float):
+    """The InversionResult of a finished run: the best trigger, or "no trigger found" (L1 = inf)."""
+    if best.mask is None:
+        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history)
+    return InversionResult(mask=best.mask.float().cpu().numpy(), pattern=best.pattern.float().cpu().numpy(),
+                           l1=best.l1, pl1=pl1_norm(best.l1, size), pl1_threshold=cfg.pl1_threshold,
+                           epochs=len(history), seconds=seconds, history=history)
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -310,12 +319,7 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
             break
     bar.close()
 
-    seconds = time.time() - start
-    if best.mask is None:
-        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history)
-    return InversionResult(mask=best.mask.float().cpu().numpy(), pattern=best.pattern.float().cpu().numpy(),
-                           l1=best.l1, pl1=pl1_norm(best.l1, size), pl1_threshold=cfg.pl1_threshold,
-                           epochs=len(history), seconds=seconds, history=history)
+    return final_result(best, size, cfg, history, time.time() - start)
 
 
 def config_dict(cfg: InversionConfig) -> dict:

@@ -13,7 +13,6 @@ min/max host syncs a step, diagnostics only) and its encoder weight gradients (m
 encoder, so every backward also computed and accumulated gradients of all its weights).
 Not used for detection: the project's vectorised path is the one to run.
 """
-import math
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
-                        epoch_record, initial_params, learning_rate, mean_pairwise_cos, pl1_norm, seed_everything)
+                        epoch_record, final_result, initial_params, learning_rate, mean_pairwise_cos, seed_everything)
 
 
 class ShadowImages(Dataset):
@@ -124,9 +123,4 @@ def paper_invert_trigger(encoder: torch.nn.Module, shadow, mean, std, cfg: Inver
         if best.should_stop(record["cos"], cfg):
             break
 
-    seconds = time.time() - start
-    if best.mask is None:
-        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history)
-    return InversionResult(mask=best.mask.float().cpu().numpy(), pattern=best.pattern.float().cpu().numpy(),
-                           l1=best.l1, pl1=pl1_norm(best.l1, size), pl1_threshold=cfg.pl1_threshold,
-                           epochs=len(history), seconds=seconds, history=history)
+    return final_result(best, size, cfg, history, time.time() - start)

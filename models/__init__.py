@@ -1,7 +1,6 @@
 """Encoders: one factory (get_encoder) and one safe loader (load_encoder) for every script."""
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
