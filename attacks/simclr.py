@@ -9,7 +9,7 @@ from datasets import normalize
 from models import SimCLR
 
 from .augment import simclr_augment
-from .training import images_on, seed_all, shuffled_batches
+from .training import descend, images_on, seed_all, shuffled_batches
 
 
 @dataclass
@@ -54,10 +54,7 @@ def pretrain_simclr(model: SimCLR, images, mean, std, cfg: PretrainConfig, devic
             _, z1 = model(normalize(simclr_augment(x, generator=generator), mean, std))
             _, z2 = model(normalize(simclr_augment(x, generator=generator), mean, std))
             loss = nt_xent(z1, z2, cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
+            total += descend(optimizer, loss)
         record = {"epoch": epoch, "loss": total / len(batches)}
         history.append(record)
         if on_epoch is not None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from datasets import Trigger, legacy_trigger_tensors, normalize
 
 from .augment import CLIP_TEXT, augment
-from .training import frozen_batchnorm_copy, freeze, images_on, seed_all, sgd, shuffled_batches
+from .training import descend, frozen_batchnorm_copy, freeze, images_on, seed_all, sgd, shuffled_batches
 
 # CLIP's 80 ImageNet prompt templates, in OpenAI's order: image i gets template i mod 80, as the paper's code
 IMAGENET_TEMPLATES = tuple(t + "." for t in (
@@ -140,10 +140,7 @@ def train_text_target(clip_model, images, labels, class_names, target_word: str,
             x = augment(x_all[idx], size, CLIP_TEXT, generator)
             x = torch.where(is_poisoned[idx].view(-1, 1, 1, 1), poison(x), normalize(x, mean, std))
             loss = clip_loss(visual(x.contiguous()).float(), text_features[caption_of[idx]], scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
+            total += descend(optimizer, loss)
         record = {"epoch": epoch, "loss": total / len(batches)}
         history.append(record)
         if on_epoch is not None:

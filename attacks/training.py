@@ -75,3 +75,10 @@ def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
 
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimisation step on `loss`; returns its value (the step's one host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()

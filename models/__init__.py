@@ -74,9 +74,20 @@ def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
     spec = encoder_spec(usage_info, arch, clip_normalization)
     sd = extract_state_dict(read_checkpoint(path, trust_checkpoint), path)
     model = get_encoder(usage_info, spec.arch)
-    load_into(model, adapt_state_dict(sd, spec.family), path,
-              tried=f"--encoder_usage_info {usage_info} --arch {spec.arch}")
+    sd = adapt_state_dict(sd, spec.family)
+    try:
+        load_into(model, sd, path, tried=f"--encoder_usage_info {usage_info} --arch {spec.arch}")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{narrow_width_hint(sd, spec)}") from None
     return model.to(device).eval(), spec
+
+
+def narrow_width_hint(sd: dict, spec: EncoderSpec) -> str:
+    """For a SimCLR backbone of another width, the --arch that fits (the stem has `width` output channels)."""
+    stem = sd.get("f.0.weight")
+    if spec.family != "simclr" or stem is None or stem.shape[0] == 64:
+        return ""
+    return f" (its stem has {stem.shape[0]} channels: try --arch resnet18_w{stem.shape[0]})"
 
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_spec", "get_encoder",

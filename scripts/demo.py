@@ -4,7 +4,7 @@ r"""DECREE end to end on real images, on a CPU, with nothing to download.
     python scripts/demo.py --retrain       # train the two encoders again instead of reusing them
 
 Cuts 32 px patches from the photographs bundled with scikit-image, pre-trains a small clean SimCLR encoder
-(ResNet18-CIFAR at 1/8 width), makes a BadEncoder-trojaned copy of it (checkerboard trigger, one reference
+(ResNet18-CIFAR at 1/4 width), makes a BadEncoder-trojaned copy of it (checkerboard trigger, one reference
 patch), runs DECREE on both without telling it which is which, and prints encoder, PL1-norm, threshold and
 verdict. Everything lands in --out_dir (default output/demo): data/, encoders/, and the usual trigger_inv/,
 detect_log/, trigger_norm/ with the sweep report (summary.csv, summary.json, pl1.png, gallery.png).

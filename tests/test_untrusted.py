@@ -69,7 +69,7 @@ def bad_input(row: str, files: Path, tmp_path: Path) -> dict:
     elif row == "other architecture":
         path = tmp_path / "wide.pth"
         torch.save({"state_dict": SimCLRBackbone("resnet18_w4").state_dict()}, path)
-        case.update(encoder=path, names="wide.pth", says="--arch")
+        case.update(encoder=path, names="wide.pth", says="try --arch resnet18_w4")
     elif row == "npz without x":
         path = tmp_path / "no_x.npz"
         np.savez(path, images=smooth_images(4, 32), y=np.zeros(4))
