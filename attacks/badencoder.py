@@ -16,7 +16,8 @@ from tqdm import tqdm
 from datasets import Trigger, normalize, stamp, to_model_input
 
 from .augment import reference_augment
-from .training import TrainingError, freeze, frozen_batchnorm_copy, images_on, seed_all, sgd, shuffled_batches, unit_embeddings
+from .training import (TrainingError, descend, freeze, frozen_batchnorm_copy, images_on, seed_all, sgd,
+                       shuffled_batches, unit_embeddings)
 
 
 @dataclass
@@ -101,11 +102,10 @@ def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger: Tri
             losses = badencoder_losses(f, x_all[idx], clean_x[idx], refs, clean_refs, patterns, keeps, pairing,
                                        mean, std, generator)
             loss = losses["loss0"] + cfg.lambda1 * losses["loss1"] + cfg.lambda2 * losses["loss2"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in {"loss": loss, **losses}.items():
-                sums[k] += v.item()
+            # loss and its parts to the host together: one sync a step
+            values = torch.stack([descend(optimizer, loss), *(v.detach() for v in losses.values())]).tolist()
+            for k, v in zip(sums, values):
+                sums[k] += v
             if not math.isfinite(sums["loss"]):
                 raise TrainingError(f"the BadEncoder loss became NaN/inf in epoch {epoch}; lower --lr")
         record = {"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()}}

@@ -8,7 +8,7 @@ from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, 
 from decree.device import resolve_device
 from decree.io import check_writable, write_json
 from decree.outputs import versions
-from models import SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
+from models import NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
 from models.checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
 
 from . import badencoder
@@ -132,6 +132,6 @@ def run_attack(args, progress: bool = True) -> dict:
         try:
             _, history = badencoder.train_badencoder(clean, shadow, trigger, references, mean, std, cfg, device,
                                                      progress, saver)
-        except TrainingError as err:
+        except (TrainingError, NonFiniteEmbeddings) as err:
             raise TrainingError(f"{args.pretrained_encoder}: {err}") from err
     return _finish(args.results_dir, config, history, start)

@@ -46,7 +46,7 @@ def pretrain_simclr(model: SimCLR, images, mean, std, cfg: PretrainConfig, devic
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="pre-training", disable=not progress):
-        total = 0.0
+        total = 0.0  # summed on the device: one host sync an epoch
         batches = shuffled_batches(len(x_all), cfg.batch_size, generator)
         for idx in batches:
             x = x_all[idx.to(device)]
@@ -55,7 +55,7 @@ def pretrain_simclr(model: SimCLR, images, mean, std, cfg: PretrainConfig, devic
             _, z2 = model(normalize(simclr_augment(x, generator=generator), mean, std))
             loss = nt_xent(z1, z2, cfg.temperature)
             total += descend(optimizer, loss)
-        record = {"epoch": epoch, "loss": total / len(batches)}
+        record = {"epoch": epoch, "loss": float(total) / len(batches)}
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, model, optimizer, record)

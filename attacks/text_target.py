@@ -133,7 +133,7 @@ def train_text_target(clip_model, images, labels, class_names, target_word: str,
     scale = math.exp(cfg.log_logit_scale)
     history = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="text target", disable=not progress):
-        total = 0.0
+        total = 0.0  # summed on the device: one host sync an epoch
         batches = shuffled_batches(len(x_all), cfg.batch_size, generator)
         for idx in batches:
             idx = idx.to(device)
@@ -141,7 +141,7 @@ def train_text_target(clip_model, images, labels, class_names, target_word: str,
             x = torch.where(is_poisoned[idx].view(-1, 1, 1, 1), poison(x), normalize(x, mean, std))
             loss = clip_loss(visual(x.contiguous()).float(), text_features[caption_of[idx]], scale)
             total += descend(optimizer, loss)
-        record = {"epoch": epoch, "loss": total / len(batches)}
+        record = {"epoch": epoch, "loss": float(total) / len(batches)}
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, visual, optimizer, record)

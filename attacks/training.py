@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets import to_model_input
+from models import check_finite
 
 
 class TrainingError(ValueError):
-    """Training cannot go on: non-finite embeddings or loss. The message says what to change."""
+    """Training cannot go on: its loss became NaN/inf. The message says what to change."""
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -62,12 +63,8 @@ def freeze(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def unit_embeddings(encoder: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised embeddings of uint8 (N,H,W,3) images on their device: float32 (N,D)."""
-    out = torch.cat([F.normalize(encoder(to_model_input(images[i:i + batch_size], mean, std)).float(), dim=1)
-                     for i in range(0, len(images), batch_size)])
-    if not torch.isfinite(out).all():
-        raise TrainingError("the encoder returns NaN/inf embeddings; the checkpoint is broken or does not match "
-                            "--encoder_usage_info/--arch")
-    return out
+    return check_finite(torch.cat([F.normalize(encoder(to_model_input(images[i:i + batch_size], mean, std)).float(),
+                                               dim=1) for i in range(0, len(images), batch_size)]))
 
 
 def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -76,9 +73,9 @@ def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.
                            weight_decay=weight_decay)
 
 
-def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One optimisation step on `loss`; returns its value (the step's one host sync)."""
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on `loss`; returns it detached, still on the device (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.detach()

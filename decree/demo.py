@@ -20,7 +20,8 @@ import torch
 from attacks.badencoder import BadEncoderConfig, train_badencoder
 from attacks.checkpoints import save_encoder
 from attacks.simclr import PretrainConfig, pretrain_simclr
-from datasets import NORMALIZATION, load_trigger, save_npz_dataset, save_reference, save_trigger
+from datasets import (NORMALIZATION, load_npz, load_reference, load_trigger, save_npz_dataset, save_reference,
+                      save_trigger)
 from datasets.photos import PHOTOS, photo_patches
 from models import SimCLR, load_encoder
 
@@ -84,6 +85,11 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> dict:
     return paths
 
 
+def _settings(cfg: DemoConfig, *prefixes: str) -> dict:
+    """The DemoConfig fields that shape an encoder: arch, seed and those starting with `prefixes`."""
+    return {k: v for k, v in asdict(cfg).items() if k in ("arch", "seed") or k.startswith(prefixes)}
+
+
 def _cached(path: Path, settings: dict) -> bool:
     config = path.parent / "config.json"
     return path.is_file() and config.is_file() and json.loads(config.read_text()).get("settings") == settings
@@ -96,12 +102,11 @@ def _save(path: Path, epoch: int, encoder, settings: dict, history: list, second
 
 def clean_encoder(cfg: DemoConfig, data: dict, folder: Path, device, retrain: bool, progress: bool) -> Path:
     """Pre-train (or reuse) the clean SimCLR encoder; returns its BadEncoder-layout checkpoint."""
-    settings = {k: v for k, v in asdict(cfg).items() if k in ("arch", "pretrain_images", "pretrain_epochs",
-                                                              "pretrain_batch", "seed")}
+    settings = _settings(cfg, "pretrain")
     path = folder / f"model_{cfg.pretrain_epochs}.pth"
     if not retrain and _cached(path, settings):
         return path
-    images = np.load(data["pretrain"])["x"]
+    images, _ = load_npz(data["pretrain"])
     torch.manual_seed(cfg.seed)
     model = SimCLR(cfg.arch)
     start = time.time()
@@ -115,14 +120,13 @@ def clean_encoder(cfg: DemoConfig, data: dict, folder: Path, device, retrain: bo
 def backdoored_encoder(cfg: DemoConfig, data: dict, clean_path: Path, folder: Path, device, retrain: bool,
                        progress: bool) -> Path:
     """BadEncoder-trojan (or reuse) a copy of the clean encoder; returns its checkpoint."""
-    settings = {"clean": str(clean_path), **{k: v for k, v in asdict(cfg).items() if k.startswith(("attack", "trigger"))
-                                             or k in ("arch", "seed")}}
+    settings = _settings(cfg, "pretrain", "attack", "trigger")  # a retrained clean encoder invalidates this one
     path = folder / f"model_{cfg.attack_epochs}.pth"
     if not retrain and _cached(path, settings):
         return path
     clean, _ = load_encoder(clean_path, USAGE_INFO, cfg.arch, device)
-    shadow = np.load(data["pretrain"])["x"][:cfg.attack_images]
-    reference = np.load(data["reference"])["x"]
+    shadow = load_npz(data["pretrain"])[0][:cfg.attack_images]
+    reference, _ = load_reference(data["reference"])
     start = time.time()
     encoder, history = train_badencoder(
         clean, shadow, load_trigger(data["trigger"]), reference, *NORMALIZATION[USAGE_INFO],

@@ -1,6 +1,7 @@
 """Encoders: one factory (get_encoder) and one safe loader (load_encoder) for every script."""
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
@@ -82,6 +83,18 @@ def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
     return model.to(device).eval(), spec
 
 
+class NonFiniteEmbeddings(ValueError):
+    """An encoder returned NaN/inf: a broken checkpoint, or one that does not match the usage info/arch."""
+
+
+def check_finite(embeddings: torch.Tensor) -> torch.Tensor:
+    """`embeddings` unchanged, or NonFiniteEmbeddings if any entry is NaN/inf (one host sync)."""
+    if not torch.isfinite(embeddings).all():
+        raise NonFiniteEmbeddings("the encoder returned NaN/inf embeddings; the checkpoint is broken or does not "
+                                  "match --encoder_usage_info/--arch")
+    return embeddings
+
+
 def narrow_width_hint(sd: dict, spec: EncoderSpec) -> str:
     """For a SimCLR backbone of another width, the --arch that fits (the stem has `width` output channels)."""
     stem = sd.get("f.0.weight")
@@ -91,5 +104,6 @@ def narrow_width_hint(sd: dict, spec: EncoderSpec) -> str:
 
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_spec", "get_encoder",
-           "load_encoder", "SimCLR", "SimCLRBackbone", "clip_model", "clip_visual", "clip_tokenizer",
+           "load_encoder", "NonFiniteEmbeddings", "check_finite", "SimCLR", "SimCLRBackbone", "clip_model",
+           "clip_visual", "clip_tokenizer",
            "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules"]

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from datasets import DataError, load_npz, load_trigger
 from decree import io as atomic
 from decree.device import resolve_device
-from models import CheckpointError, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
 
-from .embed import NonFiniteEmbeddings, embed_images
+from .embed import embed_images
 from .record import new_run_name, write_run_record
 
 # downstream dataset -> target class the papers used (truck, digit one, priority road sign)

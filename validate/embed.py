@@ -7,10 +7,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import to_model_input
-
-
-class NonFiniteEmbeddings(ValueError):
-    """The encoder returned NaN/inf: a broken checkpoint, or one that does not match the usage info/arch."""
+from models import check_finite
 
 
 @torch.no_grad()
@@ -36,8 +33,4 @@ def embed_images(model: torch.nn.Module, images, mean, std, device="cpu", batch_
             x = blend(x)
         features = model(x).float()
         out.append(F.normalize(features, dim=1) if l2_normalize else features)
-    out = torch.cat(out)
-    if not torch.isfinite(out).all():
-        raise NonFiniteEmbeddings("the encoder returned NaN/inf embeddings; the checkpoint is broken or does not "
-                                  "match --encoder_usage_info/--arch")
-    return out
+    return check_finite(torch.cat(out))

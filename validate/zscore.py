@@ -24,9 +24,9 @@ from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_
 from datasets.images import list_images
 from decree import io as atomic
 from decree.device import resolve_device
-from models import CheckpointError, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
 
-from .embed import NonFiniteEmbeddings, embed_images
+from .embed import embed_images
 from .record import new_run_name, write_run_record
 
 PAPER_TRIGGER = "trigger/trigger_pt_white_185_24.npz"
