@@ -22,6 +22,7 @@ from pathlib import Path
 from models import USAGE_INFOS
 
 from . import io as atomic
+from .device import resolve_device
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = Path(__file__).resolve().parents[1] / "main.py"
@@ -213,16 +214,10 @@ def worker_devices(devices: str | None, device: str = "auto", gpu: int | None = 
     import torch
     if devices:
         names = ["cpu"] if devices == "cpu" else [f"cuda:{int(i)}" for i in devices.split(",")]
-    elif gpu is not None:
-        names = [f"cuda:{gpu}"]
-    elif device.startswith("cuda:") or device == "cpu":
-        names = [device]
-    elif device in ("auto", "cuda") and torch.cuda.is_available():
+    elif gpu is None and device in ("auto", "cuda") and torch.cuda.is_available():
         names = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    elif device == "cuda":
-        raise ValueError("--device cuda: this machine has no CUDA device; use --devices cpu --workers N")
-    else:
-        names = ["cpu"]
+    else:  # one device, checked as main.py checks it (a missing CUDA device is a one-line error)
+        names = [str(resolve_device(device, gpu))]
     count = workers or len(names)
     if count < 1:
         raise ValueError("--workers must be at least 1")
