@@ -16,7 +16,7 @@ import argparse
 
 from attacks.jobs import run_attack
 from decree.cli import user_errors
-from decree.device import add_device_args
+from common.device import add_device_args
 from models import USAGE_INFOS, import_arch_modules
 
 

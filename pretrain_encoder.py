@@ -9,7 +9,7 @@ import argparse
 
 from attacks.jobs import run_pretrain
 from decree.cli import user_errors
-from decree.device import add_device_args
+from common.device import add_device_args
 from models import USAGE_INFOS
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
-from decree.io import check_writable
+from common.io import check_writable
 from decree.report import format_metrics, write_report
 from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
                           run_sweep, select_shard, shard_from_slurm, worker_devices, write_sweep_config)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from decree.io import write_torch
+from common.io import write_torch
 
 
 def _cpu(obj):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, load_reference, load_trigger,
                       select_shadow)
-from decree.device import resolve_device
-from decree.io import check_writable, write_json
-from decree.outputs import versions
+from common.device import resolve_device
+from common.io import check_writable, write_json
+from common.provenance import versions
 from models import NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
 from models.checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
 

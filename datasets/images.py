@@ -51,7 +51,7 @@ def load_npz(path, require_labels: bool = False):
 
 
 def save_npz_dataset(path, x: np.ndarray, y: np.ndarray | None = None) -> None:
-    from decree.io import write_npz
+    from common.io import write_npz
     arrays = {"x": check_images(x, path)}
     if y is not None:
         arrays["y"] = np.asarray(y, dtype=np.int64)

@@ -16,7 +16,7 @@ def load_reference(path):
 
 
 def save_reference(path, x: np.ndarray, y: np.ndarray, info=None) -> None:
-    from decree.io import write_npz
+    from common.io import write_npz
     arrays = {"x": check_images(x, path), "y": np.asarray(y, np.int64).reshape(-1)}
     if info:
         arrays["info"] = np.asarray(info, dtype=str)

@@ -66,7 +66,7 @@ def load_trigger(path) -> Trigger:
 
 def save_trigger(path, pattern: np.ndarray, keep: np.ndarray, info=None) -> None:
     """Write a trigger file in the paper's format (float64 t and tm)."""
-    from decree.io import write_npz
+    from common.io import write_npz
     arrays = {"t": np.asarray(pattern, np.float64), "tm": np.asarray(keep, np.float64)}
     if info:
         arrays["info"] = np.asarray(info, dtype=str)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from datasets import DataError
 from models import USAGE_INFOS, CheckpointError
 
-from .device import DeviceError, add_device_args
+from common.device import DeviceError, add_device_args
 from .inversion import InversionError
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback

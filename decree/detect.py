@@ -12,8 +12,8 @@ import numpy as np
 from datasets import DataError, SHADOW_DEFAULTS, load_image_folder, load_npz, select_shadow
 from models import load_encoder
 
-from . import io as atomic
-from .device import resolve_device
+from common import io as atomic
+from common.device import resolve_device
 from .inversion import InversionConfig, InversionError, invert_trigger, preset
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 

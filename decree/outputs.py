@@ -4,14 +4,14 @@ import csv
 import hashlib
 import io
 import json
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import io as atomic
+from common import io as atomic
+from common.provenance import versions
 
 CSV_FIELDS = ("epoch", "loss", "cos", "l1", "lambda", "lr", "best_l1", "seconds")
 
@@ -63,11 +63,6 @@ def history_csv(history: list) -> str:
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()
-
-
-def versions() -> dict:
-    import torch
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
 
 
 def write_run(paths: RunPaths, result, meta: dict, log_text: str) -> dict:

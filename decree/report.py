@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io as atomic
+from common import io as atomic
 from .sweep import LABELS, failed_dir, infer_label
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",

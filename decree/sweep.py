@@ -21,8 +21,8 @@ from pathlib import Path
 
 from models import USAGE_INFOS
 
-from . import io as atomic
-from .device import resolve_device
+from common import io as atomic
+from common.device import resolve_device
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = Path(__file__).resolve().parents[1] / "main.py"

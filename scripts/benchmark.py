@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from decree import io as atomic  # noqa: E402
-from decree.benchmark import ENCODERS, OPTIONS, default_variants, run_benchmark, table  # noqa: E402
+from common import io as atomic  # noqa: E402
+from experiments.benchmark import ENCODERS, OPTIONS, default_variants, run_benchmark, table  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
-from decree.device import add_device_args, resolve_device  # noqa: E402
+from common.device import add_device_args, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds the packages
 
 from decree.cli import user_errors  # noqa: E402
-from decree.demo import QUICK, DemoConfig, result_table, run_demo  # noqa: E402
-from decree.device import add_device_args, resolve_device  # noqa: E402
+from experiments.demo import QUICK, DemoConfig, result_table, run_demo  # noqa: E402
+from common.device import add_device_args, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder
-from decree.benchmark import parse_variant
+from experiments.benchmark import parse_variant
 from decree.inversion import invert_trigger, preset
-from decree.paper_path import paper_invert_trigger
+from experiments.paper_path import paper_invert_trigger
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

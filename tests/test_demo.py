@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from datasets import load_trigger
-from decree.demo import QUICK, DemoConfig, checkerboard_trigger, result_table, run_demo
+from experiments.demo import QUICK, DemoConfig, checkerboard_trigger, result_table, run_demo
 
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
 

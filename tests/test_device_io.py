@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from decree import io
-from decree.device import DeviceError, resolve_device
+from common import io
+from common.device import DeviceError, resolve_device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
 

@@ -4,7 +4,7 @@ import csv
 import numpy as np
 import pytest
 
-from decree import io as atomic
+from common import io as atomic
 from decree.outputs import run_id_for
 from decree.report import auroc, detection_metrics, format_metrics, write_report
 from decree.sweep import Encoder, failure_path

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets import DataError, load_npz, load_trigger
-from decree import io as atomic
-from decree.device import resolve_device
+from common import io as atomic
+from common.device import resolve_device
 from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
 
 from .embed import embed_images

@@ -5,8 +5,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from decree import io as atomic
-from decree.outputs import versions
+from common import io as atomic
+from common.provenance import versions
 
 
 def new_run_name() -> str:

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_npz, load_trigger
 from datasets.images import list_images
-from decree import io as atomic
-from decree.device import resolve_device
+from common import io as atomic
+from common.device import resolve_device
 from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
 
 from .embed import embed_images

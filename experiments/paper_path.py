@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from .inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
+from decree.inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
                         epoch_record, final_result, initial_params, learning_rate, mean_pairwise_cos, seed_everything)
 
 

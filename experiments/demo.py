@@ -25,9 +25,9 @@ from datasets import (NORMALIZATION, load_npz, load_reference, load_trigger, sav
 from datasets.photos import PHOTOS, photo_patches
 from models import SimCLR, load_encoder
 
-from . import io as atomic
-from .detect import DetectionJob, run_detection
-from .report import format_metrics, write_report
+from common import io as atomic
+from decree.detect import DetectionJob, run_detection
+from decree.report import format_metrics, write_report
 
 USAGE_INFO = "cifar10"
 LABELS = {"clean_encoder": "clean", "demo_backdoored_encoder": "backdoor"}

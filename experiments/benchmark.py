@@ -27,7 +27,7 @@ import torch
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
 
-from .inversion import invert_trigger, preset
+from decree.inversion import invert_trigger, preset
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
