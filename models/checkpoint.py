@@ -1,15 +1,19 @@
-"""Safe checkpoint reading and layout detection (SPEC 3): one loader for every script."""
+"""Safe checkpoint reading and layout detection (SPEC 3): one loader for every script.
+
+Nothing in a checkpoint runs unless the user passes --trust_checkpoint: torch.save files are read by torch's
+weights-only unpickler (or, for pickle protocol 4/5, by models.torchscript's restricted one), TorchScript
+archives by models.torchscript, never by torch.jit.load.
+"""
+import io
 import pickle
-import re
+import pickletools
 import zipfile
 from pathlib import Path
 
 import torch
 
-
-# weights-only unpickler failures that mean "not a pickle torch.save wrote" (random bytes, a cut file),
-# as opposed to a well-formed pickle that asks for a non-allowlisted global (which could run code)
-_CORRUPT_PICKLE = re.compile(r"Unsupported operand \d+|invalid load key[^.\n]*|[Rr]an out of input")
+from .torchscript import (MAX_PICKLE_BYTES, NeedsCode, TorchScriptError, read_pickled_weights,
+                          read_torchscript_state_dict)
 
 
 class CheckpointError(ValueError):
@@ -17,7 +21,7 @@ class CheckpointError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint whose loading would need arbitrary unpickling (it could run code)."""
+    """A well-formed checkpoint whose loading would need arbitrary unpickling (it could run code)."""
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -26,39 +30,117 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError):
         return False
 
 
+def _unsafe(path, needs: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: refused: {needs}, and loading it would run code the file chooses. Only if you trust its "
+        "source, rerun with --trust_checkpoint")
+
+
+def _corrupt(path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({detail}); "
+                           "re-download it or re-create it with torch.save")
+
+
+def pickle_globals(data: bytes, pickles: int = 1):
+    """The globals (module.name) the first `pickles` pickles in `data` import ('?' for a STACK_GLOBAL, whose
+    name is on the stack), or None if they are not well-formed pickles. Reads opcodes only; runs nothing."""
+    stream = io.BytesIO(data)
+    found = []
+    try:
+        for _ in range(pickles):
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    found.append("?")
+    except Exception:  # noqa: BLE001 - genops raises ValueError, KeyError, ... on garbage
+        return None
+    return found
+
+
+def _well_formed_needs(path: Path, unpickler_says: str | None = None) -> str | None:
+    """Why a well-formed pickle that torch's weights-only loader refused needs more; None for corruption."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next(n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))
+                with zf.open(name) as fh:
+                    found = pickle_globals(fh.read(MAX_PICKLE_BYTES))
+        else:  # torch's legacy format: magic number, protocol, system info, then the object
+            with open(path, "rb") as fh:
+                found = pickle_globals(fh.read(MAX_PICKLE_BYTES), pickles=4)
+    except (StopIteration, zipfile.BadZipFile, OSError, EOFError):
+        return None
+    if found is None:
+        return None
+    if unpickler_says:
+        return f"it is a pickle that needs more than weights ({unpickler_says})"
+    foreign = [g for g in found if g != "?" and not g.startswith(("torch.", "collections.OrderedDict"))]
+    return "it is a pickle that needs more than weights" + (f" (it references {foreign[0]})" if foreign else "")
+
+
 def read_checkpoint(path, trust_checkpoint: bool = False):
-    """torch.load with weights_only=True (or without, only when trusted); TorchScript archives via jit."""
+    """torch.load with weights_only=True (or without, only when trusted); TorchScript archives by our own
+    reader (torch.jit.load, which runs the archive's code, only when trusted)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check --encoder_path")
     if _is_torchscript(path):
-        # OpenAI's released CLIP .pt files; reading their tensors does not execute the model's code
+        return _read_torchscript(path, trust_checkpoint)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise _corrupt(path, str(err).splitlines()[0]) from err
+        unpickler_says = None
+        if zipfile.is_zipfile(path):  # pickle protocol 4/5 is refused for its opcodes alone: read it ourselves
+            try:
+                return read_pickled_weights(path)
+            except NeedsCode as inner:
+                unpickler_says = str(inner)
+            except (TorchScriptError, zipfile.BadZipFile, OSError) as inner:
+                raise _corrupt(path, str(inner)) from err
+        needs = _well_formed_needs(path, unpickler_says)
+        if needs is None:
+            raise _corrupt(path, "not a well-formed pickle") from err
+        raise _unsafe(path, needs) from err
+    except Exception as err:  # noqa: BLE001 - the unpickler fails on garbage with KeyError, IndexError, ...
+        first = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        raise _corrupt(path, first) from err
+
+
+def _read_torchscript(path: Path, trust_checkpoint: bool) -> dict:
+    if trust_checkpoint:  # the user vouches for the file: torch's own loader, which runs its code
         try:
             return torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as err:
             raise CheckpointError(f"{path}: broken TorchScript archive ({str(err).splitlines()[0]})") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Weights only load failed" in text and not _CORRUPT_PICKLE.search(text):
-            culprit = re.search(r"GLOBAL (\S+)", text)
-            needs = f" (it references {culprit.group(1)})" if culprit else ""
-            raise UnsafeCheckpointError(
-                f"{path}: refused: loading it needs arbitrary unpickling{needs}, which can run code hidden in "
-                "the file. Only if you trust its source, rerun with --trust_checkpoint") from err
-        detail = _CORRUPT_PICKLE.search(text)
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint, truncated or corrupt "
-                              f"({detail.group(0) if detail else text.splitlines()[0]}); "
-                              "re-download or re-create it with torch.save") from err
-    except Exception as err:  # noqa: BLE001 - the unpickler fails on garbage with KeyError, IndexError, ...
-        first = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first}); "
-                              "re-download or re-create it") from err
+        return read_torchscript_state_dict(path)
+    except NeedsCode as err:
+        raise _unsafe(path, f"this TorchScript archive cannot be read as weights alone: {err}") from err
+    except (TorchScriptError, zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: broken TorchScript archive ({err}); re-download it or re-save it "
+                              "with torch.jit.save") from err
+
+
+# tensors a state dict may hold: dense (strided) tensors with their data in memory
+_UNSUPPORTED_TENSOR = (
+    (lambda t: t.is_meta, "a meta tensor (shape only, no values)", "save it after loading real weights"),
+    (lambda t: t.layout != torch.strided, "a sparse tensor", "save it with .to_dense()"),
+    (lambda t: t.is_quantized, "a quantized tensor", "save it with .dequantize()"),
+    (lambda t: t.is_nested, "a nested tensor", "save a dense tensor"),
+)
+
+
+def _check_tensor(key, value, path) -> None:
+    for test, kind, fix in _UNSUPPORTED_TENSOR:
+        if test(value):
+            raise CheckpointError(f"{path}: entry {key!r} is {kind}, not dense weights; {fix}")
 
 
 def extract_state_dict(obj, path) -> dict:
@@ -72,7 +154,14 @@ def extract_state_dict(obj, path) -> dict:
                 break
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no state dict (a dict of tensors, or one under 'state_dict')")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    bad_key = next((k for k in sd if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise CheckpointError(f"{path}: its state dict has a key that is not a parameter name ({bad_key!r:.40}); "
+                              "save model.state_dict(), whose keys are strings")
+    for key, value in sd.items():
+        _check_tensor(key, value, path)
+    return sd
 
 
 def _strip(sd: dict, prefix: str) -> dict:
