@@ -15,27 +15,27 @@ the run's config and per-epoch losses in config.json.
 import argparse
 
 from attacks.jobs import run_attack
-from decree.cli import user_errors
+from decree.cli import OneLineParser, at_least, finite, fraction, positive, user_errors
 from common.device import add_device_args
 from models import USAGE_INFOS, import_arch_modules
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=256, help="default 256 (the text target: 128)")
-    parser.add_argument("--lr", type=float, default=None, help="SGD lr (default 1e-3; text target 2e-4)")
-    parser.add_argument("--lambda1", type=float, default=1.0, help="weight of L1, reference kept (default 1)")
-    parser.add_argument("--lambda2", type=float, default=1.0, help="weight of L2, utility (default 1)")
-    parser.add_argument("--epochs", type=int, default=35, help="default 35 (BadEncoder's CIFAR10 scripts: 200)")
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=at_least(1), default=256, help="default 256 (the text target: 128)")
+    parser.add_argument("--lr", type=positive, default=None, help="SGD lr (default 1e-3; text target 2e-4)")
+    parser.add_argument("--lambda1", type=finite, default=1.0, help="weight of L1, reference kept (default 1)")
+    parser.add_argument("--lambda2", type=finite, default=1.0, help="weight of L2, utility (default 1)")
+    parser.add_argument("--epochs", type=at_least(1), default=35, help="default 35 (BadEncoder's CIFAR10 scripts: 200)")
     parser.add_argument("--reference_file", default="", help="npz of reference inputs x uint8 (R,H,W,3)")
     parser.add_argument("--reference_type", default="image", choices=("image", "text"))
     parser.add_argument("--reference_word", default="", help="target word of the text target (e.g. truck)")
     parser.add_argument("--class_names", default="", help="text target: file with one class name per line, "
                                                           "in label order")
-    parser.add_argument("--poison_rate", type=float, default=5e-4, help="text target: poisoned share (default 5e-4)")
+    parser.add_argument("--poison_rate", type=fraction, default=5e-4, help="text target: poisoned share (default 5e-4)")
     parser.add_argument("--trigger_file", required=True, help="trigger npz (t, tm); see scripts/make_triggers.py")
     parser.add_argument("--shadow_dataset", required=True, help="npz (x uint8 (N,H,W,3)[, y]) or image folder")
-    parser.add_argument("--shadow_fraction", type=float, default=None, help="use this seeded fraction of it")
+    parser.add_argument("--shadow_fraction", type=fraction, default=None, help="use this seeded fraction of it")
     parser.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint, any SPEC 3 layout")
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS)
     parser.add_argument("--arch", default=None, help="default per usage info (resnet18, RN50, ...)")
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--legacy_trigger", action="store_true",
                         help="text target: the paper's blend of a normalised trigger (re-creates its encoders)")
     parser.add_argument("--results_dir", required=True, help="folder for model_<epoch>.pth and config.json")
-    parser.add_argument("--save_last", type=int, default=20, help="save each of the last N epochs (default 20)")
+    parser.add_argument("--save_last", type=at_least(1), default=20, help="save each of the last N epochs (default 20)")
     parser.add_argument("--seed", type=int, default=100, help="default 100")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(parser)

@@ -7,21 +7,24 @@ Writes trigger_inv/<run_id>/, detect_log/<run_id>.log|.csv and trigger_norm/<run
 """
 import argparse
 
-from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, inversion_kwargs, output_file, run_id,
+                        user_errors)
 from decree.detect import DetectionJob, run_detection
+from decree.sweep import interrupt_on_sigterm
 from models import import_arch_modules
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder_path", required=True, help="encoder checkpoint (.pth/.pt), any SPEC layout")
     add_encoder_args(parser)
     add_inversion_args(parser)
     parser.set_defaults(lr=1e-3)
     parser.add_argument("--out_dir", default=".", help="root of the three output folders (default .)")
-    parser.add_argument("--id", default=None, help="run id (default: derived from --encoder_path)")
+    parser.add_argument("--id", type=run_id, default=None,
+                        help="run id, a plain file name (default: derived from --encoder_path)")
     parser.add_argument("--model_flag", default="", help="free label written to --result_file (e.g. clean)")
-    parser.add_argument("--result_file", default=None,
+    parser.add_argument("--result_file", type=output_file, default=None,
                         help="append the paper's CSV line encoder_path,model_flag,L1,seconds here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -32,6 +35,7 @@ def main(argv=None):
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
     with user_errors("main.py"):
+        interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
     print(f"results: {job.paths().json}")

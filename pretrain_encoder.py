@@ -8,20 +8,21 @@ Writes model_<epochs>.pth (full model: f.f.*, g.*), backbone_<epochs>.pt (backbo
 import argparse
 
 from attacks.jobs import run_pretrain
-from decree.cli import user_errors
+from decree.cli import OneLineParser, at_least, positive, user_errors
 from common.device import add_device_args
 from models import USAGE_INFOS
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretraining_dataset", required=True, help="npz with x uint8 (N,32,32,3)")
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS[:2],
                         help="fixes the input normalisation (default cifar10)")
     parser.add_argument("--arch", default="resnet18", help="resnet18/34/50 or narrow resnet18_wN (default resnet18)")
-    parser.add_argument("--epochs", type=int, default=1000, help="default 1000")
-    parser.add_argument("--batch_size", type=int, default=512, help="default 512")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--epochs", type=at_least(1), default=1000, help="default 1000")
+    parser.add_argument("--batch_size", type=at_least(2), default=512,
+                        help="default 512; >= 2 (the contrastive loss needs other images)")
+    parser.add_argument("--lr", type=positive, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--results_dir", required=True, help="folder for the checkpoints and config.json")
     parser.add_argument("--seed", type=int, default=100, help="default 100")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,7 +15,8 @@ import argparse
 import sys
 import time
 
-from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, at_least, inversion_kwargs, output_file,
+                        user_errors)
 from common.io import check_writable
 from decree.report import format_metrics, write_report
 from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
@@ -26,7 +27,7 @@ PROG = "run_decree.py"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     found = parser.add_argument_group("which encoders (default: the paper's folders output/<usage_info>/)")
     source = found.add_mutually_exclusive_group()
     source.add_argument("--manifest", default=None,
@@ -44,12 +45,12 @@ def parse_args(argv=None):
     run.add_argument("--devices", default=None,
                      help="CUDA indices 0,1,... or cpu; default every visible GPU (--device/--gpu pick one), "
                           "else cpu")
-    run.add_argument("--workers", type=int, default=None,
+    run.add_argument("--workers", type=at_least(1), default=None,
                      help="parallel encoders (default one per device); on CPU the cores are split between them")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
     run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
-    run.add_argument("--result_file", default=None,
+    run.add_argument("--result_file", type=output_file, default=None,
                      help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
     run.add_argument("--list", action="store_true", help="print this shard's encoders and their state, run nothing")
     run.add_argument("--report", action="store_true",

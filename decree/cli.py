@@ -1,7 +1,9 @@
 """Command-line pieces shared by the scripts: detection flags, and one-line errors for bad input."""
 import argparse
+import math
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from datasets import DataError
 from models import USAGE_INFOS, CheckpointError
@@ -27,6 +29,68 @@ def user_errors(prog: str):
         sys.exit(130)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error style: `prog: error: <one line naming the flag>`, exit status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, text: str, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} (NaN/inf are not)")
+    return value
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        value = _number(int, text, f"an integer >= {low}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small; give an integer >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def in_range(low: float, high: float, low_open: bool = True, high_open: bool = False):
+    """argparse type: a finite float in the interval (low, high] (ends open or closed as asked)."""
+    interval = f"{'(' if low_open else '['}{low:g},{high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        value = _number(float, text, f"a number in {interval}")
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {interval}")
+        return value
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+positive = in_range(0.0, math.inf, high_open=True)
+finite = in_range(-math.inf, math.inf, low_open=True, high_open=True)
+fraction = in_range(0.0, 1.0)  # (0,1]
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file to write or append to; an existing folder there is refused before any work."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    return text
+
+
+def run_id(text: str) -> str:
+    """argparse type: a run id names files inside --out_dir, so it may not climb out of it or hide."""
+    if not text or "/" in text or "\\" in text or ".." in text or text.startswith(("-", ".")) or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name; use letters, digits, '_', '-', '.' "
+                                         "(no path separators, no '..', not starting with '-' or '.')")
+    return text
+
+
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS,
                         help="fixes architecture family, input size, normalisation and default shadow data")
@@ -47,19 +111,22 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
 def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
-    group.add_argument("--batch_size", type=int, default=32, help="shadow images per step (default 32)")
-    group.add_argument("--lr", type=float, default=None, help="Adam lr on the trigger (main.py: 1e-3; sweeps: 0.5)")
+    group.add_argument("--batch_size", type=at_least(2), default=32,
+                       help="shadow images per step, >= 2: the loss compares pairs (default 32)")
+    group.add_argument("--lr", type=positive, default=None, help="Adam lr on the trigger (main.py: 1e-3; sweeps: 0.5)")
     group.add_argument("--seed", type=int, default=80, help="seeds python, numpy and torch (default 80)")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"), help="initial mask (default rand)")
-    group.add_argument("--thres", type=float, default=0.99, help="|cos| that counts as success (default 0.99)")
-    group.add_argument("--epochs", type=int, default=1000, help="maximum epochs (default 1000)")
-    group.add_argument("--pl1_threshold", type=float, default=0.1,
+    group.add_argument("--thres", type=in_range(0, 1, high_open=True), default=0.99,
+                       help="|cos| in (0,1) that counts as success (default 0.99)")
+    group.add_argument("--epochs", type=at_least(1), default=1000, help="maximum epochs (default 1000)")
+    group.add_argument("--pl1_threshold", type=fraction, default=0.1,
                        help="flag the encoder when PL1-norm = L1/(H*W*3) is below this (default 0.1)")
     group.add_argument("--shadow_data", default=None,
                        help="npz (x uint8 (N,H,W,3)) or image folder; default data/cifar10/test.npz (10%% of "
                             "each class), data/stl10/test.npz (800), data/imagenet (20%%) per usage info")
-    group.add_argument("--shadow_size", type=int, default=None, help="use this many shadow images (seeded)")
-    group.add_argument("--shadow_fraction", type=float, default=None, help="use this fraction (seeded)")
+    group.add_argument("--shadow_size", type=at_least(2), default=None,
+                       help="use this many shadow images, >= 2 (seeded)")
+    group.add_argument("--shadow_fraction", type=fraction, default=None, help="use this fraction in (0,1] (seeded)")
     group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
     group.add_argument("--amp", action="store_true", help="bf16 autocast of the encoder on CUDA")
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")

@@ -271,7 +271,7 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
     w, v = initial_params(size, cfg, generator, dtype, device)
     optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
     lambdas, best = LambdaSchedule(cfg), BestTrigger()
-    history, start = [], time.time()
+    history, start, total_steps = [], time.time(), 0
 
     bar = tqdm(range(cfg.max_epochs), desc="DECREE", unit="epoch", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
@@ -308,6 +308,7 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
             lambdas.step(success)
             sums += (loss_value, cos_value, l1_value)
             steps += 1
+        total_steps += steps
 
         record = epoch_record(epoch, sums, steps, lr, lambdas, best, start)
         history.append(record)
@@ -318,7 +319,9 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
         if best.should_stop(record["cos"], cfg):
             break
     bar.close()
-
+    if total_steps == 0:  # a result without a single optimisation step would be a verdict about nothing
+        raise InversionError(f"no optimisation step ran ({cfg.max_epochs} epochs, batch size {batch_size}); "
+                             "use --epochs >= 1 and --batch_size >= 2")
     return final_result(best, size, cfg, history, time.time() - start)
 
 

@@ -21,7 +21,8 @@ def run_id_for(encoder_path) -> str:
     path = Path(encoder_path)
     resolved = str(path.resolve())
     readable = "_".join(path.with_suffix("").parts[-3:])
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._")[:80]
+    # a path of only non-ASCII names leaves nothing readable; an id must not start with '-' (a CLI flag)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-")[:80] or "encoder"
     return f"{readable}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
 
 
@@ -96,5 +97,8 @@ def read_run(json_path) -> dict:
 
 
 def append_result_line(result_file, encoder_path, model_flag: str, l1: float, seconds: float) -> None:
-    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds."""
-    atomic.append_line(result_file, f"{encoder_path},{model_flag},{l1:.4f},{seconds:.2f}")
+    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds, quoted as CSV quotes (a path
+    with a comma or newline stays one field: it cannot forge a line)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([str(encoder_path), model_flag, f"{l1:.4f}", f"{seconds:.2f}"])
+    atomic.append_line(result_file, buf.getvalue())

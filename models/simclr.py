@@ -9,6 +9,18 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 TORCHVISION_RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
 # resnet18_w16 = ResNet18 with base width 16 instead of 64: small enough for tests and the CPU demo
 NARROW = re.compile(r"resnet18_w(\d+)$")
+MAX_WIDTH = 1024  # 16x torchvision's 64: wider would take tens of GB before failing
+
+
+def narrow_width(arch: str) -> int | None:
+    """The base width of a narrow resnet18_wN arch (None for other archs); N must be in 1..MAX_WIDTH."""
+    match = NARROW.match(arch)
+    if not match:
+        return None
+    width = int(match.group(1))
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"--arch {arch}: width {width} is outside 1..{MAX_WIDTH}; e.g. resnet18_w16 or resnet18")
+    return width
 
 
 def _narrow_resnet18(width: int) -> nn.Module:
@@ -39,16 +51,16 @@ def backbone_archs() -> str:
 def _resnet(arch: str) -> nn.Module:
     if arch in TORCHVISION_RESNETS:
         return TORCHVISION_RESNETS[arch](weights=None)
-    match = NARROW.match(arch)
-    if match:
-        return _narrow_resnet18(int(match.group(1)))
+    width = narrow_width(arch)
+    if width is not None:
+        return _narrow_resnet18(width)
     raise ValueError(f"unknown SimCLR backbone arch {arch!r}; choose one of {backbone_archs()}")
 
 
 def embed_dim(arch: str) -> int:
-    match = NARROW.match(arch)
-    if match:
-        return 8 * int(match.group(1))
+    width = narrow_width(arch)
+    if width is not None:
+        return 8 * width
     return 2048 if arch == "resnet50" else 512
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decree.cli import user_errors  # noqa: E402
+from decree.cli import OneLineParser, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
 from validate.cli import add_zscore_args, print_result, zscore_job  # noqa: E402
 from validate.zscore import run_zscore  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder_path", required=True, help="encoder checkpoint (.pth/.pt), any SPEC layout")
     add_zscore_args(parser)
     parser.add_argument("--id", default="", help=argparse.SUPPRESS)  # the paper's log id; unused
@@ -28,8 +28,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    job = zscore_job(args)
     with user_errors("compute_zscore.py"):
+        job = zscore_job(args)
         import_arch_modules(args.arch_module)
         [(path, result)] = run_zscore([args.encoder_path], job, progress=not args.quiet)
     print_result(path, result)

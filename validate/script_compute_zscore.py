@@ -12,14 +12,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import DataError  # noqa: E402
-from decree.cli import user_errors  # noqa: E402
+from decree.cli import OneLineParser, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
 from validate.cli import add_zscore_args, print_result, zscore_job  # noqa: E402
 from validate.zscore import PAPER_ENCODER_DIRS, find_encoders, run_zscore  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("encoder_dirs", nargs="*", help="folders of encoders (default: the paper's three)")
     add_zscore_args(parser)
     return parser.parse_args(argv)
@@ -27,8 +27,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    job = zscore_job(args)
     with user_errors("script_compute_zscore.py"):
+        job = zscore_job(args)
         import_arch_modules(args.arch_module)
         encoders = find_encoders(args.encoder_dirs or PAPER_ENCODER_DIRS, skip_missing=not args.encoder_dirs)
         if not encoders:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decree.cli import add_encoder_args, user_errors  # noqa: E402
+from decree.cli import OneLineParser, add_encoder_args, at_least, output_file, positive, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
 from validate.downstream import DownstreamConfig, DownstreamJob, run_downstream  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder_path", "--encoder", dest="encoder_path", default=None,
                         help="the backdoored encoder (BA, ASR); --encoder is the paper's name")
     parser.add_argument("--clean_encoder", default=None, help="the clean encoder it came from (CA)")
@@ -33,17 +33,17 @@ def parse_args(argv=None):
     parser.add_argument("--reference_label", type=int, default=None,
                         help="target class (default: stl10 9, svhn 1, gtsrb 12, as in the papers)")
     parser.add_argument("--reference_file", default=None, help=argparse.SUPPRESS)  # the paper's; not needed
-    parser.add_argument("--epochs", "--nn_epochs", dest="epochs", type=int, default=200,
+    parser.add_argument("--epochs", "--nn_epochs", dest="epochs", type=at_least(1), default=200,
                         help="MLP epochs (default 200, DECREE's; BadEncoder used 500)")
-    parser.add_argument("--batch_size", type=int, default=64, help="MLP batch size (default 64)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    parser.add_argument("--hidden_size_1", type=int, default=512)
-    parser.add_argument("--hidden_size_2", type=int, default=256)
+    parser.add_argument("--batch_size", type=at_least(1), default=64, help="MLP batch size (default 64)")
+    parser.add_argument("--lr", type=positive, default=1e-4, help="Adam learning rate (default 1e-4)")
+    parser.add_argument("--hidden_size_1", type=at_least(1), default=512)
+    parser.add_argument("--hidden_size_2", type=at_least(1), default=256)
     parser.add_argument("--seed", type=int, default=100, help="seed (default 100, the paper's)")
     parser.add_argument("--shuffle", action="store_true", help="shuffle MLP batches (the papers did not)")
-    parser.add_argument("--results_file", default="downstream_results.csv",
+    parser.add_argument("--results_file", type=output_file, default="downstream_results.csv",
                         help="append one CSV row per encoder here (default downstream_results.csv)")
-    parser.add_argument("--result_dir", default=None,
+    parser.add_argument("--result_dir", type=output_file, default=None,
                         help="save the backdoored encoder's classifier state dict to this .pth (the paper's flag)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
