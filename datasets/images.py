@@ -1,4 +1,6 @@
 """Image datasets: BadEncoder npz files (x uint8 (N,H,W,3), y (N,) or (N,1)) and plain image folders."""
+import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -11,14 +13,74 @@ class DataError(ValueError):
     """Input data that cannot be used, with the file and the fix in the message."""
 
 
+DEFLATE_MAX_RATIO = 1100  # deflate cannot expand data more than ~1032x: a larger claim is a lie (a zip bomb)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_npz_headers(path) -> None:
+    """Read each array's .npy header inside the zip and refuse object arrays and sizes that the file cannot
+    hold or memory cannot take, before numpy allocates anything."""
+    memory = _memory_bytes()
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * info.compress_size:
+                raise DataError(f"{path}: array '{key}' claims {info.file_size} bytes from {info.compress_size} "
+                                "compressed ones (a zip bomb?); re-create the file with numpy.savez")
+            with zf.open(info) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh, max_header_size=10000)
+                except (ValueError, EOFError, OSError) as err:
+                    raise DataError(f"{path}: array '{key}' has no valid .npy header ({err}); re-create the file "
+                                    "with numpy.savez") from err
+            if dtype.hasobject:
+                raise DataError(f"{path}: array '{key}' holds Python objects, which numpy would have to unpickle; "
+                                "save plain numeric arrays (e.g. x uint8, y int64)")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > info.file_size or nbytes > memory:
+                raise DataError(f"{path}: array '{key}' declares shape {shape} ({nbytes} bytes) but the file holds "
+                                f"{info.file_size} bytes for it; the file is corrupt or crafted")
+
+
 def _open_npz(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass an existing .npz")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            is_npy = fh.read(6) == b"\x93NUMPY"
+        hint = "it is a single .npy array: save it with numpy.savez(path, x=...)" if is_npy else \
+            "re-create it with numpy.savez"
+        raise DataError(f"{path}: not an .npz archive; {hint}")
     try:
+        check_npz_headers(path)
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"{path}: not a readable .npz file ({err}); re-create it with numpy.savez") from err
+
+
+def labels(y: np.ndarray, source, n: int) -> np.ndarray:
+    """Class labels int64 (N,) from a y array of integers (or integral floats)."""
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iub":
+        raise DataError(f"{source}: labels 'y' are {y.dtype} ({y[:3].tolist()}...), not class numbers; "
+                        "save integer labels (e.g. np.int64)")
+    if len(y) != n:
+        raise DataError(f"{source}: {len(y)} labels for {n} images")
+    return y.astype(np.int64)
 
 
 def check_images(x: np.ndarray, source) -> np.ndarray:
@@ -42,9 +104,7 @@ def load_npz(path, require_labels: bool = False):
         x = check_images(data["x"], path)
         y = None
         if "y" in data.files:
-            y = np.asarray(data["y"]).reshape(-1).astype(np.int64)
-            if len(y) != len(x):
-                raise DataError(f"{path}: {len(y)} labels for {len(x)} images")
+            y = labels(data["y"], path, len(x))
         elif require_labels:
             raise DataError(f"{path}: has no labels 'y' (found {data.files}); this step needs them")
     return x, y
@@ -83,7 +143,6 @@ def load_image_folder(root, size: int = 224, fraction: float | None = None, coun
     Only the sampled files are decoded, so a 20% shadow set of ImageNet val reads 10,000 images, not 50,000.
     `indices` (positions in the sorted file list) replaces the seeded sample when given.
     """
-    from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
     root = Path(root)
     if not root.is_dir():
@@ -98,12 +157,22 @@ def load_image_folder(root, size: int = 224, fraction: float | None = None, coun
     files = [files[i] for i in indices]
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(tqdm(files, desc=f"reading {root.name}", disable=not progress, leave=False)):
-        try:
-            with Image.open(f) as img:
-                out[i] = _resize_center_crop(img.convert("RGB"), size)
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{f}: not a readable image ({err})") from err
+        out[i] = _read_image(f, size)
     return out
+
+
+def _read_image(path, size: int) -> np.ndarray:
+    """One image file -> uint8 (size,size,3); huge images (PIL's decompression-bomb limits) are refused."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return _resize_center_crop(img.convert("RGB"), size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: image too large to decode safely ({err}); shrink it or remove it") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from err
 
 
 def sample_indices(n: int, fraction: float | None = None, count: int | None = None, seed: int = 0) -> np.ndarray:

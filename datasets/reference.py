@@ -1,7 +1,7 @@
 """Reference inputs of image-target attacks (SPEC 4): x uint8 (K,H,W,3), y int64 (K,), optional info."""
 import numpy as np
 
-from .images import DataError, _open_npz, check_images, load_npz
+from .images import DataError, _open_npz, check_images, labels, load_npz
 
 
 def load_reference(path):
@@ -11,7 +11,7 @@ def load_reference(path):
             raise DataError(f"{path}: a reference file needs 'x' (found {data.files}); "
                             "make one with scripts/make_reference.py")
         x = check_images(data["x"], path)
-        y = np.asarray(data["y"], np.int64).reshape(-1) if "y" in data.files else np.zeros(len(x), np.int64)
+        y = labels(data["y"], path, len(x)) if "y" in data.files else np.zeros(len(x), np.int64)
     return x, y
 
 

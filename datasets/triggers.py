@@ -61,6 +61,13 @@ def load_trigger(path) -> Trigger:
         t, tm = t[None], tm[None]
     if t.shape != tm.shape or t.ndim != 4 or t.shape[-1] != 3:
         raise DataError(f"{path}: 't' {t.shape} and 'tm' {tm.shape} must both be (K,H,W,3) or (H,W,3)")
+    if len(t) == 0 or t.shape[1] == 0 or t.shape[2] == 0:
+        raise DataError(f"{path}: holds no trigger (shape {t.shape}); generate one with scripts/make_triggers.py")
+    if not (np.isfinite(t).all() and np.isfinite(tm).all()):
+        raise DataError(f"{path}: 't' or 'tm' holds NaN/inf; re-create the trigger with scripts/make_triggers.py")
+    if not np.isin(tm, (0.0, 1.0)).all() or t.min() < 0 or t.max() > 255:
+        raise DataError(f"{path}: 'tm' must be 0 (trigger) or 1 (image) and 't' in [0,255]; "
+                        "re-create the trigger with scripts/make_triggers.py")
     return Trigger(pattern=t, keep=tm, info=info, file_ndim=file_ndim)
 
 

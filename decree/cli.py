@@ -1,5 +1,6 @@
 """Command-line pieces shared by the scripts: detection flags, and one-line errors for bad input."""
 import argparse
+import errno
 import math
 import sys
 from contextlib import contextmanager
@@ -23,6 +24,13 @@ def user_errors(prog: str):
         yield
     except USER_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"{prog}: error: {err.strerror or err}{where}; nothing half-written was kept: free space or "
+              "choose another output folder", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished results are kept, this run left no partial output", file=sys.stderr)

@@ -3,6 +3,7 @@
 Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and write the same.
 """
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,7 +70,10 @@ def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction
                         f"(N,{input_size},{input_size},3), or a folder of images)")
     if path.suffix == ".npz":
         x, y = load_npz(path)
-        shadow = select_shadow(x, y, seed=seed, **selection)
+        try:
+            shadow = select_shadow(x, y, seed=seed, **selection)
+        except DataError as err:  # the default share of a tiny file can be no image at all
+            raise DataError(f"{path}: {err} (selection {selection}); set --shadow_size or --shadow_fraction") from err
     else:
         if "per_class_fraction" in selection:
             selection = {"fraction": selection["per_class_fraction"]}
@@ -78,7 +82,8 @@ def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction
         raise DataError(f"{path}: images are {shadow.shape[1]}x{shadow.shape[2]} px but {usage_info} encoders "
                         f"take {input_size}x{input_size}; use shadow data of that size")
     if len(shadow) < 2:
-        raise DataError(f"{path}: the shadow set has {len(shadow)} image(s); DECREE needs at least 2")
+        raise DataError(f"{path}: the shadow set has {len(shadow)} image(s); DECREE needs at least 2: give more "
+                        "images, --shadow_size or --shadow_fraction")
     return shadow
 
 
@@ -114,8 +119,12 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     try:
         result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
                                 on_epoch=save_snapshot)
-    except InversionError as err:
-        raise InversionError(f"{job.encoder_path}: {err}") from err
+    except BaseException as err:
+        if job.save_snapshots:  # snapshots of a run that did not finish would be PNGs without a JSON
+            shutil.rmtree(paths.trigger_dir / "snapshots", ignore_errors=True)
+        if isinstance(err, InversionError):
+            raise InversionError(f"{job.encoder_path}: {err}") from err
+        raise
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),

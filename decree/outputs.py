@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,26 @@ def history_csv(history: list) -> str:
     return buf.getvalue()
 
 
+def remove_run(paths: RunPaths) -> None:
+    """Delete a run's outputs (after a failed write: no trigger images or logs without their JSON)."""
+    shutil.rmtree(paths.trigger_dir, ignore_errors=True)
+    for path in (paths.json, paths.csv, paths.log):
+        path.unlink(missing_ok=True)
+
+
 def write_run(paths: RunPaths, result, meta: dict, log_text: str) -> dict:
-    """Write every output of a finished inversion; returns the trigger_norm record."""
+    """Write every output of a finished inversion, the JSON last; returns the trigger_norm record.
+
+    If any write fails (a full disk, Ctrl-C) the run's outputs are removed: a run is whole or absent.
+    """
+    try:
+        return _write_run(paths, result, meta, log_text)
+    except BaseException:
+        remove_run(paths)
+        raise
+
+
+def _write_run(paths: RunPaths, result, meta: dict, log_text: str) -> dict:
     if result.found:
         write_trigger_images(paths.trigger_dir, result.mask, result.pattern)
         atomic.write_npz(paths.trigger_dir / "trigger.npz", mask=result.mask.astype(np.float32),

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +19,25 @@ from .sweep import LABELS, failed_dir, infer_label
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
                    "status", "error")
+FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 8, 96
 
 
-def _records(folder: Path) -> list[dict]:
-    """The run records in a folder; other JSONs there (summary.json) have no matching run_id and are skipped."""
+def _records(folder: Path, required=("encoder_path",)) -> list[dict]:
+    """The run records in a folder; other JSONs there (summary.json) have no matching run_id and are skipped,
+    unreadable ones (half-written, stray) with a warning naming them."""
     records = []
     for path in sorted(folder.glob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            print(f"warning: skipped {path}: not a readable run record ({type(err).__name__})", file=sys.stderr)
+            continue
         if isinstance(record, dict) and record.get("run_id") == path.stem:
+            if not all(key in record for key in required):
+                print(f"warning: skipped {path}: a run record without {', '.join(required)}", file=sys.stderr)
+                continue
             records.append(record)
     return records
 
@@ -58,7 +68,7 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     for record in _records(failed_dir(out_dir)):  # a failure outranks not having run
         rows[record["run_id"]] = {**_identity(record, labels), "seconds": record.get("seconds"), "status": "failed",
                                   "error": record.get("error")}
-    for record in _records(norm):  # a finished run outranks an older failure of the same encoder
+    for record in _records(norm, FINISHED_KEYS):  # a finished run outranks an older failure of the same encoder
         rows[record["run_id"]] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
                                   "seconds": record["seconds"], "status": "done"}
