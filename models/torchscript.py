@@ -147,7 +147,7 @@ class _RecordUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and STORAGE_KEY.fullmatch(pid[2]) and type(pid[4]) is int
                 and 0 <= pid[4] < 1 << 48):
-            raise TorchScriptError(f"malformed storage reference {pid!r:.100}")
+            raise TorchScriptError("malformed storage reference (not storage type, plain key, size)")
         ref = StorageRef(pid[2], pid[1].dtype, pid[4])
         if self.storages.setdefault(ref.key, ref) != ref:
             raise TorchScriptError(f"storage '{ref.key}' is declared twice with different types or sizes")
@@ -257,8 +257,10 @@ def _collect(record: ScriptRecord, archive: _Archive, prefix: str = "", depth: i
     if info.has_setstate:
         raise NeedsCode(f"class {record.qualified_name} rebuilds itself with its own __setstate__ code")
     state = record.state
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+    if not isinstance(state, dict):
         raise NeedsCode(f"the state of {record.qualified_name} is not a plain attribute dict")
+    if not all(isinstance(k, str) for k in state):
+        raise TorchScriptError(f"{record.qualified_name} has an attribute whose name is not a string")
     items = []
     for kind in (info.parameters, info.buffers):
         for name in (n for n in state if n in kind):
