@@ -96,5 +96,6 @@ def read_run(json_path) -> dict:
 
 
 def append_result_line(result_file, encoder_path, model_flag: str, l1: float, seconds: float) -> None:
-    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds."""
-    atomic.append_line(result_file, f"{encoder_path},{model_flag},{l1:.4f},{seconds:.2f}")
+    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds, both numbers with 4 decimals
+    (no trigger found: L1 = the paper's 1/eps, written 10000000.0000)."""
+    atomic.append_line(result_file, f"{encoder_path},{model_flag},{l1:.4f},{seconds:.4f}")
