@@ -89,8 +89,8 @@ def load_full_clip(path, arch: str, trust_checkpoint: bool = False, text_model=N
               **{f"visual.{k}": v for k, v in visual.items()}}
     else:
         sd = _state_dict(path, trust_checkpoint)
-    if not any(k.startswith("transformer.") for k in sd):
-        raise CheckpointError(f"{text_model or path}: holds no CLIP text tower (no 'transformer.' keys); the "
+    if "token_embedding.weight" not in sd:  # ('transformer.' alone is also a ViT visual tower's)
+        raise CheckpointError(f"{text_model or path}: holds no CLIP text tower (no 'token_embedding.weight'); the "
                               "text-target attack needs the full clean CLIP model (e.g. OpenAI's RN50.pt), or a "
                               "visual-only encoder plus --clip_text_model FULL_CLIP_FILE")
     model = clip_model(arch)
