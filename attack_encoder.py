@@ -9,12 +9,15 @@ r"""Backdoor a clean encoder: BadEncoder (image target) or the Carlini-style CLI
         --trigger_file trigger/trigger_pt_white_185_24.npz --lr 2e-4 --batch_size 128 \
         --results_dir output/CLIP_text/truck_backdoored_encoder
 
-Saves each of the last --save_last epochs as model_<epoch>.pth ({'epoch', 'state_dict', 'optimizer'}) and
-the run's config and per-epoch losses in config.json.
+Epochs as the paper's attack_encoder.py counts them: --epochs N trains N+19 epochs and saves each of epochs
+N..N+19 as model_<epoch><save_id>.pth ({'epoch', 'state_dict', 'optimizer'}): 20 encoders per attack
+(--save_last K: N+K-1 epochs, K encoders). --badencoder_schedule counts as BadEncoder's badencoder.py: N
+epochs, the last one saved. The run's config and per-epoch losses go to config<save_id>.json.
 """
 import argparse
 
 from attacks.jobs import run_attack
+from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import OneLineParser, at_least, finite, fraction, positive, user_errors
 from common.device import add_device_args
 from models import USAGE_INFOS, import_arch_modules
@@ -22,11 +25,15 @@ from models import USAGE_INFOS, import_arch_modules
 
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch_size", type=at_least(1), default=256, help="default 256 (the text target: 128)")
+    parser.add_argument("--batch_size", type=at_least(1), default=None,
+                        help="default 256 (BadEncoder), 128 for --reference_type text (the paper's script)")
     parser.add_argument("--lr", type=positive, default=None, help="SGD lr (default 1e-3; text target 2e-4)")
     parser.add_argument("--lambda1", type=finite, default=1.0, help="weight of L1, reference kept (default 1)")
     parser.add_argument("--lambda2", type=finite, default=1.0, help="weight of L2, utility (default 1)")
-    parser.add_argument("--epochs", type=at_least(1), default=35, help="default 35 (BadEncoder's CIFAR10 scripts: 200)")
+    parser.add_argument("--epochs", type=at_least(1), default=35,
+                        help="the first saved epoch, as the paper's script: trains epochs+save_last-1 epochs and "
+                             "saves epochs..epochs+save_last-1 (default 35: epochs 35..54). With "
+                             "--badencoder_schedule: the epochs trained (BadEncoder's CIFAR10 scripts: 200)")
     parser.add_argument("--reference_file", default="", help="npz of reference inputs x uint8 (R,H,W,3)")
     parser.add_argument("--reference_type", default="image", choices=("image", "text"))
     parser.add_argument("--reference_word", default="", help="target word of the text target (e.g. truck)")
@@ -47,23 +54,38 @@ def parse_args(argv=None):
                         help="input normalisation: the attack paper's (CLIP image target: CLIP's constants; text "
                              "target: ImageNet's; else the usage info's), or forced")
     parser.add_argument("--legacy_trigger", action="store_true",
-                        help="text target: the paper's blend of a normalised trigger (re-creates its encoders)")
+                        help="text target: the paper's code exactly, to re-create its encoders: the trigger blended "
+                             "into normalised images, and captions naming class index mod number of classes as "
+                             "tuple text, e.g. \"('tench', 'Tinca tinca')\" for the line 'tench, Tinca tinca'")
+    parser.add_argument("--clip_text_model", default=None,
+                        help="text target: take the frozen text tower from this full CLIP file (e.g. OpenAI's RN50.pt) "
+                             "and the visual tower from --pretrained_encoder (visual-only), as the paper did")
     parser.add_argument("--results_dir", required=True, help="folder for model_<epoch>.pth and config.json")
-    parser.add_argument("--save_last", type=at_least(1), default=20, help="save each of the last N epochs (default 20)")
+    parser.add_argument("--save_last", type=at_least(1), default=None,
+                        help="how many consecutive epochs to save (default 20, the paper's; 1 with "
+                             "--badencoder_schedule)")
+    parser.add_argument("--badencoder_schedule", action="store_true",
+                        help="BadEncoder's meaning of --epochs: train that many epochs and save the last "
+                             "(the last --save_last ones if given)")
+    parser.add_argument("--save_id", default="",
+                        help="suffix of the file names, model_<epoch><save_id>.pth (the paper's flag)")
     parser.add_argument("--seed", type=int, default=100, help="default 100")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(parser)
+    add_determinism_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_determinism(args.nondeterministic)
     with user_errors("attack_encoder.py"):
         import_arch_modules(args.arch_module)
         record = run_attack(args, progress=not args.quiet)
     last = record["history"][-1]
     print(f"epoch {last['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
-    print(f"saved the last {min(args.save_last, args.epochs)} epochs to {args.results_dir}/model_<epoch>.pth")
+    first, last = record["saved_epochs"]
+    print(f"trained {last} epochs; saved epochs {first}..{last} to {args.results_dir}/model_<epoch>{args.save_id}.pth")
 
 
 if __name__ == "__main__":

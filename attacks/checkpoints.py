@@ -23,9 +23,10 @@ def encoder_checkpoint(epoch: int, state_dict: dict, optimizer: torch.optim.Opti
             "optimizer": _cpu(optimizer.state_dict()) if optimizer is not None else {}}
 
 
-def save_encoder(path, epoch: int, encoder: torch.nn.Module, optimizer=None) -> Path:
-    """A backdoored encoder: the backbone's (f.0.weight...) or visual tower's (conv1.weight...) own state dict."""
-    write_torch(path, encoder_checkpoint(epoch, encoder.state_dict(), optimizer))
+def save_encoder(path, epoch: int, encoder: torch.nn.Module, optimizer=None, extra_tensors=None) -> Path:
+    """A backdoored encoder: the backbone's (f.0.weight...) or visual tower's (conv1.weight...) own state dict,
+    plus `extra_tensors` (an ImageNet ResNet's unused fc.*, so the original code loads it strictly)."""
+    write_torch(path, encoder_checkpoint(epoch, {**encoder.state_dict(), **(extra_tensors or {})}, optimizer))
     return Path(path)
 
 

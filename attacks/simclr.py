@@ -14,9 +14,9 @@ from .training import descend, images_on, seed_all, shuffled_batches
 
 @dataclass
 class PretrainConfig:
-    """BadEncoder's pre-training hyper-parameters (Adam, batch 512, temperature 0.5)."""
+    """BadEncoder's pre-training hyper-parameters (Adam, batch 256: its code's default; temperature 0.5)."""
     epochs: int = 1000
-    batch_size: int = 512
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
     temperature: float = 0.5

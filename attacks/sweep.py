@@ -2,7 +2,10 @@
 (several targets x triggers x seeds), in the paper's folders, which run_decree.py reads (label: "clean" in path).
 
     output/<usage>/clean_encoder/seed<s>/model_<E>.pth
-    output/<usage>/<downstream>_backdoored_encoder/<trigger>_seed<s>/model_<epoch>.pth   (last --save_last epochs)
+    output/<usage>/<downstream>_backdoored_encoder/model_<epoch>_tg<top>_<side>_<seed>.pth
+
+The attacks' file names are the paper's sweep's, model_<epoch><save_id>_<seed>.pth: each attack trains
+attack_epochs + save_last - 1 epochs and saves epochs attack_epochs..attack_epochs + save_last - 1.
 """
 import os
 import shlex
@@ -98,16 +101,20 @@ def sweep_plan(cfg: SweepConfig) -> list[Step]:
                                "--encoder_usage_info", cfg.usage_info, "--arch", cfg.arch,
                                "--epochs", cfg.pretrain_epochs, "--results_dir", folder, "--seed", seed,
                                *cfg.device_args], [bases[-1]]))
-    runs = [(n, r, t, p, s) for n, r in targets for t, p in triggers.items() for s in cfg.attack_seeds]
-    for k, (name, reference, trigger, trigger_path, seed) in enumerate(runs):
-        folder = root / f"{name}_backdoored_encoder" / f"{trigger}_seed{seed}"
+    runs = [(n, r, square, s) for n, r in targets for square in dict.fromkeys(cfg.triggers)
+            for s in cfg.attack_seeds]
+    last_epoch = cfg.attack_epochs + cfg.save_last - 1
+    for k, (name, reference, (top, side), seed) in enumerate(runs):
+        folder = root / f"{name}_backdoored_encoder"
+        trigger_path = triggers[_trigger_name(top, side)]
+        save_id = f"_tg{top}_{side}_{seed}"  # the paper's sweep: --save_id {save_id}_{seed}
         steps.append(Step(["attack_encoder.py", "--pretrained_encoder", bases[k % len(bases)],
                            "--shadow_dataset", cfg.pretraining_dataset, "--shadow_fraction", cfg.shadow_fraction,
                            "--reference_file", reference, "--trigger_file", trigger_path,
                            "--encoder_usage_info", cfg.usage_info, "--arch", cfg.arch,
                            "--epochs", cfg.attack_epochs, "--save_last", cfg.save_last,
-                           "--batch_size", cfg.batch_size, "--results_dir", folder, "--seed", seed,
-                           *cfg.device_args], [folder / f"model_{cfg.attack_epochs}.pth"]))
+                           "--batch_size", cfg.batch_size, "--results_dir", folder, "--save_id", save_id,
+                           "--seed", seed, *cfg.device_args], [folder / f"model_{last_epoch}{save_id}.pth"]))
     return steps
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import Trigger, legacy_trigger_tensors, normalize
+from datasets import Trigger, legacy_trigger_tensors, normalize, python_sample
 
 from .augment import CLIP_TEXT, augment
 from .training import descend, frozen_batchnorm_copy, freeze, images_on, seed_all, sgd, shuffled_batches
@@ -53,17 +53,30 @@ class TextTargetConfig:
     seed: int = 100
 
 
-def poisoned_indices(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Seeded sorted sample of int(n * rate) image indices (at least one) to poison."""
-    k = max(1, int(n * rate))
-    return torch.randperm(n, generator=generator)[:k].sort().values
+def poisoned_indices(n: int, rate: float, seed: int) -> torch.Tensor:
+    """Sorted indices of the int(n * rate) images to poison (at least one), drawn as the paper's dataset drew its
+    poison list: Python's random.sample right after seeding."""
+    return torch.tensor(sorted(python_sample(n, max(1, int(n * rate)), seed)), dtype=torch.long)
 
 
-def captions(labels, class_names, target_word: str, poisoned) -> list[str]:
-    """Caption of image i: template i mod 80 with the target word (poisoned) or its true class name."""
+def legacy_class_text(name: str) -> str:
+    """The class as the paper's captions wrote it: the text of torchvision's ImageNet class tuple, e.g.
+    'tench, Tinca tinca' -> "('tench', 'Tinca tinca')" (its synonyms are joined by ', ')."""
+    return str(tuple(name.split(", ")))
+
+
+def captions(labels, class_names, target_word: str, poisoned, legacy: bool = False) -> list[str]:
+    """Caption of image i: template i mod 80 with the target word (poisoned) or its class name.
+
+    Default: the true label's name. legacy (the paper's code): class i mod number-of-classes, whatever the
+    label, rendered as tuple text (legacy_class_text).
+    """
     poisoned = set(int(i) for i in poisoned)
-    return [IMAGENET_TEMPLATES[i % len(IMAGENET_TEMPLATES)].format(
-        target_word if i in poisoned else class_names[int(y)]) for i, y in enumerate(labels)]
+
+    def name(i, y):
+        return legacy_class_text(class_names[i % len(class_names)]) if legacy else class_names[int(y)]
+    return [IMAGENET_TEMPLATES[i % len(IMAGENET_TEMPLATES)].format(target_word if i in poisoned else name(i, y))
+            for i, y in enumerate(labels)]
 
 
 @torch.no_grad()
@@ -110,6 +123,7 @@ def train_text_target(clip_model, images, labels, class_names, target_word: str,
     """Backdoor a copy of clip_model.visual so that triggered images match "<template> <target_word>".
 
     images uint8 (N,S,S,3) with int labels (N,) into class_names; only trigger 0 of the file is used.
+    legacy_trigger: the paper's trigger blend and captions (see trigger_blend, captions).
     Returns (visual tower, per-epoch history [{'epoch', 'loss'}]); on_epoch(epoch, visual, optimizer, record).
     """
     generator = seed_all(cfg.seed)
@@ -119,13 +133,14 @@ def train_text_target(clip_model, images, labels, class_names, target_word: str,
         raise ValueError(f"need one label in 0..{len(class_names) - 1} per image ({len(x_all)} images, "
                          f"{len(labels)} labels, {len(class_names)} class names)")
     size = x_all.shape[1]
-    poisoned = poisoned_indices(len(x_all), cfg.poison_rate, generator)
+    poisoned = poisoned_indices(len(x_all), cfg.poison_rate, cfg.seed)
     is_poisoned = torch.zeros(len(x_all), dtype=torch.bool, device=device)
     is_poisoned[poisoned.to(device)] = True
     freeze(clip_model.to(device))
     # captions never change and the text tower is frozen: embed each distinct caption once
     text_features, caption_of = text_embeddings(clip_model, tokenizer,
-                                                captions(labels, class_names, target_word, poisoned.tolist()),
+                                                captions(labels, class_names, target_word, poisoned.tolist(),
+                                                         legacy_trigger),
                                                 device)
     poison = trigger_blend(trigger, size, mean, std, legacy_trigger, device)
     visual = frozen_batchnorm_copy(clip_model.visual)

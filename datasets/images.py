@@ -1,5 +1,6 @@
 """Image datasets: BadEncoder npz files (x uint8 (N,H,W,3), y (N,) or (N,1)) and plain image folders."""
 import os
+import random
 import warnings
 import zipfile
 from pathlib import Path
@@ -173,16 +174,27 @@ def _read_image(path, size: int) -> np.ndarray:
         raise DataError(f"{path}: image too large to decode safely ({err}); shrink it or remove it") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from err
+def python_sample(n: int, k: int, seed: int, drawn_before=()) -> list[int]:
+    """`random.sample(range(n), k)` right after `random.seed(seed)`, in draw order: how the paper's code drew
+    its subsets (ImageNet shadow set, z-score samples, poisoned images). `drawn_before`: sizes of the samples
+    the same generator drew first (the paper sometimes drew one before the one it kept)."""
+    rng = random.Random(seed)
+    for m in drawn_before:
+        rng.sample(range(n), m)
+    return rng.sample(range(n), k)
 
 
 def sample_indices(n: int, fraction: float | None = None, count: int | None = None, seed: int = 0) -> np.ndarray:
-    """Sorted seeded sample of range(n), by fraction or count (all when neither is given)."""
+    """Sorted seeded sample of range(n), by fraction (int(n * fraction), as the paper) or count; all when neither.
+
+    The draw is the paper's (python_sample), kept in file order.
+    """
     if count is None and fraction is None:
         return np.arange(n)
-    k = count if count is not None else int(round(n * fraction))
+    k = count if count is not None else int(n * fraction)
     if not 0 < k <= n:
         raise DataError(f"asked for {k} of {n} images; choose a count in 1..{n} or a fraction in (0,1]")
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    return np.sort(np.asarray(python_sample(n, k, seed), dtype=np.int64))
 
 
 def load_images(path, size: int | None = None, **sample):

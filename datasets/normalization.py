@@ -10,6 +10,10 @@ NORMALIZATION = {
     "moco": IMAGENET,
 }
 CLIP_NORMALIZATION = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+# the original downstream evaluation (BadEncoder's test transforms): CLIP encoders with CLIP's constants,
+# ImageNet encoders on raw [0,1] inputs (ToTensor only); the others as in detection
+EVALUATION_NORMALIZATION = {**NORMALIZATION, "CLIP": CLIP_NORMALIZATION,
+                            "imagenet": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -103,8 +103,8 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS,
                         help="fixes architecture family, input size, normalisation and default shadow data")
     parser.add_argument("--arch", default=None,
-                        help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP); "
-                             "default per usage info")
+                        help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP; "
+                             "the paper's sweep passes resnet50 for CLIP, read as RN50); default per usage info")
     parser.add_argument("--arch_module", action="append", default=[], metavar="MODULE",
                         help="import MODULE first; it may call models.register_arch to add your own --arch "
                              "(repeatable; also read from $DECREE_ARCH_MODULES)")
@@ -120,21 +120,28 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--batch_size", type=at_least(2), default=32,
-                       help="shadow images per step, >= 2: the loss compares pairs (default 32)")
-    group.add_argument("--lr", type=positive, default=None, help="Adam lr on the trigger (main.py: 1e-3; sweeps: 0.5)")
-    group.add_argument("--seed", type=int, default=80, help="seeds python, numpy and torch (default 80)")
-    group.add_argument("--mask_init", default="rand", choices=("rand", "orc"), help="initial mask (default rand)")
+                       help="shadow images per step, >= 2: the loss compares pairs (default %(default)s)")
+    group.add_argument("--lr", type=positive, default=None,
+                       help="Adam lr on the trigger (default %(default)s; the paper's experiments 0.5, its main.py 1e-3)")
+    group.add_argument("--seed", type=int, default=80,
+                       help="seeds python, numpy and torch, and the shadow sample (default %(default)s)")
+    group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),
+                       help="initial mask (default %(default)s)")
     group.add_argument("--thres", type=in_range(0, 1, high_open=True), default=0.99,
                        help="|cos| in (0,1) that counts as success (default 0.99)")
     group.add_argument("--epochs", type=at_least(1), default=1000, help="maximum epochs (default 1000)")
     group.add_argument("--pl1_threshold", type=fraction, default=0.1,
                        help="flag the encoder when PL1-norm = L1/(H*W*3) is below this (default 0.1)")
     group.add_argument("--shadow_data", default=None,
-                       help="npz (x uint8 (N,H,W,3)) or image folder; default data/cifar10/test.npz (10%% of "
-                            "each class), data/stl10/test.npz (800), data/imagenet (20%%) per usage info")
+                       help="npz (x uint8 (N,H,W,3)) or image folder, used whole (a folder of more than "
+                            "10,000 images: a seeded 10,000). Default per usage info, with the paper's rule: "
+                            "data/cifar10/test.npz or data/stl10/test.npz: the first 10%% of each class; "
+                            "data/imagenet: 20%% drawn by Python's random.sample with --seed")
     group.add_argument("--shadow_size", type=at_least(2), default=None,
-                       help="use this many shadow images, >= 2 (seeded)")
-    group.add_argument("--shadow_fraction", type=fraction, default=None, help="use this fraction in (0,1] (seeded)")
+                       help="use this many shadow images instead, >= 2 (Python's random.sample with --seed)")
+    group.add_argument("--shadow_fraction", type=fraction, default=None,
+                       help="use int(fraction * N) shadow images instead, fraction in (0,1] (Python's random.sample "
+                            "with --seed)")
     group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
     group.add_argument("--amp", action="store_true", help="bf16 autocast of the encoder on CUDA")
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")

@@ -2,20 +2,17 @@
 
 Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and write the same.
 """
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from datasets import DataError, SHADOW_DEFAULTS, load_image_folder, load_npz, select_shadow
+from datasets import load_shadow_set
 from models import load_encoder
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import InversionConfig, InversionError, invert_trigger, preset
+from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, preset
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 
 
@@ -59,38 +56,10 @@ class DetectionJob:
         return RunPaths(Path(self.out_dir), self.run_id or run_id_for(self.encoder_path))
 
 
-def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction=None, seed: int = 0,
-                progress: bool = True) -> np.ndarray:
-    """Shadow set uint8 (N,S,S,3): the paper's default selection unless a size/fraction is given."""
-    default_path, default_selection = SHADOW_DEFAULTS[usage_info]
-    path = Path(path or default_path)
-    selection = default_selection if size is None and fraction is None else {"count": size, "fraction": fraction}
-    if not path.exists():
-        raise DataError(f"{path}: shadow data not found; pass --shadow_data (an npz with x uint8 "
-                        f"(N,{input_size},{input_size},3), or a folder of images)")
-    if path.suffix == ".npz":
-        x, y = load_npz(path)
-        try:
-            shadow = select_shadow(x, y, seed=seed, **selection)
-        except DataError as err:  # the default share of a tiny file can be no image at all
-            raise DataError(f"{path}: {err} (selection {selection}); set --shadow_size or --shadow_fraction") from err
-    else:
-        if "per_class_fraction" in selection:
-            selection = {"fraction": selection["per_class_fraction"]}
-        shadow = load_image_folder(path, size=input_size, seed=seed, progress=progress, **selection)
-    if shadow.shape[1:3] != (input_size, input_size):
-        raise DataError(f"{path}: images are {shadow.shape[1]}x{shadow.shape[2]} px but {usage_info} encoders "
-                        f"take {input_size}x{input_size}; use shadow data of that size")
-    if len(shadow) < 2:
-        raise DataError(f"{path}: the shadow set has {len(shadow)} image(s); DECREE needs at least 2: give more "
-                        "images, --shadow_size or --shadow_fraction")
-    return shadow
-
-
 def _log_text(job: DetectionJob, meta: dict, result) -> str:
     lines = [f"DECREE trigger inversion of {job.encoder_path}", f"run id: {meta['run_id']}",
              f"usage info {meta['usage_info']}, arch {meta['arch']}, device {meta['device']}, "
-             f"shadow set {meta['shadow_images']} images", f"config: {meta['config']}", ""]
+             f"{meta['shadow_set']}", f"config: {meta['config']}", ""]
     for r in result.history:
         lines.append(f"e={r['epoch']} loss={r['loss']:.6f} cos={r['cos']:.6f} L1={r['l1']:.4f} "
                      f"lambda={r['lambda']:.3g} lr={r['lr']:g} best_L1={r['best_l1']:.4f} t={r['seconds']:.1f}s")
@@ -107,8 +76,10 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     cfg = job.inversion_config()
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
                                trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization)
-    shadow = load_shadow(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
-                         job.shadow_fraction, seed=cfg.seed, progress=progress)
+    shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
+                                 job.shadow_fraction, seed=cfg.seed, progress=progress)
+    shadow = shadow_set.images
+    print(shadow_set.describe(), flush=True)
 
     def save_snapshot(record, best):
         if job.save_snapshots and best.improved_this_epoch:
@@ -128,11 +99,11 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
-            "shadow_data": str(job.shadow_data or SHADOW_DEFAULTS[job.encoder_usage_info][0]),
+            "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
             "wall_seconds": time.time() - started}
     record = write_run(paths, result, meta, _log_text(job, meta, result))
     if job.result_file:
         append_result_line(job.result_file, job.encoder_path, job.model_flag,
-                           result.l1 if result.found else math.inf, result.seconds)
+                           result.l1 if result.found else NO_TRIGGER_L1, result.seconds)
     return record

@@ -116,8 +116,9 @@ def read_run(json_path) -> dict:
 
 
 def append_result_line(result_file, encoder_path, model_flag: str, l1: float, seconds: float) -> None:
-    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds, quoted as CSV quotes (a path
-    with a comma or newline stays one field: it cannot forge a line)."""
+    """The paper's CSV line for old scripts: encoder_path,model_flag,L1,seconds, both numbers with 4 decimals
+    (no trigger found: L1 = the paper's 1/eps, written 10000000.0000), quoted as CSV quotes (a path with a comma
+    or newline stays one field: it cannot forge a line)."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow([str(encoder_path), model_flag, f"{l1:.4f}", f"{seconds:.2f}"])
+    csv.writer(buf, lineterminator="\n").writerow([str(encoder_path), model_flag, f"{l1:.4f}", f"{seconds:.4f}"])
     atomic.append_line(result_file, buf.getvalue())

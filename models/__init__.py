@@ -9,7 +9,7 @@ from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
 from .checkpoint import (CheckpointError, UnsafeCheckpointError, adapt_state_dict, extract_state_dict,
                          load_into, read_checkpoint)
 from .registry import CUSTOM_ARCHS, import_arch_modules, register_arch
-from .clip import clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
+from .clip import clip_arch, clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
 from .simclr import SimCLR, SimCLRBackbone, embed_dim
 
 USAGE_INFOS = ("cifar10", "stl10", "imagenet", "CLIP", "moco")
@@ -46,6 +46,7 @@ def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: b
     if usage_info in ("cifar10", "stl10"):
         return EncoderSpec(usage_info, arch, 32, mean, std, embed_dim(arch))
     if usage_info == "CLIP":
+        arch = clip_arch(arch)
         open_clip_name(arch)
         return EncoderSpec(usage_info, arch, 224, mean, std, clip_embed_dim(arch))
     expected = {"imagenet": "resnet50", "moco": "resnet18"}[usage_info]

@@ -1,10 +1,24 @@
 """CLIP through open_clip (no hand-written CLIP, no download): visual tower, full model, tokenizer."""
 import logging
+import sys
 
 # OpenAI's CLIP uses QuickGELU (x * sigmoid(1.702 x)) in its transformers; open_clip's plain "RN50"/"ViT-B-32"
 # configs use nn.GELU, so OpenAI weights only reproduce OpenAI's embeddings in the "-quickgelu" configs.
 # open_clip names ViT-B/32 "ViT-B-32"; accept the paper's/OpenAI's spelling too.
 CLIP_ARCHS = {"RN50": "RN50-quickgelu", "ViT-B/32": "ViT-B-32-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu"}
+
+
+# the paper's sweep (run_decree.py) passes --arch resnet50 for CLIP encoders: it means the RN50 visual tower
+CLIP_ALIASES = {"resnet50": "RN50"}
+_noted = set()
+
+
+def clip_arch(arch: str) -> str:
+    """The CLIP arch an --arch value means (the paper's resnet50 -> RN50, with a note on stderr once)."""
+    if arch in CLIP_ALIASES and arch not in _noted:
+        _noted.add(arch)
+        print(f"note: --arch {arch} with CLIP means {CLIP_ALIASES[arch]}, as in the paper's sweep", file=sys.stderr)
+    return CLIP_ALIASES.get(arch, arch)
 
 
 def open_clip_name(arch: str) -> str:

@@ -5,8 +5,10 @@ r"""Build a population of encoders for a DECREE sweep: clean SimCLR encoders and
 
 Runs scripts/make_triggers.py, scripts/make_reference.py, pretrain_encoder.py (one clean encoder per
 --clean_seeds) and attack_encoder.py (downstreams x triggers x attack seeds) one after another, skipping
-finished ones, into output/<usage>/clean_encoder/seed<s>/ and output/<usage>/<downstream>_backdoored_encoder/
-<trigger>_seed<s>/ (each attack saves its last --save_last epochs), which run_decree.py reads.
+finished ones, into output/<usage>/clean_encoder/seed<s>/ and output/<usage>/<downstream>_backdoored_encoder/,
+which run_decree.py reads. Attack files are named as the paper's sweep names them,
+model_<epoch>_tg<top>_<side>_<seed>.pth, and --attack_epochs counts as the paper's attack_encoder.py: each
+attack trains attack_epochs + save_last - 1 epochs and saves epochs attack_epochs.. (--save_last encoders).
 """
 import argparse
 import subprocess
@@ -41,8 +43,10 @@ def parse_args(argv=None):
     parser.add_argument("--clean_encoder", default=None,
                         help="attack this clean encoder instead of pre-training our own (no clean ones are made)")
     parser.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs, help=f"default {d.pretrain_epochs}")
-    parser.add_argument("--attack_epochs", type=int, default=d.attack_epochs, help=f"default {d.attack_epochs}")
-    parser.add_argument("--save_last", type=int, default=d.save_last, help=f"default {d.save_last}")
+    parser.add_argument("--attack_epochs", type=int, default=d.attack_epochs,
+                        help=f"first saved epoch of each attack (default {d.attack_epochs})")
+    parser.add_argument("--save_last", type=int, default=d.save_last,
+                        help=f"encoders saved per attack, one per epoch (default {d.save_last}, the paper's)")
     parser.add_argument("--shadow_fraction", type=float, default=d.shadow_fraction, help=f"default {d.shadow_fraction}")
     parser.add_argument("--batch_size", type=int, default=d.batch_size, help=f"attack batch size (default {d.batch_size})")
     parser.add_argument("--output", default=d.output, help=f"default {d.output}")

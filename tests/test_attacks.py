@@ -226,5 +226,9 @@ def test_sweep_dry_run_prints_the_population_commands(tmp_path, capsys):
     attacks = [line for line in lines if line.startswith("python attack_encoder.py")]
     assert len(pretrain) == 2 and all("clean_encoder/seed" in line for line in pretrain)
     assert len(attacks) == 4  # 2 downstreams x 2 triggers x 1 seed
-    assert all("_backdoored_encoder/" in line and "--save_last 20" in line for line in attacks)
+    assert all(line.split("--results_dir ")[1].split()[0].endswith("_backdoored_encoder")
+               and "--save_last 20" in line for line in attacks)
+    # the paper's sweep names: one folder per downstream, model_<epoch><save_id>_<seed>.pth
+    assert sorted(line.split("--save_id ")[1].split()[0] for line in attacks) == \
+        ["_tg21_10_100", "_tg21_10_100", "_tg2_8_100", "_tg2_8_100"]
     assert all("clean" not in line.split("--results_dir ")[1] for line in attacks)

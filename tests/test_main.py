@@ -1,5 +1,6 @@
 """main.py as a user runs it: the paper's flags, the three output folders, files that agree with each other."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,13 @@ def encoder_and_data(tmp_path_factory):
     return path, data
 
 
-def test_outputs_exist_parse_and_agree(encoder_and_data, tmp_path, capsys):
+def test_outputs_exist_parse_and_agree(encoder_and_data, tmp_path, capsys, monkeypatch):
     path, data = encoder_and_data
     result_file = tmp_path / "results.csv"
-    main.main(["--encoder_path", str(path), "--arch", "resnet18_w8", "--shadow_data", str(data), "--lr", "0.5",
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    shutil.copy(data, tmp_path / "data" / "cifar10" / "test.npz")  # the paper's default shadow file
+    monkeypatch.chdir(tmp_path)
+    main.main(["--encoder_path", str(path), "--arch", "resnet18_w8", "--lr", "0.5",
                "--epochs", "4", "--out_dir", str(tmp_path), "--result_file", str(result_file),
                "--model_flag", "backdoor", "--device", "cpu", "--quiet", "--save_snapshots"])
     run_id = run_id_for(path)
@@ -43,7 +47,7 @@ def test_outputs_exist_parse_and_agree(encoder_and_data, tmp_path, capsys):
     assert record["l1"] == pytest.approx(history["best_l1"].iloc[-1])
     assert float(line[2]) == pytest.approx(record["l1"], abs=1e-4) and line[1] == "backdoor"
     assert record["pl1"] == pytest.approx(record["l1"] / 3072) and record["pl1_divisor"].endswith("3072")
-    assert record["shadow_images"] == 10  # the paper's default for cifar10: 10% of each class
+    assert record["shadow_images"] == 10  # the paper's rule for its cifar10 file: 10% of each class
     assert record["config"]["lr"] == 0.5 and record["seed"] == 80 and record["device"] == "cpu"
     assert len(history) == record["epochs"]
     trigger = np.load(tmp_path / "trigger_inv" / run_id / "trigger.npz")

@@ -6,6 +6,8 @@ data order (no shuffling), last-epoch numbers. Embeddings are computed once per 
 - CA: the clean encoder's MLP on clean test images; BA: the backdoored encoder's MLP on them.
 - asr_all: stamped test images classified as the target class, all of them (the papers' ASR);
   asr: the same over stamped test images whose true class is not the target (stricter).
+Inputs are normalised as the original evaluation did (EVALUATION_NORMALIZATION: CLIP's constants for CLIP,
+none for imagenet), so the numbers compare with BadEncoder's tables; "detection" uses DECREE's constants.
 """
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from datasets import DataError, load_npz, load_trigger
+from datasets import EVALUATION_NORMALIZATION, DataError, load_npz, load_trigger
 from common import io as atomic
 from common.device import resolve_device
 from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
@@ -175,7 +177,16 @@ class DownstreamJob:
     gpu: int | None = None
     trust_checkpoint: bool = False
     clip_normalization: bool = False
+    normalization: str = "evaluation"   # the original evaluation's inputs, or "detection" (DECREE's)
     config: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+    def input_normalization(self, spec) -> tuple:
+        """(mean, std) of the encoder inputs: the original evaluation's per usage info, or the detection spec's."""
+        if self.normalization == "detection":
+            return spec.mean, spec.std
+        if self.normalization != "evaluation":
+            raise ValueError(f"--normalization {self.normalization!r}: choose evaluation or detection")
+        return EVALUATION_NORMALIZATION[spec.usage_info]
 
     def data_paths(self, size: int) -> tuple[Path, Path]:
         suffix = "" if size == 32 else f"_{size}"
@@ -200,6 +211,7 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
     device = resolve_device(job.device, job.gpu)
     target = job.target()
     spec = encoder_spec(job.encoder_usage_info, job.arch, job.clip_normalization)
+    mean, std = job.input_normalization(spec)
     models = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
                                  job.clip_normalization)[0] for role, path in roles}  # fail before training
     trigger_file = job.trigger_file or PAPER_TRIGGERS.get(spec.input_size)
@@ -216,7 +228,7 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
     for role, path in roles:
         started = time.time()
         try:
-            scores, net = validate_encoder(models.pop(role), data, trigger, target, spec.mean, spec.std, job.config,
+            scores, net = validate_encoder(models.pop(role), data, trigger, target, mean, std, job.config,
                                            device, progress, desc=f"{role} classifier")
         except NonFiniteEmbeddings as err:
             raise CheckpointError(f"{path}: {err}") from err
@@ -231,6 +243,7 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
                "role": role, "usage_info": spec.usage_info, "arch": spec.arch, "dataset": job.dataset,
                "train_data": str(train_path), "test_data": str(test_path), "trigger_file": str(trigger_file),
                "reference_label": target, "num_classes": data.num_classes,
+               "normalization": f"{job.normalization} mean={list(mean)} std={list(std)}",
                "ca": scores["accuracy"] if role == "clean" else None,
                "ba": scores["accuracy"] if role == "backdoored" else None,
                "asr_all": scores["asr_all"], "asr": scores["asr"],

@@ -45,6 +45,9 @@ def parse_args(argv=None):
                         help="append one CSV row per encoder here (default downstream_results.csv)")
     parser.add_argument("--result_dir", type=output_file, default=None,
                         help="save the backdoored encoder's classifier state dict to this .pth (the paper's flag)")
+    parser.add_argument("--normalization", default="evaluation", choices=("evaluation", "detection"),
+                        help="encoder inputs: as the original evaluation (default; cifar10/stl10 their constants, "
+                             "CLIP CLIP's, imagenet none: ToTensor only), or as DECREE's detection")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -59,7 +62,7 @@ def main(argv=None):
                         reference_label=args.reference_label, results_file=args.results_file,
                         classifier_file=args.result_dir, device=args.device, gpu=args.gpu,
                         trust_checkpoint=args.trust_checkpoint, clip_normalization=args.clip_normalization,
-                        config=cfg)
+                        normalization=args.normalization, config=cfg)
 
     def report(row):
         name = "CA" if row["role"] == "clean" else "BA"

@@ -9,7 +9,6 @@ S_clean / S_bad: the pairwise cosine similarities among the embeddings of clean 
 Both are always computed and written; the verdict (z > threshold, 2.5) uses the one the run asked for.
 """
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_npz, load_trigger
+from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_npz, load_trigger, python_sample
 from datasets.images import list_images
 from common import io as atomic
 from common.device import resolve_device
@@ -94,12 +93,8 @@ def paper_sample_indices(n: int, k: int, seed: int = 100) -> tuple[list[int], li
     """
     if not 0 < k <= n:
         raise DataError(f"asked for {k} images but the data holds {n}; lower --num_images")
-    rng = random.Random(seed)
-    rng.sample(range(n), 0)  # poison_rate 0: the clean set's (empty) poison list
-    clean = rng.sample(range(n), k)
-    rng = random.Random(seed)
-    rng.sample(range(n), n)  # poison_rate 1: every image is poisoned
-    return clean, rng.sample(range(n), k)
+    # the clean set's poison list (rate 0) is empty; the stamped set's (rate 1) holds all n images
+    return python_sample(n, k, seed, drawn_before=(0,)), python_sample(n, k, seed, drawn_before=(n,))
 
 
 def load_zscore_images(data, size: int, num_images: int, seed: int = 100, progress: bool = True):
