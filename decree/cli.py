@@ -49,7 +49,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--batch_size", type=int, default=32, help="shadow images per step (default %(default)s)")
     group.add_argument("--lr", type=float, default=None,
-                       help="Adam lr on the trigger (default %(default)s; the paper's experiments 0.5, its main.py 1e-3)")
+                       help="Adam lr on the trigger (default %(default)s; the paper's experiments: 0.5, "
+                            "its main.py: 1e-3)")
     group.add_argument("--seed", type=int, default=80,
                        help="seeds python, numpy and torch, and the shadow sample (default %(default)s)")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),
