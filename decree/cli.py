@@ -122,7 +122,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_size", type=at_least(2), default=32,
                        help="shadow images per step, >= 2: the loss compares pairs (default %(default)s)")
     group.add_argument("--lr", type=positive, default=None,
-                       help="Adam lr on the trigger (default %(default)s; the paper's experiments 0.5, its main.py 1e-3)")
+                       help="Adam lr on the trigger (default %(default)s; the paper's experiments: 0.5, "
+                            "its main.py: 1e-3)")
     group.add_argument("--seed", type=int, default=80,
                        help="seeds python, numpy and torch, and the shadow sample (default %(default)s)")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),

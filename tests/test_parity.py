@@ -2,6 +2,7 @@
 captions, normalisation and defaults. Each test fails on the behaviour before the fix."""
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,12 @@ def test_imagenet_shadow_is_pythons_random_sample_with_the_run_seed(tmp_path, mo
         found = sorted(int(v) // 5 for v in shadow.images[:, 100, 100, 0])
         assert found == sorted(random.Random(seed).sample(range(50), int(0.2 * 50)))
     assert "the paper's rule" in shadow.describe() and "random.sample" in shadow.describe()
+    # the same ImageNet root elsewhere is a folder the user names: the cap (10,000 of 50,000 for the real one)
+    # draws the same images
+    shutil.copytree(tmp_path / "data" / "imagenet", tmp_path / "elsewhere")
+    monkeypatch.setattr("datasets.shadow.IMAGE_FOLDER_CAP", 10)
+    capped = load_shadow_set("CLIP", 224, tmp_path / "elsewhere", seed=3, progress=False)
+    assert np.array_equal(capped.images, shadow.images) and "capped at 10" in capped.describe()
 
 
 def test_a_file_the_user_names_is_used_whole_and_a_large_folder_is_capped(tmp_path, monkeypatch):
