@@ -330,13 +330,6 @@ def assert_one_line_refusal(script, status, out, err, names, says="", out_dir=No
 # ---- the matrix -------------------------------------------------------------------------------------------
 
 LOADERS = ("main.py", "attack_encoder.py", "compute_zscore.py", "val_cifar10_training_downstream_classifier.py")
-KIND_COUNTS = {}
-
-
-def _count(kind, n):
-    KIND_COUNTS[kind] = KIND_COUNTS.get(kind, 0) + n
-
-
 @pytest.mark.parametrize("row", list(CHECKPOINT_ROWS))
 @pytest.mark.parametrize("script", LOADERS)
 def test_bad_checkpoint(script, row, good, tmp_path, monkeypatch, capsys):
@@ -350,8 +343,6 @@ def test_bad_checkpoint(script, row, good, tmp_path, monkeypatch, capsys):
         assert ("--trust_checkpoint" in line) == names_trust, line
 
 
-_count("checkpoint (torch.save family)", len(CHECKPOINT_ROWS) * len(LOADERS))
-
 
 @pytest.mark.parametrize("row", TORCHSCRIPT_ROWS)
 @pytest.mark.parametrize("script", LOADERS)
@@ -362,8 +353,6 @@ def test_hostile_torchscript(script, row, archives, good, tmp_path, monkeypatch,
     line = assert_one_line_refusal(script, status, out, err, made[row].name, "", tmp_path / "out", marker)
     assert ("--trust_checkpoint" in line) == (row in TORCHSCRIPT_NEEDS_CODE), line
 
-
-_count("TorchScript archive", len(TORCHSCRIPT_ROWS) * len(LOADERS))
 
 DATA_FLAGS = {"main.py": "data", "attack_encoder.py": "data", "pretrain_encoder.py": "data",
               "compute_zscore.py": "data", "val_cifar10_training_downstream_classifier.py": "data"}
@@ -385,8 +374,6 @@ def test_bad_images(script, row, good, tmp_path, monkeypatch, capsys):
     names = "a.png" if row in ("decompression bomb image", "corrupt image") else path.name
     assert_one_line_refusal(script, status, out, err, names, says, tmp_path / "out")
 
-
-_count("image data (npz, folders)", len(DATA_CASES))
 TRIGGER_SCRIPTS = ("attack_encoder.py", "compute_zscore.py", "val_cifar10_training_downstream_classifier.py")
 
 
@@ -399,8 +386,6 @@ def test_bad_trigger(script, row, good, tmp_path, monkeypatch, capsys):
     assert_one_line_refusal(script, status, out, err, path.name, TRIGGER_ROWS[row], tmp_path / "out")
 
 
-_count("trigger file", len(TRIGGER_ROWS) * len(TRIGGER_SCRIPTS))
-
 
 @pytest.mark.parametrize("row", REFERENCE_ROWS)
 def test_bad_reference(row, good, tmp_path, monkeypatch, capsys):
@@ -409,8 +394,6 @@ def test_bad_reference(row, good, tmp_path, monkeypatch, capsys):
                                                               reference=path), monkeypatch, capsys, tmp_path)
     assert_one_line_refusal("attack_encoder.py", status, out, err, path.name, DATA_ROWS[row], tmp_path / "out")
 
-
-_count("reference file", len(REFERENCE_ROWS))
 
 INVERSION_FLAGS = [("--batch_size", v) for v in ("0", "1", "-3", "abc")] + \
     [("--epochs", v) for v in ("0", "-1", "1.5")] + [("--lr", v) for v in ("0", "-1", "nan", "inf")] + \
@@ -452,8 +435,6 @@ def test_bad_flag(script, flag, value, good, tmp_path, monkeypatch, capsys):
     assert_one_line_refusal(script, status, out, err, flag, "", tmp_path / "out")
 
 
-_count("flag value", len(FLAG_CASES))
-
 FOLDER_FLAGS = [("main.py", "--result_file"), ("run_decree.py", "--result_file"),
                 ("compute_zscore.py", "--csv_file"), ("compute_zscore.py", "--res_file"),
                 ("script_compute_zscore.py", "--csv_file"),
@@ -471,8 +452,6 @@ def test_result_file_that_is_a_folder(script, flag, good, tmp_path, monkeypatch,
                                 monkeypatch, capsys, tmp_path)
     assert_one_line_refusal(script, status, out, err, flag, "folder", tmp_path / "out")
 
-
-_count("result file is a folder", len(FOLDER_FLAGS))
 DEVICE_SCRIPTS = [s for s in SCRIPTS if s != "script_compute_zscore.py"]
 
 
@@ -492,8 +471,6 @@ def test_unusable_device_or_output_folder(script, problem, good, tmp_path, monke
     status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
     assert_one_line_refusal(script, status, out, err, names, "", tmp_path / "out")
 
-
-_count("device / output folder", 2 * len(DEVICE_SCRIPTS))
 ENOSPC_SCRIPTS = ("main.py", "attack_encoder.py", "pretrain_encoder.py", "compute_zscore.py",
                   "val_cifar10_training_downstream_classifier.py")
 
@@ -521,12 +498,20 @@ def test_full_disk(script, when, good, tmp_path, monkeypatch, capsys):
     assert_one_line_refusal(script, status, out, err, "No space left", "free space")
 
 
-_count("full disk (ENOSPC)", 2 * len(ENOSPC_SCRIPTS))
+
+def matrix_counts() -> dict:
+    """Cases of the in-process matrix, by kind of input."""
+    return {"checkpoint (torch.save family)": len(CHECKPOINT_ROWS) * len(LOADERS),
+            "TorchScript archive": len(TORCHSCRIPT_ROWS) * len(LOADERS), "image data (npz, folders)": len(DATA_CASES),
+            "trigger file": len(TRIGGER_ROWS) * len(TRIGGER_SCRIPTS), "reference file": len(REFERENCE_ROWS),
+            "flag value": len(FLAG_CASES), "result file is a folder": len(FOLDER_FLAGS),
+            "device / output folder": 2 * len(DEVICE_SCRIPTS), "full disk (ENOSPC)": 2 * len(ENOSPC_SCRIPTS)}
 
 
 def test_matrix_has_at_least_250_cases():
-    print("\nhostile-input matrix:", KIND_COUNTS, "total", sum(KIND_COUNTS.values()))
-    assert sum(KIND_COUNTS.values()) >= 250
+    counts = matrix_counts()
+    print("\nhostile-input matrix:", counts, "total", sum(counts.values()))
+    assert sum(counts.values()) >= 250 and min(counts.values()) > 0
 
 
 # ---- the documented non-error behaviours --------------------------------------------------------------------
