@@ -59,8 +59,8 @@ def _open_npz(path):
         with open(path, "rb") as fh:
             is_npy = fh.read(6) == b"\x93NUMPY"
         hint = "it is a single .npy array: save it with numpy.savez(path, x=...)" if is_npy else \
-            "re-create it with numpy.savez"
-        raise DataError(f"{path}: not an .npz archive; {hint}")
+            "not a zip archive; re-create it with numpy.savez"
+        raise DataError(f"{path}: not a readable .npz file ({hint})")
     try:
         check_npz_headers(path)
         return np.load(path, allow_pickle=False)

@@ -222,7 +222,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 DATA_ROWS = {  # row -> what the message says
-    "missing file": "", "random bytes": "not an .npz", ".npy renamed .npz": "single .npy",
+    "missing file": "", "random bytes": "not a readable .npz", ".npy renamed .npz": "single .npy",
     "huge declared array": "declares shape", "huge array, deflated": "declares shape", "broken .npy header": "header",
     "object images": "Python objects", "object labels": "Python objects", "string labels": "labels 'y'",
     "no x": "'x'", "float images": "uint8", "channels first": "(N,H,W,3)", "no images": "no images",
