@@ -42,7 +42,7 @@ def _unsafe(path, needs: str) -> UnsafeCheckpointError:
 
 
 def _corrupt(path, detail: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({detail}); "
+    return CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated or corrupt ({detail}); "
                            "re-download it or re-create it with torch.save")
 
 
