@@ -21,7 +21,7 @@ from common.io import check_writable
 from decree.report import format_metrics, write_report
 from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
                           run_sweep, select_shard, shard_from_slurm, worker_devices, write_sweep_config)
-from models import import_arch_modules
+from models import encoder_spec, import_arch_modules
 
 PROG = "run_decree.py"
 
@@ -92,6 +92,7 @@ def main(argv=None):
     with user_errors(PROG):
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
+        encoder_spec(args.encoder_usage_info, args.arch)  # a bad --arch fails here, not in every worker
         encoders = []  # --report alone reports whatever is under --out_dir
         if not args.report or args.manifest or args.encoders:
             encoders = find_encoders(args.manifest, args.encoders, args.output_root, args.encoder_usage_info,

@@ -165,7 +165,7 @@ def run_attack(args, progress: bool = True) -> dict:
         if not args.reference_file:
             raise ValueError("--reference_type image needs --reference_file (make one with scripts/make_reference.py)")
         references, _ = load_reference(args.reference_file)
-        images = load_images(args.shadow_dataset, size=spec.input_size)
+        images = load_images(args.shadow_dataset, size=spec.input_size, progress=progress)
         shadow = select_shadow(images, fraction=args.shadow_fraction, seed=args.seed)
         cfg = badencoder.preset(args.encoder_usage_info, epochs=epochs, batch_size=batch_size, lr=args.lr,
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)

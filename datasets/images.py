@@ -40,7 +40,7 @@ def check_npz_headers(path) -> None:
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(fh, max_header_size=10000)
-                except (ValueError, EOFError, OSError) as err:
+                except Exception as err:  # noqa: BLE001 - a crafted header fails with ValueError, SyntaxError, ...
                     raise DataError(f"{path}: array '{key}' has no valid .npy header ({err}); re-create the file "
                                     "with numpy.savez") from err
             if dtype.hasobject:
@@ -60,8 +60,8 @@ def _open_npz(path):
         with open(path, "rb") as fh:
             is_npy = fh.read(6) == b"\x93NUMPY"
         hint = "it is a single .npy array: save it with numpy.savez(path, x=...)" if is_npy else \
-            "re-create it with numpy.savez"
-        raise DataError(f"{path}: not an .npz archive; {hint}")
+            "not a zip archive; re-create it with numpy.savez"
+        raise DataError(f"{path}: not a readable .npz file ({hint})")
     try:
         check_npz_headers(path)
         return np.load(path, allow_pickle=False)

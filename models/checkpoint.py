@@ -7,6 +7,7 @@ archives by models.torchscript, never by torch.jit.load.
 import io
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _unsafe(path, needs: str) -> UnsafeCheckpointError:
 
 
 def _corrupt(path, detail: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({detail}); "
+    return CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated or corrupt ({detail}); "
                            "re-download it or re-create it with torch.save")
 
 
@@ -92,7 +93,9 @@ def read_checkpoint(path, trust_checkpoint: bool = False):
     if _is_torchscript(path):
         return _read_torchscript(path, trust_checkpoint)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+        with warnings.catch_warnings():  # torch's notes on protocols and sparse checks would break the one-line errors
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise _corrupt(path, str(err).splitlines()[0]) from err

@@ -1,6 +1,5 @@
 """Hostile checkpoints built in the tests (no binary fixtures): hand-assembled pickles and TorchScript archives,
 and real scripted modules whose own code would leave a marker file or spin forever if it ever ran."""
-import io
 import struct
 import zipfile
 from pathlib import Path
@@ -231,9 +230,3 @@ def scripted_payloads(folder, marker) -> dict:
         torch.jit.save(torch.jit.script(net), str(path))
         made[name] = path
     return made
-
-
-def torch_save_bytes(obj, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf, **kwargs)
-    return buf.getvalue()

@@ -1,26 +1,50 @@
-"""Untrusted input matrix (issue 7): every entry point x every bad input gives a one-line error naming the
-file (or flag) and the fix, a non-zero exit status, no traceback, and no partial output.
+"""Hostile-input matrix (issue 12): every entry point x every bad input ends with one line on stderr naming
+the file or flag and the fix, exit status 2, no traceback, no output files, and no code from the input run.
 
-Entry points run in-process through runpy (as `python <script> ...` would); run_decree.py still runs each
-encoder in its own main.py process, so its rows also check that a bad encoder is recorded as failed with
-its reason while the sweep itself goes on.
+All inputs are generated here (tests/hostile.py builds the checkpoints). The matrix calls each script's
+main(argv) in-process (a subprocess per case would spend its time importing torch); a few real subprocesses
+check the same through the command line: SIGTERM, a looping TorchScript payload, one case per script, and
+a sweep whose workers meet hostile encoders.
 """
+import argparse
+import errno
+import importlib.util
 import os
-import runpy
+import signal
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import RandomFeatureEncoder, smooth_images
-from datasets import save_npz_dataset, save_reference, white_square_trigger, save_trigger
+import hostile
+from conftest import smooth_images
+from datasets import save_npz_dataset, save_reference, save_trigger, white_square_trigger
 from models import SimCLRBackbone
 from models.registry import ARCH_MODULES_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "resnet18_w2"
+SCRIPTS = {"main.py": "main.py", "attack_encoder.py": "attack_encoder.py",
+           "pretrain_encoder.py": "pretrain_encoder.py", "run_decree.py": "run_decree.py",
+           "compute_zscore.py": "validate/compute_zscore.py",
+           "script_compute_zscore.py": "validate/script_compute_zscore.py",
+           "val_cifar10_training_downstream_classifier.py": "validate/val_cifar10_training_downstream_classifier.py"}
+_MODULES = {}
+
+
+def script_main(name):
+    """The script's main(argv), imported once from its file (as `python <script>` would run it)."""
+    if name not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", REPO / SCRIPTS[name])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[name] = module.main
+    return _MODULES[name]
 
 
 class Payload:
@@ -33,161 +57,484 @@ class Payload:
         return open, (self.marker, "w")
 
 
+# ---- the good inputs every case starts from ------------------------------------------------------------
+
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("untrusted")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("good")
     torch.manual_seed(0)
-    good = root / "good.pth"
-    torch.save({"epoch": 1, "state_dict": SimCLRBackbone(ARCH).state_dict()}, good)
-    save_npz_dataset(root / "shadow.npz", smooth_images(16, 32, seed=1), np.zeros(16, np.int64))
+    torch.save({"epoch": 1, "state_dict": SimCLRBackbone(ARCH).state_dict()}, root / "good.pth")
+    save_npz_dataset(root / "shadow.npz", smooth_images(16, 32, seed=1), np.arange(16) % 2)
     pattern, keep = white_square_trigger(32, 24, 6)
     save_trigger(root / "trigger.npz", pattern, keep)
     save_reference(root / "reference.npz", smooth_images(1, 32, seed=2), np.zeros(1, np.int64))
     return root
 
 
-def bad_input(row: str, files: Path, tmp_path: Path) -> dict:
-    """The arguments that differ from a good run for one row of the matrix, and what the error must name."""
-    encoder, shadow = files / "good.pth", files / "shadow.npz"
-    out = tmp_path / "out"
-    case = {"encoder": encoder, "arch": ARCH, "shadow": shadow, "device": "cpu", "out": out, "modules": []}
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    """The TorchScript family: crafted archives and real scripted payloads, sharing one marker path."""
+    root = tmp_path_factory.mktemp("archives")
+    marker = root / "marker"
+    made = hostile.hostile_archives(root, marker)
+    made.update(hostile.scripted_payloads(root, marker))
+    return made, marker
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------
+
+def bad_checkpoint(row: str, folder: Path, good: Path, marker: Path) -> Path:
+    """A checkpoint file for one checkpoint row (torch.save family)."""
+    path = folder / f"{row.replace(' ', '_').replace('/', '_')}.pth"
+    weights = SimCLRBackbone(ARCH).state_dict()
+    good_bytes = (good / "good.pth").read_bytes()
+    makers = {
+        "missing file": lambda: None,
+        "empty file": lambda: path.write_bytes(b""),
+        "random bytes": lambda: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+        "truncated checkpoint": lambda: path.write_bytes(good_bytes[:20000]),
+        "code-running pickle": lambda: torch.save({"state_dict": weights, "hook": Payload(marker)}, path),
+        "code-running pickle, protocol 4": lambda: torch.save({"hook": Payload(marker)}, path, pickle_protocol=4),
+        "code-running legacy format": lambda: torch.save({"hook": Payload(marker)}, path,
+                                                         _use_new_zipfile_serialization=False),
+        "plain pickle with os.system": lambda: path.write_bytes(
+            hostile.PROTO2 + hostile.glob("os", "system") + hostile.tup(hostile.s(f"touch {marker}"))
+            + hostile.REDUCE + hostile.STOP),
+        "argparse.Namespace inside": lambda: torch.save({"state_dict": weights, "args": argparse.Namespace()}, path),
+        "argparse.Namespace, protocol 4": lambda: torch.save({"state_dict": weights, "args": argparse.Namespace()},
+                                                             path, pickle_protocol=4),
+        "other architecture": lambda: torch.save({"state_dict": SimCLRBackbone("resnet18_w4").state_dict()}, path),
+        "non-string keys": lambda: torch.save({0: torch.ones(2), 1: torch.ones(3)}, path),
+        "meta tensor": lambda: torch.save({"w": torch.zeros(2, device="meta")}, path),
+        "sparse tensor": lambda: torch.save({"w": torch.eye(3).to_sparse()}, path),
+        "quantized tensor": lambda: torch.save({"w": torch.quantize_per_tensor(torch.ones(2), 0.1, 0,
+                                                                               torch.quint8)}, path),
+        "nested tensor": lambda: torch.save({"w": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, path),
+        "a list, not a dict": lambda: torch.save([torch.ones(2)], path),
+        "a dict without tensors": lambda: torch.save({"epoch": 3, "lr": 0.1}, path),
+        "zip with a garbage data.pkl": lambda: _zip_with(path, {"archive/data.pkl": b"\x80\x02garbage",
+                                                                "archive/version": b"3\n"}),
+    }
+    makers[row]()
+    return path
+
+
+def _zip_with(path: Path, entries: dict) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+
+
+CHECKPOINT_ROWS = {  # row -> (what the message says, does it name --trust_checkpoint)
+    "missing file": ("no such", False), "empty file": ("corrupt", False), "random bytes": ("corrupt", False),
+    "truncated checkpoint": ("corrupt", False), "code-running pickle": ("io.open", True),
+    "code-running pickle, protocol 4": ("io.open", True), "code-running legacy format": ("refused", True),
+    "plain pickle with os.system": ("", None), "argparse.Namespace inside": ("argparse.Namespace", True),
+    "argparse.Namespace, protocol 4": ("argparse.Namespace", True), "other architecture": ("resnet18_w4", False),
+    "non-string keys": ("not a parameter name", False), "meta tensor": ("meta tensor", False),
+    "sparse tensor": ("sparse", False), "quantized tensor": ("quantized", False), "nested tensor": ("nested", False),
+    "a list, not a dict": ("no state dict", False), "a dict without tensors": ("no state dict", False),
+    "zip with a garbage data.pkl": ("corrupt", False),
+}
+TORCHSCRIPT_NEEDS_CODE = {"GLOBAL+REDUCE open", "STACK_GLOBAL protocol 4", "INST opcode", "OBJ opcode",
+                          "payload inside module state", "os.system", "torch.from_file", "unknown storage type",
+                          "state is a tuple", "class with __setstate__ code", "__setstate__ writes a file",
+                          "submodule __setstate__ writes a file", "__setstate__ loops forever"}
+TORCHSCRIPT_ROWS = [name for name in list(hostile.hostile_pickles("m")) + [
+    "compressed tensor record", "missing tensor record", "record shorter than its storage", "duplicate entries",
+    "escaping entry name", "absolute entry name", "two archive folders", "big-endian tensors",
+    "class without definition", "code line that is an expression", "class with __setstate__ code",
+    "zip bomb data.pkl", "not a zip at all", "__setstate__ writes a file", "submodule __setstate__ writes a file",
+    "__setstate__ loops forever"]]
+
+
+def bad_npz(row: str, folder: Path) -> Path:
+    """An image dataset (npz or folder) for one data row."""
+    path = folder / f"{row.replace(' ', '_')}.npz"
+    images = smooth_images(4, 32)
     if row == "missing file":
-        case.update(encoder=tmp_path / "no_such_encoder.pth", names="no_such_encoder.pth", says="no such",
-                    sweep_says="matches no")  # a sweep's --encoders glob finds nothing
+        pass
     elif row == "random bytes":
-        path = tmp_path / "random.pth"
-        path.write_bytes(np.random.default_rng(0).bytes(4096))
-        case.update(encoder=path, names="random.pth", says="not a")
-    elif row == "truncated checkpoint":
-        path = tmp_path / "truncated.pth"
-        path.write_bytes(encoder.read_bytes()[:20000])
-        case.update(encoder=path, names="truncated.pth", says="corrupt")
-    elif row == "code-running pickle":
-        path, marker = tmp_path / "evil.pth", tmp_path / "payload_ran"
-        torch.save({"state_dict": SimCLRBackbone(ARCH).state_dict(), "hook": Payload(marker)}, path)
-        case.update(encoder=path, names="evil.pth", says="--trust_checkpoint", marker=marker)
-    elif row == "other architecture":
-        path = tmp_path / "wide.pth"
-        torch.save({"state_dict": SimCLRBackbone("resnet18_w4").state_dict()}, path)
-        case.update(encoder=path, names="wide.pth", says="try --arch resnet18_w4")
-    elif row == "npz without x":
-        path = tmp_path / "no_x.npz"
-        np.savez(path, images=smooth_images(4, 32), y=np.zeros(4))
-        case.update(shadow=path, names="no_x.npz", says="'x'")
-    elif row == "wrong image shape/dtype":
-        path = tmp_path / "chw_float.npz"
-        np.savez(path, x=np.zeros((4, 3, 32, 32), np.float32), y=np.zeros(4))
-        case.update(shadow=path, names="chw_float.npz", says="uint8")
-    elif row == "empty shadow set":
-        path = tmp_path / "empty.npz"
+        path.write_bytes(np.random.default_rng(1).bytes(2048))
+    elif row == ".npy renamed .npz":
+        np.save(folder / "x.npy", images)
+        (folder / "x.npy").rename(path)
+    elif row == "huge declared array":
+        header = _npy_header((10 ** 6, 10 ** 6, 3), "|u1")
+        _zip_with(path, {"x.npy": header + bytes(64)})
+    elif row == "huge array, deflated":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("x.npy", _npy_header((2000, 1000, 1000, 3), "|u1") + bytes(4 << 20))
+    elif row == "broken .npy header":
+        _zip_with(path, {"x.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': nonsense"})
+    elif row == "object images":
+        np.savez(path, x=np.array([images[0], "a"], dtype=object))
+    elif row == "object labels":
+        np.savez(path, x=images, y=np.array([1, "a", None, 2], dtype=object))
+    elif row == "string labels":
+        np.savez(path, x=images, y=np.array(["cat", "dog", "cat", "dog"]))
+    elif row == "no x":
+        np.savez(path, images=images)
+    elif row == "float images":
+        np.savez(path, x=images.astype(np.float32) / 255, y=np.zeros(4))
+    elif row == "channels first":
+        np.savez(path, x=images.transpose(0, 3, 1, 2).copy(), y=np.zeros(4))
+    elif row == "no images":
         np.savez(path, x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0))
-        case.update(shadow=path, names="empty.npz", says="no images")
-    elif row == "cuda without CUDA":
-        case.update(device="cuda", names="cuda", says="cpu")
-    elif row == "NaN embeddings":
-        path = tmp_path / "nan.pth"
-        torch.save(RandomFeatureEncoder(dim=64).state_dict(), path)
-        case.update(encoder=path, arch="nan_output", modules=["planted_arch"], names="nan", says="NaN")
-    elif row == "unwritable output folder":
-        blocker = tmp_path / "a_file"
-        blocker.write_text("a file where a folder should be")
-        case.update(out=blocker / "out", names="a_file", says="choose another")
-    return case
+    elif row == "truncated npz":
+        np.savez(path, x=images, y=np.zeros(4))
+        path.write_bytes(path.read_bytes()[:3000])
+    elif row == "2 images, default selection":
+        np.savez(path, x=images[:2])
+    elif row == "decompression bomb image":
+        path = folder / "bomb_images"
+        path.mkdir()
+        for name in "abcd":
+            (path / f"{name}.png").write_bytes(_png_header(30000, 30000))
+    elif row == "corrupt image":
+        path = folder / "corrupt_images"
+        path.mkdir()
+        for name in "abcd":
+            (path / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    elif row == "folder without images":
+        path = folder / "empty_images"
+        path.mkdir()
+        (path / "notes.txt").write_text("no images here")
+    return path
 
 
-ROWS = ["missing file", "random bytes", "truncated checkpoint", "code-running pickle", "other architecture",
-        "npz without x", "wrong image shape/dtype", "empty shadow set", "cuda without CUDA", "NaN embeddings",
-        "unwritable output folder"]
+def _npy_header(shape, descr) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
 
 
-def argv_main(c, files):
-    return ["main.py", "--encoder_path", c["encoder"], "--arch", c["arch"], "--shadow_data", c["shadow"],
-            "--out_dir", c["out"], "--device", c["device"], "--epochs", "2", "--lr", "0.5", "--quiet"]
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (PIL checks the size when it opens the file)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
-def argv_attack(c, files):
-    return ["attack_encoder.py", "--pretrained_encoder", c["encoder"], "--arch", c["arch"],
-            "--shadow_dataset", c["shadow"], "--trigger_file", files / "trigger.npz",
-            "--reference_file", files / "reference.npz", "--results_dir", c["out"], "--device", c["device"],
-            "--epochs", "1", "--batch_size", "8", "--quiet"]
+DATA_ROWS = {  # row -> what the message says
+    "missing file": "", "random bytes": "not a readable .npz", ".npy renamed .npz": "single .npy",
+    "huge declared array": "declares shape", "huge array, deflated": "declares shape", "broken .npy header": "header",
+    "object images": "Python objects", "object labels": "Python objects", "string labels": "labels 'y'",
+    "no x": "'x'", "float images": "uint8", "channels first": "(N,H,W,3)", "no images": "no images",
+    "truncated npz": "npz", "decompression bomb image": "too large", "corrupt image": "not a readable image",
+    "folder without images": "no images",
+}
+NPZ_ONLY = {"decompression bomb image", "corrupt image", "folder without images"}  # folders: not for npz-only flags
 
 
-def argv_zscore(c, files):
-    return ["validate/compute_zscore.py", "--encoder_path", c["encoder"], "--encoder_usage_info", "cifar10",
-            "--arch", c["arch"],
-            "--data", c["shadow"], "--trigger_file", files / "trigger.npz", "--num_images", "8",
-            "--out_dir", c["out"], "--device", c["device"], "--quiet"]
+def bad_trigger(row: str, folder: Path) -> Path:
+    path = folder / f"trigger_{row.replace(' ', '_')}.npz"
+    pattern, keep = white_square_trigger(32, 24, 6)
+    arrays = {
+        "no triggers (K=0)": {"t": np.zeros((0, 32, 32, 3)), "tm": np.zeros((0, 32, 32, 3))},
+        "NaN in t": {"t": np.where(pattern > 0, np.nan, 0.0), "tm": keep},
+        "NaN in tm": {"t": pattern, "tm": np.where(keep > 0, np.nan, 0.0)},
+        "tm outside {0,1}": {"t": pattern, "tm": keep * 0.5},
+        "t outside [0,255]": {"t": pattern * 2, "tm": keep},
+        "t and tm shapes differ": {"t": pattern, "tm": keep[:, :16]},
+        "no tm": {"t": pattern},
+        "object t": {"t": np.array([None, 1], dtype=object), "tm": keep},
+    }
+    if row == "missing file":
+        return path
+    if row == ".npy renamed .npz":
+        np.save(folder / "t.npy", pattern)
+        (folder / "t.npy").rename(path)
+        return path
+    np.savez(path, **arrays[row])
+    return path
 
 
-def argv_sweep(c, files):
-    return ["run_decree.py", "--encoders", c["encoder"], "--arch", c["arch"], "--shadow_data", c["shadow"],
-            "--out_dir", c["out"], "--device", c["device"], "--epochs", "2", "--quiet"]
+TRIGGER_ROWS = {"missing file": "no such", "no triggers (K=0)": "no trigger", "NaN in t": "NaN", "NaN in tm": "NaN",
+                "tm outside {0,1}": "'tm' must be", "t outside [0,255]": "[0,255]",
+                "t and tm shapes differ": "must both be", "no tm": "'tm'", "object t": "Python objects",
+                ".npy renamed .npz": "single .npy"}
+REFERENCE_ROWS = ("missing file", "object images", "string labels", "no x", "float images", "no images",
+                  ".npy renamed .npz", "huge declared array")
 
 
-ENTRY_POINTS = {"main.py": argv_main, "attack_encoder.py": argv_attack, "compute_zscore.py": argv_zscore,
-                "run_decree.py": argv_sweep}
+# ---- how each script is called -----------------------------------------------------------------------------
+
+def argv_for(script: str, good: Path, out: Path, **over) -> list:
+    """Arguments of a good run of `script` writing under `out`; `over` replaces inputs (encoder, data, ...)."""
+    enc, data, trig = over.get("encoder", good / "good.pth"), over.get("data", good / "shadow.npz"), \
+        over.get("trigger", good / "trigger.npz")
+    common = ["--arch", ARCH, "--device", "cpu", "--quiet"]
+    if script == "main.py":
+        return ["--encoder_path", enc, "--shadow_data", data, "--out_dir", out, "--epochs", "1"] + common
+    if script == "run_decree.py":
+        return ["--encoders", enc, "--shadow_data", data, "--out_dir", out, "--epochs", "1", "--devices", "cpu",
+                "--arch", ARCH, "--quiet"]
+    if script == "attack_encoder.py":
+        return ["--pretrained_encoder", enc, "--shadow_dataset", data, "--trigger_file", trig, "--reference_file",
+                over.get("reference", good / "reference.npz"), "--results_dir", out / "attack", "--epochs", "1",
+                "--batch_size", "8"] + common
+    if script == "pretrain_encoder.py":
+        return ["--pretraining_dataset", data, "--results_dir", out / "pretrain", "--epochs", "1",
+                "--batch_size", "8"] + common
+    if script == "compute_zscore.py":
+        return ["--encoder_path", enc, "--encoder_usage_info", "cifar10", "--data", data, "--trigger_file", trig,
+                "--num_images", "4", "--out_dir", out] + common
+    if script == "script_compute_zscore.py":
+        return [over.get("encoder_dir", good), "--encoder_usage_info", "cifar10", "--data", data,
+                "--trigger_file", trig, "--num_images", "4", "--out_dir", out] + common
+    if script == "val_cifar10_training_downstream_classifier.py":
+        return ["--encoder_path", enc, "--train_data", data, "--test_data", good / "shadow.npz", "--trigger_file",
+                trig, "--reference_label", "0", "--epochs", "1", "--results_file", out / "downstream.csv"] + common
+    raise KeyError(script)
 
 
-def run_script(argv, modules, monkeypatch):
-    """Run a script as __main__; returns its exit status."""
-    argv = [str(a) for a in argv]
-    for module in modules:
-        argv += ["--arch_module", module]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    monkeypatch.setenv(ARCH_MODULES_ENV, "")  # --arch_module exports it; restored (unset) after the test
+def run_main(script: str, argv: list, monkeypatch, capsys, cwd: Path):
+    """main(argv) in-process, as the command line would run it: returns (status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script])  # argparse names the program after argv[0]
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(ARCH_MODULES_ENV, "")
+    capsys.readouterr()
     try:
-        runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+        script_main(script)([str(a) for a in argv])
+        status = 0
     except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    return 0
+        status = stop.code if isinstance(stop.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
-@pytest.mark.parametrize("row", ROWS)
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_bad_input_fails_cleanly(entry, row, files, tmp_path, capsys, monkeypatch):
-    case = bad_input(row, files, tmp_path)
-    status = run_script(ENTRY_POINTS[entry](case, files), case["modules"], monkeypatch)
-    out, err = capsys.readouterr()
-    assert status != 0
-    assert "Traceback" not in err + out
-    if "marker" in case:
-        assert not case["marker"].exists(), "the checkpoint's payload ran"
-    if entry == "run_decree.py":
-        assert_sweep_recorded_failure(case, out + err)
-        return
+def assert_one_line_refusal(script, status, out, err, names, says="", out_dir=None, marker=None, expect=2):
+    assert "Traceback" not in out + err
+    assert status == expect, (status, err)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{entry}: error: "), err
-    assert case["names"] in lines[0] and case["says"] in lines[0], lines[0]
-    assert files_under(case["out"]) == []
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{script}: error: "), lines[0]
+    assert str(names) in lines[0] and says in lines[0], (names, says, lines[0])
+    if out_dir is not None:
+        assert files_under(out_dir) == [], files_under(out_dir)
+    if marker is not None:
+        assert not Path(marker).exists(), "code from the input ran"
+    return lines[0]
 
 
-def assert_sweep_recorded_failure(case, printed: str) -> None:
-    """A sweep either refuses at once in one line (bad flag or folder) or records the encoder as failed."""
-    if case["names"] in ("cuda", "a_file", "no_such_encoder.pth"):  # nothing to run: refused at once
-        says = case.get("sweep_says", case["says"])
-        assert "run_decree.py: error: " in printed and case["names"] in printed and says in printed
-        assert files_under(case["out"]) == []
-        return
-    norm = case["out"] / "trigger_norm"
-    failures = list((norm / "failed").glob("*.json"))
-    assert len(failures) == 1, files_under(case["out"])
-    reason = failures[0].read_text()
-    assert case["says"].strip("'") in reason and case["names"].split(".")[0] in reason, reason
-    assert not list((case["out"] / "trigger_inv").glob("*/*")), "a failed encoder left trigger files"
-    assert [p.name for p in norm.glob("*.json")] == ["summary.json"]
-    summary = (norm / "summary.csv").read_text()
-    assert "failed" in summary
+# ---- the matrix -------------------------------------------------------------------------------------------
+
+LOADERS = ("main.py", "attack_encoder.py", "compute_zscore.py", "val_cifar10_training_downstream_classifier.py")
+@pytest.mark.parametrize("row", list(CHECKPOINT_ROWS))
+@pytest.mark.parametrize("script", LOADERS)
+def test_bad_checkpoint(script, row, good, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "payload_ran"
+    path = bad_checkpoint(row, tmp_path, good, marker)
+    status, out, err = run_main(script, argv_for(script, good, tmp_path / "out", encoder=path), monkeypatch,
+                                capsys, tmp_path)
+    says, names_trust = CHECKPOINT_ROWS[row]
+    line = assert_one_line_refusal(script, status, out, err, path.name, says, tmp_path / "out", marker)
+    if names_trust is not None:
+        assert ("--trust_checkpoint" in line) == names_trust, line
+
+
+
+@pytest.mark.parametrize("row", TORCHSCRIPT_ROWS)
+@pytest.mark.parametrize("script", LOADERS)
+def test_hostile_torchscript(script, row, archives, good, tmp_path, monkeypatch, capsys):
+    made, marker = archives
+    status, out, err = run_main(script, argv_for(script, good, tmp_path / "out", encoder=made[row]), monkeypatch,
+                                capsys, tmp_path)
+    line = assert_one_line_refusal(script, status, out, err, made[row].name, "", tmp_path / "out", marker)
+    assert ("--trust_checkpoint" in line) == (row in TORCHSCRIPT_NEEDS_CODE), line
+
+
+DATA_FLAGS = {"main.py": "data", "attack_encoder.py": "data", "pretrain_encoder.py": "data",
+              "compute_zscore.py": "data", "val_cifar10_training_downstream_classifier.py": "data"}
+DATA_CASES = [(script, row) for script in DATA_FLAGS for row in DATA_ROWS
+              if not (row in NPZ_ONLY and script in ("pretrain_encoder.py",
+                                                     "val_cifar10_training_downstream_classifier.py"))
+]
+DATA_CASES += [("main.py", "2 images, default selection")]
+
+
+@pytest.mark.parametrize("script,row", DATA_CASES)
+def test_bad_images(script, row, good, tmp_path, monkeypatch, capsys):
+    path = bad_npz(row, tmp_path)
+    argv = argv_for(script, good, tmp_path / "out", data=path)
+    if script == "main.py" and path.is_dir():  # the default 10% of a 4-image folder would be no image at all
+        argv += ["--shadow_fraction", "1"]
+    status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
+    says = DATA_ROWS.get(row, "--shadow_size")
+    names = "a.png" if row in ("decompression bomb image", "corrupt image") else path.name
+    assert_one_line_refusal(script, status, out, err, names, says, tmp_path / "out")
+
+TRIGGER_SCRIPTS = ("attack_encoder.py", "compute_zscore.py", "val_cifar10_training_downstream_classifier.py")
+
+
+@pytest.mark.parametrize("row", list(TRIGGER_ROWS))
+@pytest.mark.parametrize("script", TRIGGER_SCRIPTS)
+def test_bad_trigger(script, row, good, tmp_path, monkeypatch, capsys):
+    path = bad_trigger(row, tmp_path)
+    status, out, err = run_main(script, argv_for(script, good, tmp_path / "out", trigger=path), monkeypatch, capsys,
+                                tmp_path)
+    assert_one_line_refusal(script, status, out, err, path.name, TRIGGER_ROWS[row], tmp_path / "out")
+
+
+
+@pytest.mark.parametrize("row", REFERENCE_ROWS)
+def test_bad_reference(row, good, tmp_path, monkeypatch, capsys):
+    path = bad_npz(row, tmp_path)
+    status, out, err = run_main("attack_encoder.py", argv_for("attack_encoder.py", good, tmp_path / "out",
+                                                              reference=path), monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal("attack_encoder.py", status, out, err, path.name, DATA_ROWS[row], tmp_path / "out")
+
+
+INVERSION_FLAGS = [("--batch_size", v) for v in ("0", "1", "-3", "abc")] + \
+    [("--epochs", v) for v in ("0", "-1", "1.5")] + [("--lr", v) for v in ("0", "-1", "nan", "inf")] + \
+    [("--thres", v) for v in ("0", "1", "1.5", "nan")] + [("--pl1_threshold", v) for v in ("0", "2", "nan")] + \
+    [("--shadow_fraction", v) for v in ("0", "1.5", "nan")] + [("--shadow_size", v) for v in ("0", "1")] + \
+    [("--arch", "resnet18_w99999999"), ("--arch", "resnet18_w0")]
+FLAG_CASES = [(script, flag, value) for script in ("main.py", "run_decree.py") for flag, value in INVERSION_FLAGS]
+FLAG_CASES += [("main.py", "--id", v) for v in ("../escape", "a/b", "..", "-x", "a\\b")]
+FLAG_CASES += [("run_decree.py", "--workers", "0"), ("run_decree.py", "--shard", "3/2"),
+               ("run_decree.py", "--shard", "x")]
+FLAG_CASES += [("attack_encoder.py", flag, value) for flag, value in (
+    ("--batch_size", "0"), ("--epochs", "0"), ("--lr", "0"), ("--lr", "nan"), ("--save_last", "0"),
+    ("--poison_rate", "0"), ("--poison_rate", "2"), ("--shadow_fraction", "0"), ("--lambda1", "nan"),
+    ("--lambda2", "inf"), ("--arch", "resnet18_w99999999"))]
+FLAG_CASES += [("pretrain_encoder.py", flag, value) for flag, value in (
+    ("--epochs", "0"), ("--batch_size", "0"), ("--batch_size", "1"), ("--lr", "0"), ("--lr", "nan"),
+    ("--arch", "resnet18_w99999999"))]
+FLAG_CASES += [("compute_zscore.py", flag, value) for flag, value in (
+    ("--num_images", "0"), ("--num_images", "1"), ("--batch_size", "0"), ("--block_size", "0"),
+    ("--threshold", "nan"), ("--arch", "resnet18_w99999999"))]
+FLAG_CASES += [("val_cifar10_training_downstream_classifier.py", flag, value) for flag, value in (
+    ("--epochs", "0"), ("--batch_size", "0"), ("--lr", "0"), ("--hidden_size_1", "0"),
+    ("--arch", "resnet18_w99999999"))]
+
+
+def with_flag(argv: list, flag: str, value: str) -> list:
+    """argv with `flag value` replacing any earlier value of flag."""
+    argv = list(argv)
+    if flag in argv:
+        i = argv.index(flag)
+        return argv[:i] + [flag, value] + argv[i + 2:]
+    return argv + [flag, value]
+
+
+@pytest.mark.parametrize("script,flag,value", FLAG_CASES)
+def test_bad_flag(script, flag, value, good, tmp_path, monkeypatch, capsys):
+    argv = with_flag(argv_for(script, good, tmp_path / "out"), flag, value)
+    status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal(script, status, out, err, flag, "", tmp_path / "out")
+
+
+FOLDER_FLAGS = [("main.py", "--result_file"), ("run_decree.py", "--result_file"),
+                ("compute_zscore.py", "--csv_file"), ("compute_zscore.py", "--res_file"),
+                ("script_compute_zscore.py", "--csv_file"),
+                ("val_cifar10_training_downstream_classifier.py", "--results_file"),
+                ("val_cifar10_training_downstream_classifier.py", "--result_dir")]
+
+
+@pytest.mark.parametrize("script,flag", FOLDER_FLAGS)
+def test_result_file_that_is_a_folder(script, flag, good, tmp_path, monkeypatch, capsys):
+    """Refused before any work: nothing is loaded, run or written."""
+    folder = tmp_path / "out" / "a_folder"
+    folder.mkdir(parents=True)
+    value = "a_folder" if flag in ("--csv_file", "--res_file") else str(folder)
+    status, out, err = run_main(script, with_flag(argv_for(script, good, tmp_path / "out"), flag, value),
+                                monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal(script, status, out, err, flag, "folder", tmp_path / "out")
+
+DEVICE_SCRIPTS = [s for s in SCRIPTS if s != "script_compute_zscore.py"]
+
+
+@pytest.mark.parametrize("script", DEVICE_SCRIPTS)
+@pytest.mark.parametrize("problem", ["cuda without CUDA", "output folder under a file"])
+def test_unusable_device_or_output_folder(script, problem, good, tmp_path, monkeypatch, capsys):
+    if problem == "cuda without CUDA":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        argv, names = with_flag(argv_for(script, good, tmp_path / "out"), "--device", "cuda"), "cuda"
+        if script == "run_decree.py":
+            argv = with_flag(argv, "--devices", "cuda")
+    else:
+        blocker = tmp_path / "a_file"
+        blocker.write_text("a file where a folder should be")
+        argv, names = argv_for(script, good, blocker / "out"), "a_file"
+    status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal(script, status, out, err, names, "", tmp_path / "out")
+
+ENOSPC_SCRIPTS = ("main.py", "attack_encoder.py", "pretrain_encoder.py", "compute_zscore.py",
+                  "val_cifar10_training_downstream_classifier.py")
+
+
+@pytest.mark.parametrize("script", ENOSPC_SCRIPTS)
+@pytest.mark.parametrize("when", ["first write", "last write"])
+def test_full_disk(script, when, good, tmp_path, monkeypatch, capsys):
+    """ENOSPC: one line, no temp files, and never PNGs/logs without the run's JSON."""
+    from common import io as atomic
+    real = atomic.write_bytes
+    calls = []
+
+    def full_disk(path, data):
+        calls.append(path)
+        if when == "first write" or str(path).endswith(".json"):
+            with atomic.atomic_path(path) as tmp:  # fails inside, as a real write would: the temp file goes too
+                tmp.write_bytes(data[:10])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        real(path, data)
+    monkeypatch.setattr(atomic, "write_bytes", full_disk)
+    argv = argv_for(script, good, tmp_path / "out")
+    status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
+    assert calls, "nothing was written"
+    assert files_under(tmp_path / "out") == []  # no temp file, no PNG/log/checkpoint without its JSON
+    assert_one_line_refusal(script, status, out, err, "No space left", "free space")
+
+
+
+def matrix_counts() -> dict:
+    """Cases of the in-process matrix, by kind of input."""
+    return {"checkpoint (torch.save family)": len(CHECKPOINT_ROWS) * len(LOADERS),
+            "TorchScript archive": len(TORCHSCRIPT_ROWS) * len(LOADERS), "image data (npz, folders)": len(DATA_CASES),
+            "trigger file": len(TRIGGER_ROWS) * len(TRIGGER_SCRIPTS), "reference file": len(REFERENCE_ROWS),
+            "flag value": len(FLAG_CASES), "result file is a folder": len(FOLDER_FLAGS),
+            "device / output folder": 2 * len(DEVICE_SCRIPTS), "full disk (ENOSPC)": 2 * len(ENOSPC_SCRIPTS)}
+
+
+def test_matrix_has_at_least_250_cases():
+    counts = matrix_counts()
+    print("\nhostile-input matrix:", counts, "total", sum(counts.values()))
+    assert sum(counts.values()) >= 250 and min(counts.values()) > 0
+
+
+# ---- the documented non-error behaviours --------------------------------------------------------------------
+
+def test_report_skips_stray_and_half_written_run_records(tmp_path, monkeypatch, capsys):
+    norm = tmp_path / "out" / "trigger_norm"
+    norm.mkdir(parents=True)
+    (norm / "half-1234.json").write_text('{"run_id": "half-1234", "l1": ')
+    (norm / "stray.json").write_text("[1, 2]")
+    (norm / "nokeys-1.json").write_text('{"run_id": "nokeys-1"}')
+    (norm / "binary-2.json").write_bytes(b"\xff\xfe\x00")
+    (norm / "good-1.json").write_text('{"run_id": "good-1", "encoder_path": "e/clean.pth", "l1": 3.0, "pl1": 0.5, '
+                                      '"epochs": 1, "seconds": 1.0}')
+    status, out, err = run_main("run_decree.py", ["--report", "--out_dir", tmp_path / "out"], monkeypatch, capsys,
+                                tmp_path)
+    assert status == 0 and "Traceback" not in err, err
+    for name in ("half-1234.json", "nokeys-1.json", "binary-2.json"):
+        assert any(name in line and line.startswith("warning: skipped") for line in err.splitlines()), err
+    assert (norm / "summary.csv").read_text().count("\n") == 2
 
 
 def test_trust_checkpoint_opt_in_loads_a_pickled_checkpoint(tmp_path):
     """The documented opt-in: a checkpoint that pickles a non-tensor object loads only when trusted."""
-    import argparse
     from models import UnsafeCheckpointError, load_encoder
     path = tmp_path / "namespace.pth"
     torch.save({"state_dict": SimCLRBackbone(ARCH).state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
@@ -195,3 +542,102 @@ def test_trust_checkpoint_opt_in_loads_a_pickled_checkpoint(tmp_path):
         load_encoder(path, "cifar10", ARCH)
     model, _ = load_encoder(path, "cifar10", ARCH, trust_checkpoint=True)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_protocol_4_weights_load_without_trust(tmp_path):
+    """torch's weights-only loader refuses pickle protocol 4 for its opcodes alone; we read such weights."""
+    from models import load_encoder
+    torch.manual_seed(3)
+    weights = SimCLRBackbone(ARCH).state_dict()
+    torch.save({"state_dict": weights}, tmp_path / "p4.pth", pickle_protocol=4)
+    model, _ = load_encoder(tmp_path / "p4.pth", "cifar10", ARCH)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_result_line_is_csv_quoted_and_run_ids_are_valid(tmp_path):
+    import csv
+
+    from decree.outputs import append_result_line, run_id_for
+    hostile_name = 'enc,clean\n/evil.pth,backdoor,0.0001,1.00\n"x'
+    append_result_line(tmp_path / "r.csv", hostile_name, "clean", 12.5, 3.0)
+    rows = list(csv.reader((tmp_path / "r.csv").open(newline="")))
+    assert rows == [[hostile_name, "clean", "12.5000", "3.00"]]
+    for path in ("/données/модель/模型.pth", "/-/--/-x.pth", "/tmp/-evil.pth"):
+        run_id = run_id_for(path)
+        assert not run_id.startswith("-") and "/" not in run_id and run_id.isascii(), run_id
+
+
+# ---- real command lines ------------------------------------------------------------------------------------
+
+def run_cli(script, argv, cwd, timeout=120, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / SCRIPTS[script])] + [str(a) for a in argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def test_cli_refuses_looping_torchscript_promptly(archives, good, tmp_path):
+    made, marker = archives
+    started = time.time()
+    proc = run_cli("main.py", argv_for("main.py", good, tmp_path / "out",
+                                       encoder=made["__setstate__ loops forever"]), tmp_path, timeout=120)
+    assert time.time() - started < 120
+    assert_one_line_refusal("main.py", proc.returncode, proc.stdout, proc.stderr, "__setstate__", "--trust_checkpoint",
+                            tmp_path / "out", marker)
+
+
+@pytest.mark.parametrize("script,kind", [("attack_encoder.py", "encoder"), ("pretrain_encoder.py", "data"),
+                                         ("compute_zscore.py", "encoder"),
+                                         ("val_cifar10_training_downstream_classifier.py", "data"),
+                                         ("script_compute_zscore.py", "flag")])
+def test_cli_one_case_per_script(script, kind, archives, good, tmp_path):
+    made, marker = archives
+    if kind == "encoder":
+        argv, names = argv_for(script, good, tmp_path / "out", encoder=made["__setstate__ writes a file"]), \
+            "__setstate__"
+    elif kind == "data":
+        path = bad_npz("string labels" if "downstream" in script else "huge declared array", tmp_path)
+        argv, names = argv_for(script, good, tmp_path / "out", data=path), path.name
+    else:
+        argv, names = with_flag(argv_for(script, good, tmp_path / "out"), "--num_images", "nan"), "--num_images"
+    proc = run_cli(script, argv, tmp_path)
+    assert_one_line_refusal(script, proc.returncode, proc.stdout, proc.stderr, names, "", tmp_path / "out", marker)
+
+
+def test_sigterm_ends_main_cleanly(good, tmp_path):
+    """SIGTERM (kill, a scheduler) ends main.py as Ctrl-C does: status 130, one message, no partial output."""
+    argv = [a for a in argv_for("main.py", good, tmp_path / "out") if a != "--quiet"]
+    argv = with_flag(argv, "--epochs", "100000") + ["--save_snapshots"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py")] + [str(a) for a in argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = ""
+        while "DECREE" not in seen:  # the progress bar: the inversion is running
+            seen += proc.stderr.read(1)
+            assert seen or proc.poll() is None
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1].split("\r")[-1].startswith("main.py: interrupted")
+    assert files_under(tmp_path / "out") == []
+
+
+def test_sweep_records_hostile_encoders_as_failed(archives, good, tmp_path):
+    """Workers meet a code-running pickle and a TorchScript payload: both failed with their reason, nothing ran,
+    the sweep goes on and reports (exit status 1: an encoder failed)."""
+    made, marker = archives
+    folder = tmp_path / "encoders"
+    folder.mkdir()
+    torch.save({"hook": Payload(marker)}, folder / "evil.pth")
+    (folder / "payload.pt").write_bytes(made["__setstate__ writes a file"].read_bytes())
+    proc = run_cli("run_decree.py", with_flag(argv_for("run_decree.py", good, tmp_path / "out",
+                                                       encoder=f"{folder}/*"), "--workers", "2"), tmp_path,
+                   timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert not marker.exists()
+    failures = sorted((tmp_path / "out" / "trigger_norm" / "failed").glob("*.json"))
+    assert len(failures) == 2 and all("--trust_checkpoint" in f.read_text() for f in failures)
+    assert not list((tmp_path / "out" / "trigger_inv").glob("*/*"))

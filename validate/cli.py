@@ -18,9 +18,12 @@ def add_zscore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--legacy", action="store_true",
                         help="base the verdict on the paper's statistic (/variance, trigger blended into "
                              "normalised tensors, two samples, diagonal included); both are always written")
-    parser.add_argument("--threshold", type=finite, default=THRESHOLD, help=f"trojaned above this (default {THRESHOLD})")
-    parser.add_argument("--batch_size", type=at_least(1), default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--block_size", type=at_least(1), default=1024, help="Gram-matrix rows per block (default 1024)")
+    parser.add_argument("--threshold", type=finite, default=THRESHOLD,
+                        help=f"trojaned above this (default {THRESHOLD})")
+    parser.add_argument("--batch_size", type=at_least(1), default=128,
+                        help="images per forward pass (default 128)")
+    parser.add_argument("--block_size", type=at_least(1), default=1024,
+                        help="Gram-matrix rows per block (default 1024)")
     parser.add_argument("--out_dir", default=".", help="folder of the result files (default .)")
     parser.add_argument("--res_file", default="valid_cliptxt_zscore.txt",
                         help="append encoder_path:zscore here, as the paper did (relative to --out_dir)")
