@@ -18,8 +18,9 @@ import time
 from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
 from common.io import check_writable
 from decree.report import format_metrics, write_report
-from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
-                          run_sweep, select_shard, shard_from_slurm, worker_devices, write_sweep_config)
+from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
+                          parse_shard, pending, run_sweep, select_shard, shard_from_slurm, worker_devices,
+                          write_sweep_config)
 from models import import_arch_modules
 
 PROG = "run_decree.py"
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
     run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help=f"kill an encoder's worker after this long and record it as failed (default "
+                          f"{DEFAULT_TIMEOUT} = {DEFAULT_TIMEOUT // 3600} h; raise it for big encoders on CPU)")
     run.add_argument("--result_file", default=None,
                      help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
     run.add_argument("--list", action="store_true", help="print this shard's encoders and their state, run nothing")
@@ -76,13 +80,14 @@ def sweep(args, encoders, shard) -> dict:
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
     write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,
-                                      "shard": shard, "force": args.force,
+                                      "shard": shard, "force": args.force, "timeout": args.timeout,
                                       "encoders": [vars(enc) for enc in encoders],
                                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     started = time.time()
-    counts = run_sweep(encoders, args.out_dir, slots, options, args.force, progress=not args.quiet)
+    counts = run_sweep(encoders, args.out_dir, slots, options, args.force, progress=not args.quiet,
+                       timeout=args.timeout)
     print(f"sweep: {counts['done']} finished, {counts['failed']} failed, {counts['skipped']} already "
-          f"finished, in {time.time() - started:.1f} s")
+          f"finished, {counts['elsewhere']} left to another sweep, in {time.time() - started:.1f} s")
     return counts
 
 
@@ -90,6 +95,7 @@ def main(argv=None):
     args = parse_args(argv)
     with user_errors(PROG):
         interrupt_on_sigterm()
+        check_timeout(args.timeout)
         import_arch_modules(args.arch_module)
         encoders = []  # --report alone reports whatever is under --out_dir
         if not args.report or args.manifest or args.encoders:
