@@ -10,6 +10,10 @@ Each encoder runs main.py in its own process (same outputs as main.py under --ou
 (trigger_norm/<run_id>.json) are skipped, so a killed sweep resumes where it stopped; failed ones are
 recorded in trigger_norm/failed/ and retried on the next run. Ends with trigger_norm/summary.csv,
 summary.json, pl1.png and gallery.png. Exit status 1 when an encoder failed.
+
+Workers run isolated (python -I: nothing imported from the current, script or output folder), are killed
+after --timeout seconds, and die with the sweep; an encoder is claimed before it runs, so two sweeps on one
+--out_dir never run it twice (docs/sweeps.md).
 """
 import argparse
 import sys
