@@ -102,7 +102,7 @@ def append_csv_row(path, row: dict) -> None:
     writer.writerow(row)
     line = buf.getvalue()
     header = ",".join(fields) + "\n"
-    if create_exclusive(path, (header + line).encode("utf-8")):
+    if _create_exclusive(path, (header + line).encode("utf-8")):
         return
     with open(path, encoding="utf-8") as fh:
         existing = fh.readline()
@@ -113,7 +113,7 @@ def append_csv_row(path, row: dict) -> None:
         fh.write(line if existing else header + line)
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
+def _create_exclusive(path: Path, data: bytes) -> bool:
     """Create `path` holding `data`, all at once, unless it exists (then False): hard link of a full temp file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

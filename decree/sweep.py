@@ -240,6 +240,22 @@ def read_claim(path: Path) -> dict:
         return {}
 
 
+def _create_claim(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists (then False). Readers hold the lock too, so on one host
+    nobody sees it half-written; elsewhere a half-written claim reads as just made (read_claim)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)  # an empty claim would hold the encoder until its timeout
+        raise
+    return True
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -268,13 +284,13 @@ def claim_encoder(out_dir, run_id: str, timeout: float) -> tuple[bool, dict]:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "timeout": timeout, "token": uuid.uuid4().hex}
     data = json.dumps(mine).encode()
     with _claims_locked(out_dir):
-        if atomic.create_exclusive(path, data):
+        if _create_claim(path, data):
             return True, mine
         holder = read_claim(path)
         if not claim_is_stale(holder, timeout):
             return False, holder
         path.unlink(missing_ok=True)
-        return (True, mine) if atomic.create_exclusive(path, data) else (False, read_claim(path))
+        return (True, mine) if _create_claim(path, data) else (False, read_claim(path))
 
 
 def release_claim(out_dir, run_id: str, mine: dict) -> None:
