@@ -214,16 +214,18 @@ def claim_path(out_dir, run_id: str) -> Path:
 def _claims_locked(out_dir):
     """Serialise claiming between the sweeps of this host, so a stale claim is taken over by one of them only.
 
-    flock is released by the kernel if its holder dies; where the filesystem has no locks, claims stay
-    exclusive through O_EXCL and only the take-over of a stale claim is unguarded."""
+    The lock is on the claims folder itself (no lock file left behind) and the kernel drops it if its holder
+    dies; where the filesystem has no such locks, claims stay exclusive through O_EXCL and only the take-over
+    of a stale claim is unguarded."""
     folder = claims_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def read_claim(path: Path) -> dict:
