@@ -63,7 +63,9 @@ def die_with_parent(parent: int) -> None:
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         threading.Event().wait(WATCHDOG_SECONDS)
-    os.killpg(0, signal.SIGKILL)
+    if os.getpgrp() == os.getpid():  # sweep workers lead their own group: take what they started along
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv) -> None:
