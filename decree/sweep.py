@@ -353,6 +353,7 @@ def passthrough_argv(options: dict) -> list[str]:
 
 
 def check_timeout(seconds: float) -> float:
+    """--timeout, checked before any work: finite seconds above 0."""
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"--timeout {seconds}: give the seconds one encoder may take, a number above 0 "
                          f"(default {DEFAULT_TIMEOUT})")
@@ -378,7 +379,7 @@ def worker_imports(out_dir) -> tuple[dict, list[str]]:
     return modules, path
 
 
-def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports=({}, [])) -> list[str]:
+def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: tuple[dict, list]) -> list[str]:
     """main.py for one encoder, run isolated (common/isolated.py); imports = worker_imports(out_dir)."""
     args = ["--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info, "--device", device,
             "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
