@@ -53,10 +53,10 @@ def parse_args(argv=None):
                      help="parallel encoders (default one per device); on CPU the cores are split between them")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
-    run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"kill an encoder's worker after this long and record it as failed (default "
                           f"{DEFAULT_TIMEOUT} = {DEFAULT_TIMEOUT // 3600} h; raise it for big encoders on CPU)")
+    run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
     run.add_argument("--result_file", default=None,
                      help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
     run.add_argument("--list", action="store_true", help="print this shard's encoders and their state, run nothing")
