@@ -10,6 +10,10 @@ Each encoder runs main.py in its own process (same outputs as main.py under --ou
 (trigger_norm/<run_id>.json) are skipped, so a killed sweep resumes where it stopped; failed ones are
 recorded in trigger_norm/failed/ and retried on the next run. Ends with trigger_norm/summary.csv,
 summary.json, pl1.png and gallery.png. Exit status 1 when an encoder failed.
+
+Workers run isolated (python -I: nothing imported from the current, script or output folder), are killed
+after --timeout seconds, and die with the sweep; an encoder is claimed before it runs, so two sweeps on one
+--out_dir never run it twice (docs/sweeps.md).
 """
 import argparse
 import sys
@@ -19,8 +23,9 @@ from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, at_
                         user_errors)
 from common.io import check_writable
 from decree.report import format_metrics, write_report
-from decree.sweep import (SWEEP_DEFAULTS, find_encoders, interrupt_on_sigterm, parse_shard, pending,
-                          run_sweep, select_shard, shard_from_slurm, worker_devices, write_sweep_config)
+from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
+                          parse_shard, pending, run_sweep, select_shard, shard_from_slurm, worker_devices,
+                          write_sweep_config)
 from models import encoder_spec, import_arch_modules
 
 PROG = "run_decree.py"
@@ -49,6 +54,9 @@ def parse_args(argv=None):
                      help="parallel encoders (default one per device); on CPU the cores are split between them")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help=f"kill an encoder's worker after this long and record it as failed (default "
+                          f"{DEFAULT_TIMEOUT} = {DEFAULT_TIMEOUT // 3600} h; raise it for big encoders on CPU)")
     run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
     run.add_argument("--result_file", type=output_file, default=None,
                      help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
@@ -77,13 +85,14 @@ def sweep(args, encoders, shard) -> dict:
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
     write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,
-                                      "shard": shard, "force": args.force,
+                                      "shard": shard, "force": args.force, "timeout": args.timeout,
                                       "encoders": [vars(enc) for enc in encoders],
                                       "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     started = time.time()
-    counts = run_sweep(encoders, args.out_dir, slots, options, args.force, progress=not args.quiet)
+    counts = run_sweep(encoders, args.out_dir, slots, options, args.force, progress=not args.quiet,
+                       timeout=args.timeout)
     print(f"sweep: {counts['done']} finished, {counts['failed']} failed, {counts['skipped']} already "
-          f"finished, in {time.time() - started:.1f} s")
+          f"finished, {counts['elsewhere']} left to another sweep, in {time.time() - started:.1f} s")
     return counts
 
 
@@ -91,6 +100,7 @@ def main(argv=None):
     args = parse_args(argv)
     with user_errors(PROG):
         interrupt_on_sigterm()
+        check_timeout(args.timeout)
         import_arch_modules(args.arch_module)
         encoder_spec(args.encoder_usage_info, args.arch)  # a bad --arch fails here, not in every worker
         encoders = []  # --report alone reports whatever is under --out_dir

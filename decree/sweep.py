@@ -4,28 +4,41 @@ Each encoder runs in its own `main.py` process, so a crash, an out-of-memory err
 checkpoint ends that encoder only: it is recorded in `trigger_norm/failed/<run_id>.json` with the last
 line of its error output, and the sweep goes on. A finished encoder is recognised by its
 `trigger_norm/<run_id>.json` (SPEC 7) and skipped on restart; failed ones are retried on every restart.
+
+Workers are hardened against what they inspect (docs/sweeps.md): each runs under `python -I` with an explicit
+list of what it may import (common/isolated.py), in its own process group, dies with the sweep, and is
+killed after --timeout seconds. Before starting an encoder a sweep claims it with an exclusively created
+`trigger_norm/claims/<run_id>.claim`, so two sweeps on one --out_dir never run the same encoder at once.
 """
+import contextlib
 import csv
+import fcntl
 import fnmatch
 import glob
+import json
+import math
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from models import USAGE_INFOS
+from models.registry import ARCH_MODULES_ENV
 
 from common import io as atomic
 from common.device import resolve_device
+from common.isolated import ROOT, isolated_command
 from .outputs import RunPaths, read_run, run_id_for
 
-MAIN_PY = Path(__file__).resolve().parents[1] / "main.py"
+MAIN_PY = ROOT / "main.py"
 CHECKPOINT_PATTERNS = ("*.pth", "*.pt")
 LABELS = ("clean", "backdoor")
 # the paper's folders under output/: the first folder names the usage info
@@ -37,6 +50,8 @@ SWEEP_DEFAULTS = {"lr": 0.5}
 INTERRUPTED = (130, -signal.SIGINT)
 # per-encoder flags: set by the sweep for each encoder, never passed through from the command line
 PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
+DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
+CLAIM_GRACE = 60  # seconds past its owner's timeout after which a claim is stale wherever its owner runs
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,109 @@ def select_shard(encoders, k: int, n: int) -> list[Encoder]:
     return list(encoders)[k - 1::n]
 
 
+# ---- claims: one sweep per encoder at a time ---------------------------------------------------------------
+
+def claims_dir(out_dir) -> Path:
+    return Path(out_dir) / "trigger_norm" / "claims"
+
+
+def claim_path(out_dir, run_id: str) -> Path:
+    return claims_dir(out_dir) / f"{run_id}.claim"
+
+
+@contextlib.contextmanager
+def _claims_locked(out_dir):
+    """Serialise claiming between the sweeps of this host, so a stale claim is taken over by one of them only.
+
+    The lock is on the claims folder itself (no lock file left behind) and the kernel drops it if its holder
+    dies; where the filesystem has no such locks, claims stay exclusive through O_EXCL and only the take-over
+    of a stale claim is unguarded."""
+    folder = claims_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_claim(path: Path) -> dict:
+    """A claim's record; one that cannot be read counts as made when the file was."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            return record
+    except (OSError, ValueError):
+        pass
+    try:
+        return {"started": path.stat().st_mtime}
+    except FileNotFoundError:
+        return {}
+
+
+def _create_claim(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists (then False). Readers hold the lock too, so on one host
+    nobody sees it half-written; elsewhere a half-written claim reads as just made (read_claim)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)  # an empty claim would hold the encoder until its timeout
+        raise
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # a zombie has exited; only its parent has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def claim_is_stale(holder: dict, timeout: float) -> bool:
+    """The holder is provably gone: it ran on this host and its pid is not alive, or its time is long up."""
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        return True
+    return time.time() - holder.get("started", 0) > holder.get("timeout", timeout) + CLAIM_GRACE
+
+
+def claim_encoder(out_dir, run_id: str, timeout: float) -> tuple[bool, dict]:
+    """Claim an encoder for this process: (True, our record) or (False, the live holder's record)."""
+    path = claim_path(out_dir, run_id)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "timeout": timeout, "token": uuid.uuid4().hex}
+    data = json.dumps(mine).encode()
+    with _claims_locked(out_dir):
+        if _create_claim(path, data):
+            return True, mine
+        holder = read_claim(path)
+        if not claim_is_stale(holder, timeout):
+            return False, holder
+        path.unlink(missing_ok=True)
+        return (True, mine) if _create_claim(path, data) else (False, read_claim(path))
+
+
+def release_claim(out_dir, run_id: str, mine: dict) -> None:
+    """Remove our claim, unless another sweep has taken it over (after our timeout)."""
+    path = claim_path(out_dir, run_id)
+    with _claims_locked(out_dir):
+        if read_claim(path).get("token") == mine["token"]:
+            path.unlink(missing_ok=True)
+
+
 # ---- the runs ---------------------------------------------------------------------------------------------
 
 def failed_dir(out_dir) -> Path:
@@ -234,13 +352,40 @@ def passthrough_argv(options: dict) -> list[str]:
     return argv
 
 
-def main_py_command(enc: Encoder, device: str, out_dir, options: dict) -> list[str]:
-    command = [sys.executable, str(MAIN_PY), "--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info,
-               "--device", device, "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label,
-               "--quiet"]
+def check_timeout(seconds: float) -> float:
+    """--timeout, checked before any work: finite seconds above 0."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--timeout {seconds}: give the seconds one encoder may take, a number above 0 "
+                         f"(default {DEFAULT_TIMEOUT})")
+    return seconds
+
+
+def worker_imports(out_dir) -> tuple[dict, list[str]]:
+    """What a worker may import besides the project: the --arch_module modules (top-level name -> the folder
+    this process found it in), and after site-packages their folders and $PYTHONPATH's, less the current,
+    the project's and the output folder (common/isolated.py)."""
+    modules = {}
+    for name in filter(None, os.environ.get(ARCH_MODULES_ENV, "").split(",")):
+        top = sys.modules.get(name.split(".")[0])
+        if getattr(top, "__file__", None):
+            folder = Path(top.__file__).resolve().parent
+            modules[top.__name__] = str(folder.parent if hasattr(top, "__path__") else folder)
+    unsafe = {Path.cwd().resolve(), ROOT, Path(out_dir).resolve()}
+    path = []
+    for folder in [*modules.values(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]:
+        folder = Path(folder or ".").resolve()
+        if folder not in unsafe and str(folder) not in path:
+            path.append(str(folder))
+    return modules, path
+
+
+def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: tuple[dict, list]) -> list[str]:
+    """main.py for one encoder, run isolated (common/isolated.py); imports = worker_imports(out_dir)."""
+    args = ["--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info, "--device", device,
+            "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
     if enc.arch:
-        command += ["--arch", enc.arch]
-    return command + passthrough_argv(options)
+        args += ["--arch", enc.arch]
+    return isolated_command(MAIN_PY, args + passthrough_argv(options), *imports, parent=os.getpid())
 
 
 def last_error_line(output: str, returncode: int) -> str:
@@ -261,44 +406,82 @@ def _child_env(device: str, cpu_workers: int) -> dict:
     return env
 
 
+def _write_record(write, path: Path, content) -> str | None:
+    """Write a sweep-side file; a full disk or an unwritable path costs that file only, never the sweep."""
+    try:
+        write(path, content)
+    except OSError as err:
+        return f"could not write {path}: {err.strerror or err}"
+    return None
+
+
 class Sweep:
     """A pool of device workers running main.py per encoder; stop() ends the running children."""
 
-    def __init__(self, out_dir, slots: list[str], options: dict):
+    def __init__(self, out_dir, slots: list[str], options: dict, timeout: float = DEFAULT_TIMEOUT,
+                 force: bool = False):
         self.out_dir, self.slots, self.options = Path(out_dir), slots, options
+        self.timeout, self.force, self.started = timeout, force, time.time()
+        self.imports = worker_imports(out_dir)
         self._running: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._cpu_workers = sum(slot == "cpu" for slot in slots)
 
     def run_one(self, enc: Encoder, device: str) -> dict:
-        """Run one encoder: {'status': 'done', 'record': ...}, {'status': 'failed', 'error': ...} or 'stopped'."""
-        command = main_py_command(enc, device, self.out_dir, self.options)
+        """Claim and run one encoder: {'status': 'done', 'record'}, {'status': 'failed', 'error'}, 'stopped', or
+        'elsewhere' (another sweep holds its claim, or finished it after this sweep started)."""
+        try:
+            claimed, claim = claim_encoder(self.out_dir, enc.run_id, self.timeout)
+        except OSError as err:  # e.g. a full disk: this encoder cannot run, the others may
+            return {"status": "failed", "error": f"could not claim it in {claims_dir(self.out_dir)}: "
+                                                 f"{err.strerror or err}", "warnings": []}
+        if not claimed:
+            return {"status": "elsewhere", "holder": claim}
+        try:
+            json_path = RunPaths(self.out_dir, enc.run_id).json
+            if json_path.is_file() and (not self.force or json_path.stat().st_mtime >= self.started):
+                return {"status": "elsewhere", "holder": None}  # finished since this sweep listed it
+            return self._run_claimed(enc, device)
+        finally:
+            with contextlib.suppress(OSError):
+                release_claim(self.out_dir, enc.run_id, claim)
+
+    def _run_claimed(self, enc: Encoder, device: str) -> dict:
+        command = main_py_command(enc, device, self.out_dir, self.options, self.imports)
         started = time.time()
         with self._lock:
             if self._stopping:
                 return {"status": "stopped"}
+            # own session: a timeout or stop() ends the worker's whole process group, never the sweep's
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=_child_env(device, self._cpu_workers))
+                                    env=_child_env(device, self._cpu_workers), start_new_session=True)
             self._running.add(proc)
-        output, _ = proc.communicate()
+        try:
+            output, _ = proc.communicate(timeout=self.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            timed_out = True
         with self._lock:
             self._running.discard(proc)
-        atomic.write_text(worker_log_path(self.out_dir, enc.run_id), f"$ {' '.join(command)}\n{output}")
+        log = worker_log_path(self.out_dir, enc.run_id)
+        warnings = [_write_record(atomic.write_text, log, f"$ {' '.join(command)}\n{output}")]
         paths = RunPaths(self.out_dir, enc.run_id)
-        # Ctrl-C reaches the children before the sweep stops them: an interrupted run is not a failure
+        # a stopped sweep ended its children itself; Ctrl-C in a terminal reaches only the sweep
         if self._stopping or proc.returncode in INTERRUPTED:
             return {"status": "stopped"}
         if proc.returncode == 0 and paths.finished():
             failure_path(self.out_dir, enc.run_id).unlink(missing_ok=True)
-            return {"status": "done", "record": read_run(paths.json)}
-        error = last_error_line(output, proc.returncode)
-        atomic.write_json(failure_path(self.out_dir, enc.run_id), {
+            return {"status": "done", "record": read_run(paths.json), "warnings": list(filter(None, warnings))}
+        error = f"timeout after {self.timeout:g} s" if timed_out else last_error_line(output, proc.returncode)
+        warnings.append(_write_record(atomic.write_json, failure_path(self.out_dir, enc.run_id), {
             "encoder_path": enc.path, "run_id": enc.run_id, "usage_info": enc.usage_info, "arch": enc.arch,
             "model_flag": enc.label, "status": "failed", "error": error, "returncode": proc.returncode,
-            "device": device, "seconds": time.time() - started, "worker_log": str(worker_log_path(
-                self.out_dir, enc.run_id)), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        return {"status": "failed", "error": error}
+            "device": device, "seconds": time.time() - started, "worker_log": str(log),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        return {"status": "failed", "error": error, "warnings": list(filter(None, warnings))}
 
     def run(self, encoders, on_result=None) -> None:
         """Run every encoder, one per free worker slot; on_result(enc, outcome) after each."""
@@ -331,24 +514,32 @@ class Sweep:
         with self._lock:
             self._stopping = True
             for proc in self._running:
-                proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
 
 
 def outcome_line(enc: Encoder, outcome: dict) -> str:
+    if outcome["status"] == "elsewhere":
+        holder = outcome["holder"]
+        where = (f"running in another sweep ({holder.get('host', '?')} pid {holder.get('pid', '?')} since "
+                 f"{holder.get('started_at', '?')})") if holder is not None else "finished by another sweep"
+        return f"SKIPPED  {enc.path}: {where}"
     if outcome["status"] == "failed":
-        return f"FAILED   {enc.path}: {outcome['error']}"
-    record = outcome["record"]
-    pl1 = "no trigger found" if record["pl1"] is None else f"PL1 {record['pl1']:.4f}"
-    return f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({enc.label})"
+        line = f"FAILED   {enc.path}: {outcome['error']}"
+    else:
+        record = outcome["record"]
+        pl1 = "no trigger found" if record["pl1"] is None else f"PL1 {record['pl1']:.4f}"
+        line = f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({enc.label})"
+    return "; ".join([line, *outcome["warnings"]])
 
 
 def run_sweep(encoders, out_dir, slots: list[str], options: dict, force: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Run the encoders without a finished result (all with force) on the worker slots; returns counts."""
     from tqdm import tqdm
     todo = pending(encoders, out_dir, force)
     bar = tqdm(total=len(todo), desc="DECREE sweep", unit="encoder", disable=not progress, dynamic_ncols=True)
-    tally = {"done": 0, "failed": 0}
+    tally = {"done": 0, "failed": 0, "elsewhere": 0}
 
     def on_result(enc, outcome):
         tally[outcome["status"]] += 1
@@ -357,7 +548,7 @@ def run_sweep(encoders, out_dir, slots: list[str], options: dict, force: bool = 
         bar.write(outcome_line(enc, outcome))
 
     try:
-        Sweep(out_dir, slots, options).run(todo, on_result)
+        Sweep(out_dir, slots, options, timeout, force).run(todo, on_result)
     finally:
         bar.close()
     return {"encoders": len(encoders), "skipped": len(encoders) - len(todo), **tally}

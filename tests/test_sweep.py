@@ -1,6 +1,7 @@
 """run_decree.py sweeps: discovery, labels, shards, failures and resuming after a kill, on tiny CPU encoders."""
+import csv
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,8 +16,9 @@ import run_decree
 from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from datasets import save_npz_dataset
 from decree.outputs import run_id_for
-from decree.sweep import (Encoder, discover_output_folder, infer_label, read_manifest, select_shard,
-                          shard_from_slurm)
+from common.isolated import PROJECT_PACKAGES, ROOT as ISOLATION_ROOT, isolated_command
+from decree.sweep import (Encoder, claim_encoder, claim_path, discover_output_folder, infer_label, read_manifest,
+                          release_claim, select_shard, shard_from_slurm)
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the same floating-point sums for any --workers, and polite on a shared machine
@@ -44,10 +46,11 @@ def write_manifest(folder: Path, name: str, rows) -> Path:
     return path
 
 
-def sweep_command(encoders: Path, manifest: Path, out_dir: Path, workers: int = 2) -> list[str]:
-    return [sys.executable, "run_decree.py", "--manifest", str(manifest), "--arch_module", "planted_arch",
-            "--shadow_data", str(encoders / "shadow.npz"), "--epochs", "12", "--workers", str(workers), "--quiet",
-            "--out_dir", str(out_dir)]
+def sweep_command(encoders: Path, manifest: Path, out_dir: Path, workers: int = 2, epochs: int = 12,
+                  arch_module: str = "planted_arch") -> list[str]:
+    return [sys.executable, str(ROOT / "run_decree.py"), "--manifest", str(manifest), "--arch_module", arch_module,
+            "--shadow_data", str(encoders / "shadow.npz"), "--epochs", str(epochs), "--workers", str(workers),
+            "--quiet", "--out_dir", str(out_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,34 @@ def sweep(encoders, tmp_path_factory):
     done = subprocess.run(sweep_command(encoders, manifest, out_dir), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=300)
     return out_dir, done
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until_gone(pids, seconds: float = 10) -> list[int]:
+    """The pids still running after up to `seconds`."""
+    deadline = time.time() + seconds
+    while any(map(running, pids)) and time.time() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if running(pid)]
 
 
 def comparable(summary: pd.DataFrame) -> pd.DataFrame:
@@ -100,13 +131,14 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_encoders(sweep, encod
     reference_dir, _ = sweep
     manifest = write_manifest(encoders, "two.csv", [GOOD[0], GOOD[2]])
     command = sweep_command(encoders, manifest, tmp_path, workers=1)
-    first = subprocess.Popen(command, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((tmp_path / "trigger_norm").glob("*.json")) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the sweep and its workers, without any chance to clean up
+    workers = children(first.pid)
+    first.kill()  # SIGKILL: no chance to clean up or to end its workers
     first.wait()
+    assert wait_until_gone(workers) == []
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "trigger_norm").glob("*.json")}
     assert len(finished) == 1
 
@@ -194,3 +226,173 @@ def test_manifest_errors_are_one_line(tmp_path, capsys, content, message):
         run_decree.main(["--manifest", str(tmp_path / "m.csv"), "--list"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and err.startswith("run_decree.py: error")
+
+
+# ---- hardening: isolation, timeouts, claims, orphans, write failures ------------------------------------------
+
+HOSTILE_MODULES = ("torch", "numpy", "decree", "models", "datasets", "tqdm", "planted_arch", "conftest",
+                   "sitecustomize", "usercustomize")
+
+
+def plant_hostile_modules(folder: Path) -> None:
+    """Modules named like what a worker imports; importing any of them leaves a MARKER-<name> file here."""
+    for name in HOSTILE_MODULES:
+        (folder / f"{name}.py").write_text(
+            f"open({str(folder / ('MARKER-' + name))!r}, 'w').write('imported')\n")
+
+
+def markers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("MARKER-*"))
+
+
+def test_project_packages_are_every_package_in_the_root():
+    packages = {p.parent.name for p in ISOLATION_ROOT.glob("*/__init__.py")}
+    assert set(PROJECT_PACKAGES) == packages and ISOLATION_ROOT == ROOT
+
+
+def test_an_isolated_script_imports_nothing_from_its_own_the_current_or_pythonpath_folder(tmp_path):
+    plant_hostile_modules(tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys, numpy, torch, tqdm, decree.cli, models\n"
+                     "print(decree.cli.__file__, models.__file__, numpy.__file__, torch.__file__, sys.argv[1:])\n")
+    command = isolated_command(probe, ["--flag", "x"], {}, [], parent=os.getpid())
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**ENV, "PYTHONPATH": str(tmp_path), "PYTHONSTARTUP": str(tmp_path / "torch.py")})
+    assert done.returncode == 0, done.stderr
+    decree_cli, models_init, numpy_init, torch_init, argv = done.stdout.split(" ", 4)
+    assert Path(decree_cli) == ROOT / "decree" / "cli.py" and Path(models_init) == ROOT / "models" / "__init__.py"
+    assert str(tmp_path) not in numpy_init + torch_init and argv.strip() == "['--flag', 'x']"
+    assert markers(tmp_path) == []
+
+
+def test_sweep_workers_import_nothing_from_the_current_or_output_folder(encoders, tmp_path):
+    """The sweep itself runs isolated here, so that only its workers see the hostile PYTHONPATH entry."""
+    plant_hostile_modules(tmp_path)
+    manifest = write_manifest(encoders, "isolated.csv", [GOOD[0]])
+    sweep = isolated_command(ROOT / "run_decree.py", sweep_command(encoders, manifest, tmp_path, 1, 2)[2:],
+                             {"planted_arch": str(ROOT / "tests")}, [str(ROOT / "tests")], parent=os.getpid())
+    done = subprocess.run(sweep, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), "", str(ROOT / "tests")])})
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = run_id_for(encoders / GOOD[0][0])
+    assert (tmp_path / "trigger_norm" / f"{run_id}.json").is_file()  # the arch module still reached the worker
+    assert markers(tmp_path) == []
+
+
+def test_a_hanging_encoder_outlives_neither_a_killed_sweep_nor_its_timeout(encoders, tmp_path):
+    torch.save(RandomFeatureEncoder(dim=64).state_dict(), tmp_path / "hangs.pth")
+    manifest = write_manifest(tmp_path, "hang.csv", [("hangs.pth", "sleepy", "backdoor")])
+    command = sweep_command(encoders, manifest, tmp_path / "out", workers=1, epochs=2, arch_module="sleepy_arch")
+    pid_file = tmp_path / "worker.pid"
+    env = {**ENV, "SLEEPY_PID_FILE": str(pid_file)}
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not pid_file.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    assert running(worker) and worker in children(first.pid)
+    first.kill()
+    first.wait()
+    assert wait_until_gone([worker]) == []
+
+    pid_file.unlink()
+    again = subprocess.run(command + ["--timeout", "15"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "timeout after 15 s" in again.stdout  # run, not skipped: the dead sweep's claim was taken over
+    summary = pd.read_csv(tmp_path / "out" / "trigger_norm" / "summary.csv")
+    assert summary.status.tolist() == ["failed"] and summary.error.tolist() == ["timeout after 15 s"]
+    assert not pid_file.is_file() or wait_until_gone([int(pid_file.read_text())]) == []
+    assert not list((tmp_path / "out" / "trigger_norm" / "claims").glob("*.claim"))
+
+
+def test_two_concurrent_sweeps_run_each_encoder_exactly_once(encoders, tmp_path):
+    names = [f"planted_copy_{i}.pth" for i in range(6)]
+    for name in names:
+        (tmp_path / name).write_bytes((encoders / "planted_1.pth").read_bytes())
+    manifest = write_manifest(tmp_path, "six.csv", [(name, "planted", "backdoor") for name in names])
+    command = sweep_command(encoders, manifest, tmp_path / "out", workers=1, epochs=2) + [
+        "--result_file", str(tmp_path / "results.csv")]
+    sweeps = [subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [sweep.communicate(timeout=300)[0] for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], outputs
+    with open(tmp_path / "results.csv", newline="") as fh:
+        results = [row[0] for row in csv.reader(fh) if row and row[0].endswith(".pth")]
+    assert sorted(results) == sorted(str(tmp_path / name) for name in names)
+    ran = [line for out in outputs for line in out.splitlines() if line.startswith(("TROJANED", "CLEAN"))]
+    assert len(ran) == 6 and sum(line.startswith("SKIPPED") for out in outputs for line in out.splitlines()) == 6
+
+
+def test_claims_are_exclusive_and_taken_over_only_from_a_gone_owner(tmp_path):
+    claimed, mine = claim_encoder(tmp_path, "enc", timeout=100)
+    assert claimed and json.loads(claim_path(tmp_path, "enc").read_text())["pid"] == os.getpid()
+    assert claim_encoder(tmp_path, "enc", timeout=100) == (False, mine)  # a live owner keeps it
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {**mine, "pid": int(gone.stdout), "token": "dead"}
+    claim_path(tmp_path, "enc").write_text(json.dumps(stale))
+    claimed, taken = claim_encoder(tmp_path, "enc", timeout=100)
+    assert claimed and taken["pid"] == os.getpid()
+
+    elsewhere = {**mine, "host": "another-host", "token": "far"}  # its pid cannot be checked: only age counts
+    claim_path(tmp_path, "enc").write_text(json.dumps(elsewhere))
+    assert claim_encoder(tmp_path, "enc", timeout=100) == (False, elsewhere)
+    claim_path(tmp_path, "enc").write_text(json.dumps({**elsewhere, "started": time.time() - 10_000}))
+    assert claim_encoder(tmp_path, "enc", timeout=100)[0]
+
+    release_claim(tmp_path, "enc", elsewhere)  # not ours any more: left alone
+    assert claim_path(tmp_path, "enc").is_file()
+    release_claim(tmp_path, "enc", json.loads(claim_path(tmp_path, "enc").read_text()))
+    assert not claim_path(tmp_path, "enc").exists()
+
+
+def test_a_worker_log_that_cannot_be_written_does_not_end_the_sweep(encoders, tmp_path):
+    manifest = write_manifest(encoders, "log.csv", [GOOD[0]])
+    blocked = tmp_path / "detect_log" / f"{run_id_for(encoders / GOOD[0][0])}.worker.log"
+    blocked.mkdir(parents=True)  # a folder where the log should go: writing it fails
+    done = subprocess.run(sweep_command(encoders, manifest, tmp_path, 1, 2), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"could not write {blocked}" in done.stdout
+    summary = pd.read_csv(tmp_path / "trigger_norm" / "summary.csv")
+    assert summary.status.tolist() == ["done"]  # and the sweep went on to its report
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A mounted tmpfs with no space left (needs root)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode:
+        pytest.skip("a full disk is simulated with a tmpfs mount, which needs root")
+    try:
+        with pytest.raises(OSError), open(folder / "filler", "wb", buffering=0) as fh:
+            while True:
+                fh.write(bytes(4096))
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_fails_that_encoder_and_the_sweep_goes_on(encoders, tmp_path, full_disk):
+    manifest = write_manifest(encoders, "disk.csv", [GOOD[0], GOOD[1]])
+    out_dir = tmp_path / "out"
+    trigger_dir = out_dir / "trigger_inv" / run_id_for(encoders / GOOD[0][0])
+    trigger_dir.parent.mkdir(parents=True)
+    trigger_dir.symlink_to(full_disk)  # this encoder's trigger images land on the full disk
+    done = subprocess.run(sweep_command(encoders, manifest, out_dir, 1), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = pd.read_csv(out_dir / "trigger_norm" / "summary.csv").set_index("path")
+    failed = summary.loc[str(encoders / GOOD[0][0])]
+    assert failed.status == "failed" and "No space left on device" in failed.error
+    assert summary.loc[str(encoders / GOOD[1][0])].status == "done"
+
+
+def test_a_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_decree.main(["--timeout", "0", "--list"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--timeout 0" in err

@@ -1,0 +1,81 @@
+"""Run a project script in a Python that imports nothing from the current, the script's or the output folder.
+
+Sweep workers are started as `python -I common/isolated.py SETUP SCRIPT ARGS...` (`isolated_command`).
+Python's isolated mode (-I) ignores the PYTHON* variables and the user's site-packages, and puts neither the
+current folder nor the script's folder on sys.path, so a `torch.py`, `decree.py` or `sitecustomize.py`
+that someone (or a hostile checkpoint) left in one of them is never imported. What the worker may import
+besides the standard library and site-packages is spelled out in SETUP (JSON):
+  - modules: top-level name -> folder, found there by name only (the project's packages in the project
+    root, the --arch_module modules where the parent process found them); nothing else in those folders;
+  - path: folders searched after the standard library and site-packages (the --arch_module folders and the
+    caller's PYTHONPATH, without the folders above), so they cannot shadow an installed module;
+  - parent: the sweep's pid; the worker dies with it (PR_SET_PDEATHSIG on Linux, else a watchdog thread).
+"""
+import ctypes
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import runpy
+import signal
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the project's top-level packages (tests/test_sweep.py checks that this is every package in the root)
+PROJECT_PACKAGES = ("attacks", "common", "datasets", "decree", "experiments", "models", "validate")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCHDOG_SECONDS = 0.5
+
+
+class NamedModules(importlib.abc.MetaPathFinder):
+    """Finds exactly the listed top-level modules, each in its own folder; submodules follow their package."""
+
+    def __init__(self, folders: dict):
+        self.folders = folders
+
+    def find_spec(self, name, path=None, target=None):
+        if path is None and name in self.folders:
+            return importlib.machinery.PathFinder.find_spec(name, [self.folders[name]])
+        return None
+
+
+def isolated_command(script, args, modules: dict, path: list, parent: int) -> list[str]:
+    """argv that runs `script args` under -I with the project's packages plus `modules` (name -> folder)."""
+    setup = {"modules": {**dict.fromkeys(PROJECT_PACKAGES, str(ROOT)), **modules}, "path": path,
+             "parent": parent}
+    return [sys.executable, "-I", str(Path(__file__).resolve()), json.dumps(setup), str(script), *map(str, args)]
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process (and its process group) when the process that started it dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux: poll for the parent instead
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        threading.Event().wait(WATCHDOG_SECONDS)
+    if os.getpgrp() == os.getpid():  # sweep workers lead their own group: take what they started along
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv) -> None:
+    setup, script, args = json.loads(argv[0]), argv[1], argv[2:]
+    die_with_parent(setup["parent"])
+    sys.meta_path.insert(0, NamedModules(setup["modules"]))
+    sys.path.extend(setup["path"])
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
