@@ -14,6 +14,7 @@ the run's config and per-epoch losses in config.json.
 """
 import argparse
 
+from common.threads import configure_threads
 from attacks.jobs import run_attack
 from decree.cli import user_errors
 from common.device import add_device_args
@@ -59,6 +60,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("attack_encoder.py"):
+        configure_threads(args.threads)
         import_arch_modules(args.arch_module)
         record = run_attack(args, progress=not args.quiet)
     last = record["history"][-1]

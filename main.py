@@ -7,6 +7,7 @@ Writes trigger_inv/<run_id>/, detect_log/<run_id>.log|.csv and trigger_norm/<run
 """
 import argparse
 
+from common.threads import configure_threads
 from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
 from decree.detect import DetectionJob, run_detection
 from models import import_arch_modules
@@ -29,6 +30,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with user_errors("main.py"):
+        configure_threads(args.threads)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
     with user_errors("main.py"):

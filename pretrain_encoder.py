@@ -7,6 +7,7 @@ Writes model_<epochs>.pth (full model: f.f.*, g.*), backbone_<epochs>.pt (backbo
 """
 import argparse
 
+from common.threads import configure_threads
 from attacks.jobs import run_pretrain
 from decree.cli import user_errors
 from common.device import add_device_args
@@ -32,6 +33,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("pretrain_encoder.py"):
+        configure_threads(args.threads)
         record = run_pretrain(args, progress=not args.quiet)
     print(f"loss {record['history'][-1]['loss']:.4f} after {args.epochs} epochs; saved {', '.join(record['checkpoints'])}")
 

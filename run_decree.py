@@ -12,9 +12,11 @@ recorded in trigger_norm/failed/ and retried on the next run. Ends with trigger_
 summary.json, pl1.png and gallery.png. Exit status 1 when an encoder failed.
 """
 import argparse
+import os
 import sys
 import time
 
+from common.threads import configure_threads
 from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
 from common.io import check_writable
 from decree.report import format_metrics, write_report
@@ -45,7 +47,8 @@ def parse_args(argv=None):
                      help="CUDA indices 0,1,... or cpu; default every visible GPU (--device/--gpu pick one), "
                           "else cpu")
     run.add_argument("--workers", type=int, default=None,
-                     help="parallel encoders (default one per device); on CPU the cores are split between them")
+                     help="parallel encoders (default one per device); on CPU the cores are split between them "
+                          "(--threads N: N threads per worker instead)")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
     run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
@@ -89,6 +92,9 @@ def sweep(args, encoders, shard) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     with user_errors(PROG):
+        configure_threads(args.threads, log=None)
+        if args.threads:  # the workers' thread count: they read it from the environment they inherit
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
         encoders = []  # --report alone reports whatever is under --out_dir

@@ -23,6 +23,7 @@ from models import USAGE_INFOS
 
 from common import io as atomic
 from common.device import resolve_device
+from common.threads import threads_per_worker
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = Path(__file__).resolve().parents[1] / "main.py"
@@ -256,8 +257,9 @@ def last_error_line(output: str, returncode: int) -> str:
 def _child_env(device: str, cpu_workers: int) -> dict:
     env = dict(os.environ)
     # CPU workers would each start one thread per core and slow each other down; split the cores instead
+    # (main.py reads OMP_NUM_THREADS through common.threads; OMP_WAIT_POLICY=PASSIVE is inherited)
     if device == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cpu_workers))
+        env["OMP_NUM_THREADS"] = str(threads_per_worker(cpu_workers))
     return env
 
 
