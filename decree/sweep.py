@@ -79,14 +79,30 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
     """The paper's layout: root/<usage>/**/*.pth|*.pt; CLIP_text/ holds CLIP encoders; other folders ignored."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder; put encoders in output/<usage_info>/... or pass "
-                                "--encoders GLOB or --manifest CSV")
+        raise FileNotFoundError(f"--output_root {root}: no such folder; put encoders in {root}/<usage_info>/... "
+                                "or pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV")
     encoders = [Encoder(str(path), usage, arch, infer_label(path.relative_to(root)))
                 for folder, usage in USAGE_FOLDERS.items() if (root / folder).is_dir()
                 for path in (root / folder).rglob("*") if _is_checkpoint(path)]
     if not encoders:
-        raise FileNotFoundError(f"{root}: no *.pth/*.pt checkpoints under {', '.join(USAGE_FOLDERS)}")
+        raise FileNotFoundError(_nothing_found(root))
     return _sorted_unique(encoders)
+
+
+def _nothing_found(root: Path) -> str:
+    """Where discovery looked, and the flags that would find the checkpoints lying elsewhere under root."""
+    looked = ", ".join(f"{root / folder}/" for folder in USAGE_FOLDERS)
+    message = f"no *.pth/*.pt checkpoints in the paper's folders {looked}"
+    # the top folder under root of every other checkpoint (root itself for one lying directly in it)
+    others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
+                     for path in root.rglob("*") if _is_checkpoint(path)})
+    if others:
+        hints = " or ".join(f"--encoders '{top}/**/*.pth'" for top in others[:3])
+        message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
+                    "(plus --encoder_usage_info/--arch where they are not the defaults), or list them in --manifest CSV")
+    else:
+        message += "; pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV"
+    return message
 
 
 def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:

@@ -28,3 +28,17 @@ def test_outputs_get_the_modes_the_umask_allows(tmp_path, umask, mask, file_mode
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == dir_mode
     for name in ("run.json", "model.pth", "rows.csv", "lines.csv"):
         assert stat.S_IMODE((tmp_path / "results" / name).stat().st_mode) == file_mode, name
+
+
+def test_sweep_discovery_names_where_it_looked_and_the_flag_that_finds_the_demo(tmp_path):
+    from decree.sweep import discover_output_folder
+    demo = tmp_path / "demo" / "encoders" / "clean_encoder"
+    demo.mkdir(parents=True)
+    (demo / "model_12.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as err:
+        discover_output_folder(tmp_path)
+    message = str(err.value)
+    assert f"{tmp_path}/cifar10/" in message and f"{tmp_path}/CLIP_text/" in message
+    assert f"--encoders '{tmp_path}/demo/**/*.pth'" in message and "--manifest" in message
+    with pytest.raises(FileNotFoundError, match="--output_root .*no such folder.*--encoders"):
+        discover_output_folder(tmp_path / "missing")
