@@ -3,9 +3,16 @@ validation that warns, no half-made results folders."""
 import os
 import stat
 
+import numpy as np
 import pytest
+import torch
 
+import models
 from common import io as atomic
+from datasets import DataError, save_trigger, white_square_trigger
+from decree.sweep import discover_output_folder
+from validate import val_cifar10_training_downstream_classifier as downstream_script
+from validate.downstream import DownstreamData, check_measurable
 
 
 @pytest.fixture
@@ -31,7 +38,6 @@ def test_outputs_get_the_modes_the_umask_allows(tmp_path, umask, mask, file_mode
 
 
 def test_sweep_discovery_names_where_it_looked_and_the_flag_that_finds_the_demo(tmp_path):
-    from decree.sweep import discover_output_folder
     demo = tmp_path / "demo" / "encoders" / "clean_encoder"
     demo.mkdir(parents=True)
     (demo / "model_12.pth").write_bytes(b"")
@@ -42,3 +48,41 @@ def test_sweep_discovery_names_where_it_looked_and_the_flag_that_finds_the_demo(
     assert f"--encoders '{tmp_path}/demo/**/*.pth'" in message and "--manifest" in message
     with pytest.raises(FileNotFoundError, match="--output_root .*no such folder.*--encoders"):
         discover_output_folder(tmp_path / "missing")
+
+
+def _downstream_data(train_y, test_y):
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    return DownstreamData(x.repeat(len(train_y), 0), np.array(train_y), x.repeat(len(test_y), 0), np.array(test_y))
+
+
+@pytest.mark.parametrize("train_y, test_y, target, refusal", [
+    ([0, 0, 0], [0, 1], 1, "train.npz: every training image is class 0"),
+    ([0, 1, 2], [1, 1], 1, "test.npz: every test image is of the target class 1"),
+])
+def test_downstream_refuses_data_that_cannot_measure_accuracy_or_attack_success(train_y, test_y, target, refusal):
+    with pytest.raises(DataError, match=refusal):
+        check_measurable(_downstream_data(train_y, test_y), target, "train.npz", "test.npz")
+
+
+def test_downstream_warns_when_the_test_set_covers_few_classes():
+    assert check_measurable(_downstream_data([0, 1, 2], [0, 1, 2]), 1, "train.npz", "test.npz") == []
+    [one] = check_measurable(_downstream_data([0, 1, 2], [0, 0]), 1, "train.npz", "test.npz")
+    assert "every test image is class 0" in one
+    [missing] = check_measurable(_downstream_data([0, 1, 2], [0, 1]), 1, "train.npz", "test.npz")
+    assert "class(es) [2]" in missing
+
+
+def test_downstream_script_on_one_class_data_exits_2_before_writing(tmp_path, capsys):
+    torch.manual_seed(0)
+    encoder = tmp_path / "model_1.pth"
+    torch.save({"epoch": 1, "state_dict": models.get_encoder("cifar10", "resnet18_w4").state_dict()}, encoder)
+    save_trigger(tmp_path / "trigger.npz", *white_square_trigger(32, 21, 10))
+    np.savez(tmp_path / "one.npz", x=np.zeros((8, 32, 32, 3), np.uint8), y=np.zeros(8, np.int64))
+    with pytest.raises(SystemExit) as exit_info:
+        downstream_script.main(["--encoder_path", str(encoder), "--arch", "resnet18_w4", "--train_data", str(tmp_path / "one.npz"),
+                     "--test_data", str(tmp_path / "one.npz"), "--trigger_file", str(tmp_path / "trigger.npz"),
+                     "--reference_label", "0", "--device", "cpu", "--quiet", "--epochs", "1",
+                     "--results_file", str(tmp_path / "r.csv")])
+    assert exit_info.value.code == 2
+    assert "every training image is class 0" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
