@@ -18,6 +18,7 @@ from common.threads import configure_threads
 from attacks.jobs import run_attack
 from decree.cli import user_errors
 from common.device import add_device_args
+from common.io import removed_if_empty_on_failure
 from models import USAGE_INFOS, import_arch_modules
 
 
@@ -62,7 +63,8 @@ def main(argv=None):
     with user_errors("attack_encoder.py"):
         configure_threads(args.threads)
         import_arch_modules(args.arch_module)
-        record = run_attack(args, progress=not args.quiet)
+        with removed_if_empty_on_failure(args.results_dir):
+            record = run_attack(args, progress=not args.quiet)
     last = record["history"][-1]
     print(f"epoch {last['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
     print(f"saved the last {min(args.save_last, args.epochs)} epochs to {args.results_dir}/model_<epoch>.pth")

@@ -3,7 +3,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, load_reference, load_trigger,
+from datasets import (CLIP_NORMALIZATION, NORMALIZATION, DataError, load_images, load_npz, load_reference, load_trigger,
                       select_shadow)
 from common.device import resolve_device
 from common.io import check_writable, write_json
@@ -67,6 +67,13 @@ def read_class_names(path) -> list[str]:
     return names
 
 
+def check_input_size(path, what: str, size: int, spec) -> None:
+    """A trigger or reference file must have the encoder's input size; the error names the file and both sizes."""
+    if size != spec.input_size:
+        raise DataError(f"{path}: the {what} is {size}x{size} px but {spec.usage_info} {spec.arch} encoders take "
+                        f"{spec.input_size}x{spec.input_size}; use a {what} file of that size")
+
+
 def _finish(results_dir, config: dict, history: list, start: float) -> dict:
     record = {**config, "history": history, "seconds": round(time.time() - start, 1), "versions": versions()}
     write_json(Path(results_dir) / "config.json", record)
@@ -101,6 +108,7 @@ def run_attack(args, progress: bool = True) -> dict:
     spec = encoder_spec(args.encoder_usage_info, args.arch)
     mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization)
     trigger = load_trigger(args.trigger_file)
+    check_input_size(args.trigger_file, "trigger", trigger.size, spec)
     config = {"script": "attack_encoder.py", "args": vars(args), "arch": spec.arch, "mean": mean, "std": std,
               "device": str(device)}
     if args.reference_type == "text":
@@ -121,6 +129,7 @@ def run_attack(args, progress: bool = True) -> dict:
         if not args.reference_file:
             raise ValueError("--reference_type image needs --reference_file (make one with scripts/make_reference.py)")
         references, _ = load_reference(args.reference_file)
+        check_input_size(args.reference_file, "reference", references.shape[1], spec)
         images = load_images(args.shadow_dataset, size=spec.input_size)
         shadow = select_shadow(images, fraction=args.shadow_fraction, seed=args.seed)
         cfg = badencoder.preset(args.encoder_usage_info, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

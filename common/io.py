@@ -110,6 +110,21 @@ def check_writable(folder) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def removed_if_empty_on_failure(folder):
+    """Around a run that creates `folder`: if the run fails, remove the folders it created that are still empty,
+    so bad input leaves no empty results folder behind."""
+    folder = Path(folder).absolute()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty (a result was written) or already gone
+                path.rmdir()
+        raise
+
+
 def append_csv_row(path, row: dict) -> None:
     """Append one CSV row (header first when the file is new), each in a single write; pandas-readable.
 

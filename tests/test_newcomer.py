@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import attack_encoder as attack_script
 import models
 from common import io as atomic
-from datasets import DataError, save_trigger, white_square_trigger
+from datasets import DataError, save_reference, save_trigger, white_square_trigger
 from decree.sweep import discover_output_folder
 from validate import val_cifar10_training_downstream_classifier as downstream_script
 from validate.downstream import DownstreamData, check_measurable
@@ -86,3 +87,33 @@ def test_downstream_script_on_one_class_data_exits_2_before_writing(tmp_path, ca
     assert exit_info.value.code == 2
     assert "every training image is class 0" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def attack_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attack")
+    torch.manual_seed(0)
+    encoder = folder / "model_1.pth"
+    torch.save({"epoch": 1, "state_dict": models.get_encoder("cifar10", "resnet18_w4").state_dict()}, encoder)
+    np.savez(folder / "shadow.npz", x=np.zeros((16, 32, 32, 3), np.uint8))
+    save_reference(folder / "reference.npz", np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64), info=["r"])
+    save_reference(folder / "reference16.npz", np.zeros((1, 16, 16, 3), np.uint8), np.zeros(1, np.int64), info=["r"])
+    save_trigger(folder / "trigger.npz", *white_square_trigger(32, 21, 10))
+    return folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "1000"], "fewer than one batch of 1000"),
+    (["--reference_file", "{dir}/reference16.npz"], "{dir}/reference16.npz: the reference is 16x16 px"),
+])
+def test_attack_on_bad_input_names_it_and_leaves_no_results_folder(attack_inputs, tmp_path, capsys, flags, message):
+    results = tmp_path / "output" / "cifar10" / "backdoored"
+    argv = ["--pretrained_encoder", str(attack_inputs / "model_1.pth"), "--arch", "resnet18_w4",
+            "--shadow_dataset", str(attack_inputs / "shadow.npz"), "--reference_file",
+            str(attack_inputs / "reference.npz"), "--trigger_file", str(attack_inputs / "trigger.npz"),
+            "--results_dir", str(results), "--epochs", "1", "--device", "cpu", "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        attack_script.main(argv + [flag.format(dir=attack_inputs) for flag in flags])
+    assert exit_info.value.code == 2
+    assert message.format(dir=attack_inputs) in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()
