@@ -2,6 +2,7 @@
 validation that warns, no half-made results folders."""
 import os
 import stat
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ import attack_encoder as attack_script
 import models
 from common import io as atomic
 from datasets import DataError, save_reference, save_trigger, white_square_trigger
+from decree.detect import DetectionJob
 from decree.sweep import discover_output_folder
+from experiments.demo import cached_detection
 from validate import val_cifar10_training_downstream_classifier as downstream_script
 from validate.downstream import DownstreamData, check_measurable
 
@@ -117,3 +120,17 @@ def test_attack_on_bad_input_names_it_and_leaves_no_results_folder(attack_inputs
     assert exit_info.value.code == 2
     assert message.format(dir=attack_inputs) in capsys.readouterr().err
     assert not (tmp_path / "output").exists()
+
+
+def test_demo_reuses_a_detection_only_for_the_same_settings_and_a_newer_result(tmp_path):
+    encoder = tmp_path / "encoders" / "clean_encoder" / "model_1.pth"
+    encoder.parent.mkdir(parents=True)
+    encoder.write_bytes(b"weights")
+    job = DetectionJob(encoder_path=str(encoder), shadow_data="shadow.npz", out_dir=str(tmp_path), epochs=3)
+    assert cached_detection(job) is None
+    atomic.write_json(job.paths().json, {"pl1": 0.5, "job": asdict(job)})
+    assert cached_detection(job)["pl1"] == 0.5
+    assert cached_detection(replace(job, epochs=4)) is None, "other settings"
+    later = job.paths().json.stat().st_mtime_ns + 10**9
+    os.utime(encoder, ns=(later, later))
+    assert cached_detection(job) is None, "the encoder changed after the result was written"
