@@ -184,15 +184,16 @@ def _pl1_text(record: dict) -> str:
     return "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
 
 
-def report(out_dir: Path, threshold: float, reuse: bool, log=print) -> dict:
-    """write_report, or with `reuse` the metrics of a summary.json newer than every run record; returns metrics."""
+def report(out_dir: Path, threshold: float, reuse: bool, planted: dict, log=print) -> dict:
+    """write_report (the planted trigger outlined in the gallery), or with `reuse` the metrics of a summary.json
+    newer than every run record; returns the metrics."""
     norm = out_dir / "trigger_norm"
     summary = norm / "summary.json"
     newest_run = max((p.stat().st_mtime_ns for p in norm.glob("*.json") if p != summary), default=0)
     if reuse and summary.is_file() and summary.stat().st_mtime_ns >= newest_run:
         log(f"report: {norm} (cached)")
         return json.loads(summary.read_text())["metrics"]
-    return write_report(out_dir, threshold)
+    return write_report(out_dir, threshold, planted=planted)
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu", retrain: bool = False,
@@ -208,7 +209,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu"
     log("3/3 DECREE on both encoders (labels are not given to it)")
     rows, cached = zip(*(detect(cfg, path, data["shadow"], out_dir, device, progress, log)
                          for path in (clean, backdoored)))
-    metrics = report(out_dir, cfg.pl1_threshold, all(cached), log)
+    planted = {rows[1]["run_id"]: load_trigger(data["trigger"]).keep[0, :, :, 0] == 0}
+    metrics = report(out_dir, cfg.pl1_threshold, all(cached), planted, log)
     return {"rows": list(rows), "metrics": metrics, "seconds": time.time() - start, "report": format_metrics(metrics)}
 
 

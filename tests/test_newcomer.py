@@ -4,6 +4,7 @@ import os
 import stat
 from dataclasses import asdict, replace
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -13,10 +14,15 @@ import models
 from common import io as atomic
 from datasets import DataError, save_reference, save_trigger, white_square_trigger
 from decree.detect import DetectionJob
+from decree.outputs import run_id_for
+from decree.report import write_report
 from decree.sweep import discover_output_folder
 from experiments.demo import cached_detection
 from validate import val_cifar10_training_downstream_classifier as downstream_script
 from validate.downstream import DownstreamData, check_measurable
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 @pytest.fixture
@@ -134,3 +140,44 @@ def test_demo_reuses_a_detection_only_for_the_same_settings_and_a_newer_result(t
     later = job.paths().json.stat().st_mtime_ns + 10**9
     os.utime(encoder, ns=(later, later))
     assert cached_detection(job) is None, "the encoder changed after the result was written"
+
+
+def _finished_runs(out_dir, n: int) -> list[str]:
+    """n finished run records with a black 32 px fusion image holding one grey pixel; returns their run ids."""
+    run_ids = []
+    for i in range(n):
+        path = f"output/cifar10/encoder_{i}_backdoored/model_{i}.pth"
+        run_id = run_id_for(path)
+        atomic.write_json(out_dir / "trigger_norm" / f"{run_id}.json", {
+            "run_id": run_id, "encoder_path": path, "usage_info": "cifar10", "arch": "resnet18", "l1": 30.0 + i,
+            "pl1": (30.0 + i) / 3072, "verdict": "trojaned", "epochs": 40, "seconds": 2.5, "model_flag": "backdoor"})
+        fusion = np.zeros((32, 32, 3), np.uint8)
+        fusion[i % 32, 5] = 128
+        atomic.write_png(out_dir / "trigger_inv" / run_id / "fusion.png", fusion)
+        run_ids.append(run_id)
+    return run_ids
+
+
+def _lime_pixels(png) -> int:
+    image = plt.imread(png)[..., :3]
+    return int(((image[..., 1] > 0.95) & (image[..., 0] < 0.1) & (image[..., 2] < 0.1)).sum())
+
+
+def test_gallery_draws_triggers_large_pixel_by_pixel_and_outlines_the_planted_one(tmp_path):
+    [run_id] = _finished_runs(tmp_path, 1)
+    write_report(tmp_path, 0.1)
+    gallery = tmp_path / "trigger_norm" / "gallery.png"
+    height, width = plt.imread(gallery).shape[:2]
+    assert width >= 250 and height >= 250, "a 32 px trigger is drawn at least ~8x"
+    assert _lime_pixels(gallery) == 0
+    mask = np.zeros((32, 32), bool)
+    mask[24:30, 24:30] = True
+    write_report(tmp_path, 0.1, planted={run_id: mask})
+    assert _lime_pixels(gallery) > 100, "the planted trigger is outlined"
+
+
+def test_pl1_plot_keeps_its_plot_area_for_many_encoders(tmp_path):
+    _finished_runs(tmp_path, 30)
+    write_report(tmp_path, 0.1)
+    height, width = plt.imread(tmp_path / "trigger_norm" / "pl1.png").shape[:2]
+    assert height < 800 and width < 1400, "no vertical run ids stretching the figure"
