@@ -15,7 +15,7 @@ from . import badencoder
 from .checkpoints import save_encoder, save_pretrained
 from .simclr import PretrainConfig, pretrain_simclr
 from .text_target import TextTargetConfig, train_text_target
-from .training import TrainingError
+from .training import TrainingError, check_batch_size
 
 # keys of OpenAI's TorchScript CLIP archives that are build parameters, not weights
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -87,6 +87,7 @@ def run_pretrain(args, progress: bool = True) -> dict:
     spec = encoder_spec(args.encoder_usage_info, args.arch)
     images, _ = load_npz(args.pretraining_dataset)
     cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    check_batch_size(len(images), cfg.batch_size, f"images in {args.pretraining_dataset}")
     config = {"script": "pretrain_encoder.py", "args": vars(args), "pretrain": asdict(cfg), "arch": spec.arch,
               "mean": spec.mean, "std": spec.std, "n_images": len(images), "device": str(device)}
     # written once the inputs are known good, before training: a crashed run still says what it was
@@ -134,6 +135,7 @@ def run_attack(args, progress: bool = True) -> dict:
         shadow = select_shadow(images, fraction=args.shadow_fraction, seed=args.seed)
         cfg = badencoder.preset(args.encoder_usage_info, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)
+        check_batch_size(len(shadow), cfg.batch_size, f"shadow images from {args.shadow_dataset}")
         config.update(badencoder=asdict(cfg), n_shadow=len(shadow))
         clean, _ = load_encoder(args.pretrained_encoder, args.encoder_usage_info, spec.arch, device,
                                 args.trust_checkpoint)

@@ -11,6 +11,7 @@ import torch
 
 import attack_encoder as attack_script
 import models
+import pretrain_encoder as pretrain_script
 from common import io as atomic
 from datasets import DataError, save_reference, save_trigger, white_square_trigger
 from decree.detect import DetectionJob
@@ -112,7 +113,7 @@ def attack_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch_size", "1000"], "fewer than one batch of 1000"),
+    (["--batch_size", "1000"], "16 shadow images from {dir}/shadow.npz are fewer than one batch of 1000"),
     (["--reference_file", "{dir}/reference16.npz"], "{dir}/reference16.npz: the reference is 16x16 px"),
 ])
 def test_attack_on_bad_input_names_it_and_leaves_no_results_folder(attack_inputs, tmp_path, capsys, flags, message):
@@ -181,3 +182,13 @@ def test_pl1_plot_keeps_its_plot_area_for_many_encoders(tmp_path):
     write_report(tmp_path, 0.1)
     height, width = plt.imread(tmp_path / "trigger_norm" / "pl1.png").shape[:2]
     assert height < 800 and width < 1400, "no vertical run ids stretching the figure"
+
+
+def test_pretraining_with_a_batch_larger_than_the_data_writes_nothing(attack_inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_script.main(["--pretraining_dataset", str(attack_inputs / "shadow.npz"), "--arch", "resnet18_w4",
+                              "--batch_size", "64", "--epochs", "1", "--results_dir", str(tmp_path / "clean"),
+                              "--device", "cpu", "--quiet"])
+    assert exit_info.value.code == 2
+    assert f"16 images in {attack_inputs}/shadow.npz are fewer than one batch of 64" in capsys.readouterr().err
+    assert not (tmp_path / "clean").exists()
