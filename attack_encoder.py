@@ -16,10 +16,12 @@ epochs, the last one saved. The run's config and per-epoch losses go to config<s
 """
 import argparse
 
+from common.threads import configure_threads
 from attacks.jobs import run_attack
 from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import OneLineParser, at_least, finite, fraction, positive, user_errors
 from common.device import add_device_args
+from common.io import removed_if_empty_on_failure
 from models import USAGE_INFOS, import_arch_modules
 
 
@@ -80,8 +82,10 @@ def main(argv=None):
     args = parse_args(argv)
     configure_determinism(args.nondeterministic)
     with user_errors("attack_encoder.py"):
+        configure_threads(args.threads)
         import_arch_modules(args.arch_module)
-        record = run_attack(args, progress=not args.quiet)
+        with removed_if_empty_on_failure(args.results_dir):
+            record = run_attack(args, progress=not args.quiet)
     last = record["history"][-1]
     print(f"epoch {last['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
     first, last = record["saved_epochs"]

@@ -11,6 +11,7 @@ seed 80, mask_init rand. --paper_main_defaults takes its main.py's own defaults 
 """
 import argparse
 
+from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, inversion_kwargs, output_file, run_id,
                         user_errors)
@@ -48,6 +49,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with user_errors("main.py"):
+        configure_threads(args.threads)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
     configure_determinism(args.nondeterministic)

@@ -7,6 +7,7 @@ Writes model_<epochs>.pth (full model: f.f.*, g.*), backbone_<epochs>.pt (backbo
 """
 import argparse
 
+from common.threads import configure_threads
 from attacks.jobs import run_pretrain
 from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import OneLineParser, at_least, positive, user_errors
@@ -37,6 +38,7 @@ def main(argv=None):
     args = parse_args(argv)
     configure_determinism(args.nondeterministic)
     with user_errors("pretrain_encoder.py"):
+        configure_threads(args.threads)
         record = run_pretrain(args, progress=not args.quiet)
     print(f"loss {record['history'][-1]['loss']:.4f} after {args.epochs} epochs; saved {', '.join(record['checkpoints'])}")
 

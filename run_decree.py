@@ -16,9 +16,11 @@ after --timeout seconds, and die with the sweep; an encoder is claimed before it
 --out_dir never run it twice (docs/sweeps.md).
 """
 import argparse
+import os
 import sys
 import time
 
+from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, at_least, inversion_kwargs, output_file,
                         user_errors)
 from common.io import check_writable
@@ -51,7 +53,8 @@ def parse_args(argv=None):
                      help="CUDA indices 0,1,... or cpu; default every visible GPU (--device/--gpu pick one), "
                           "else cpu")
     run.add_argument("--workers", type=at_least(1), default=None,
-                     help="parallel encoders (default one per device); on CPU the cores are split between them")
+                     help="parallel encoders (default one per device); on CPU the cores are split between them "
+                          "(--threads N: N threads per worker instead)")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -99,6 +102,9 @@ def sweep(args, encoders, shard) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     with user_errors(PROG):
+        configure_threads(args.threads, log=None)
+        if args.threads:  # the workers' thread count: they read it from the environment they inherit
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         interrupt_on_sigterm()
         check_timeout(args.timeout)
         import_arch_modules(args.arch_module)

@@ -3,7 +3,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, load_reference, load_trigger,
+from datasets import (CLIP_NORMALIZATION, NORMALIZATION, DataError, load_images, load_npz, load_reference, load_trigger,
                       select_shadow)
 from common.device import resolve_device
 from common.io import check_writable, write_json
@@ -15,7 +15,7 @@ from . import badencoder
 from .checkpoints import save_encoder, save_pretrained
 from .simclr import PretrainConfig, pretrain_simclr
 from .text_target import TextTargetConfig, train_text_target
-from .training import TrainingError
+from .training import TrainingError, check_batch_size
 
 # keys of OpenAI's TorchScript CLIP archives that are build parameters, not weights
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -106,6 +106,13 @@ def read_class_names(path) -> list[str]:
     return names
 
 
+def check_input_size(path, what: str, size: int, spec) -> None:
+    """A trigger or reference file must have the encoder's input size; the error names the file and both sizes."""
+    if size != spec.input_size:
+        raise DataError(f"{path}: the {what} is {size}x{size} px but {spec.usage_info} {spec.arch} encoders take "
+                        f"{spec.input_size}x{spec.input_size}; use a {what} file of that size")
+
+
 def _finish(results_dir, config: dict, history: list, start: float, save_id: str = "") -> dict:
     record = {**config, "history": history, "seconds": round(time.time() - start, 1), "versions": versions()}
     write_json(Path(results_dir) / f"config{save_id}.json", record)
@@ -119,6 +126,7 @@ def run_pretrain(args, progress: bool = True) -> dict:
     spec = encoder_spec(args.encoder_usage_info, args.arch)
     images, _ = load_npz(args.pretraining_dataset)
     cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    check_batch_size(len(images), cfg.batch_size, f"images in {args.pretraining_dataset}")
     config = {"script": "pretrain_encoder.py", "args": vars(args), "pretrain": asdict(cfg), "arch": spec.arch,
               "mean": spec.mean, "std": spec.std, "n_images": len(images), "device": str(device)}
     # written once the inputs are known good, before training: a crashed run still says what it was
@@ -145,6 +153,7 @@ def run_attack(args, progress: bool = True) -> dict:
     mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization)
     trigger = load_trigger(args.trigger_file)
     batch_size = args.batch_size or DEFAULT_BATCH[args.reference_type]
+    check_input_size(args.trigger_file, "trigger", trigger.size, spec)
     config = {"script": "attack_encoder.py", "args": vars(args), "arch": spec.arch, "mean": mean, "std": std,
               "device": str(device), "epochs_trained": epochs, "saved_epochs": [first_saved, epochs]}
     if args.reference_type == "text":
@@ -165,10 +174,12 @@ def run_attack(args, progress: bool = True) -> dict:
         if not args.reference_file:
             raise ValueError("--reference_type image needs --reference_file (make one with scripts/make_reference.py)")
         references, _ = load_reference(args.reference_file)
+        check_input_size(args.reference_file, "reference", references.shape[1], spec)
         images = load_images(args.shadow_dataset, size=spec.input_size, progress=progress)
         shadow = select_shadow(images, fraction=args.shadow_fraction, seed=args.seed)
         cfg = badencoder.preset(args.encoder_usage_info, epochs=epochs, batch_size=batch_size, lr=args.lr,
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)
+        check_batch_size(len(shadow), cfg.batch_size, f"shadow images from {args.shadow_dataset}")
         config.update(badencoder=asdict(cfg), n_shadow=len(shadow))
         clean, _ = load_encoder(args.pretrained_encoder, args.encoder_usage_info, spec.arch, device,
                                 args.trust_checkpoint)

@@ -31,10 +31,15 @@ def images_on(images, device) -> torch.Tensor:
     return x.to(device)
 
 
+def check_batch_size(n: int, batch_size: int, what: str = "training images") -> None:
+    """Training drops the last partial batch: fewer images than one batch would train on nothing."""
+    if n < batch_size:
+        raise ValueError(f"{n} {what} are fewer than one batch of {batch_size}; lower --batch_size")
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch of shuffled index batches; the last partial batch is dropped (drop_last, as the papers)."""
-    if n < batch_size:
-        raise ValueError(f"{n} training images are fewer than one batch of {batch_size}; lower --batch_size")
+    check_batch_size(n, batch_size)
     order = torch.randperm(n, generator=generator)
     return list(order[: n - n % batch_size].split(batch_size))
 

@@ -3,6 +3,8 @@ import argparse
 
 import torch
 
+from .threads import add_thread_args
+
 
 class DeviceError(ValueError):
     """A requested device that this machine does not have."""
@@ -13,6 +15,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--gpu", type=int, default=None,
                         help="the paper's flag: CUDA device index (same as --device cuda:N)")
+    add_thread_args(parser)
 
 
 def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device:

@@ -9,12 +9,34 @@ from pathlib import Path
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which would race
+    with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """mkstemp next to `path`, with the mode an ordinary new file gets (0666 less the umask, not mkstemp's 0600),
+    so results in a shared folder can be read by the team."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -88,6 +110,21 @@ def check_writable(folder) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def removed_if_empty_on_failure(folder):
+    """Around a run that creates `folder`: if the run fails, remove the folders it created that are still empty,
+    so bad input leaves no empty results folder behind."""
+    folder = Path(folder).absolute()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty (a result was written) or already gone
+                path.rmdir()
+        raise
+
+
 def append_csv_row(path, row: dict) -> None:
     """Append one CSV row (header first when the file is new), each in a single write; pandas-readable.
 
@@ -115,7 +152,7 @@ def append_csv_row(path, row: dict) -> None:
 
 def _create_exclusive(path: Path, data: bytes) -> bool:
     """Create `path` holding `data`, all at once, unless it exists (then False): hard link of a full temp file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

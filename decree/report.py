@@ -21,7 +21,8 @@ SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1",
                    "status", "error")
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
-GALLERY_COLUMNS, GALLERY_MAX_TILES = 8, 96
+GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
+PL1_TABLE_ROWS = 40
 
 
 def _records(folder: Path, required=("encoder_path",)) -> list[dict]:
@@ -121,27 +122,44 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_pl1(rows, threshold: float, path: Path) -> None:
-    """PL1 of each finished encoder (sorted, log scale), coloured by label; 'no trigger found' drawn at 1."""
+    """PL1 of each finished encoder (sorted, log scale), coloured by label, numbered; 'no trigger' drawn at 1.
+
+    The numbers index a table of encoder names beside the plot (up to PL1_TABLE_ROWS encoders; beyond that,
+    summary.csv lists them), so names are read horizontally instead of as vertical run ids.
+    """
     import matplotlib.pyplot as plt
     done = sorted((r for r in rows if r["status"] == "done"),
                   key=lambda r: (math.inf if r["pl1"] is None else r["pl1"], r["path"]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(done)), 4))
+    table = len(done) <= PL1_TABLE_ROWS
+    height = max(4.5, 0.19 * (len(done) + 2)) if table else 4.5  # one 9 pt table line per encoder
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(11 if table else max(8.0, 0.12 * len(done)), height),
+                                   width_ratios=(1.2, 1) if table else (1, 0.001), layout="constrained")
     for label in LABELS:
         for found, marker in ((True, "o"), (False, "x")):
-            points = [(i, r["pl1"] if found else 1.0) for i, r in enumerate(done)
+            points = [(i, r["pl1"] if found else 1.0) for i, r in enumerate(done, start=1)
                       if r["label"] == label and (r["pl1"] is not None) == found]
             if points:
                 x, y = zip(*points)
-                name = label if found else f"{label}: no trigger found (drawn at 1)"
-                ax.scatter(x, y, c=LABEL_COLOURS[label], marker=marker, label=name, zorder=3)
-    ax.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+                name = f"{label} encoder" if found else f"{label}: no trigger found (drawn at 1)"
+                ax.scatter(x, y, c=LABEL_COLOURS[label], marker=marker, s=40, label=name, zorder=3)
+    ax.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}: below = trojaned")
     ax.set_yscale("log")
-    ax.set_ylabel("PL1-norm = L1 / (H*W*3)")
-    ax.set_xlabel("encoder (sorted by PL1)")
-    if len(done) <= 40:
-        ax.set_xticks(range(len(done)), [r["run_id"] for r in done], rotation=90, fontsize=6)
-    ax.legend(fontsize=7)
-    ax.set_title(f"DECREE PL1-norm of {len(done)} encoders (lower = more suspicious)")
+    ax.margins(y=0.15)
+    ax.set_ylabel("PL1-norm = L1 / (H*W*3)", fontsize=10)
+    ax.set_xlabel("encoder number (sorted by PL1; names in the table)" if table else
+                  "encoder rank by PL1 (names: summary.csv)", fontsize=10)
+    if table:
+        ax.set_xticks(range(1, len(done) + 1, math.ceil(len(done) / 15)))
+        ax.set_xlim(0.5, len(done) + 0.5)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"DECREE PL1-norm of {len(done)} encoders (lower = more suspicious)", fontsize=11)
+    side.axis("off")
+    if table:
+        lines = [f"{'#':>2}  {'PL1':>7}  {'label':<8}  encoder"]
+        lines += [f"{i:>2}  {'none' if r['pl1'] is None else format(r['pl1'], '.4f'):>7}  {r['label']:<8}  "
+                  f"{_short_name(r['path'], 44)}" for i, r in enumerate(done, start=1)]
+        side.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
+                  transform=side.transAxes)
     _save_figure(fig, path)
 
 
@@ -151,34 +169,68 @@ def _short_name(path, width: int = 34) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
-def plot_gallery(rows, out_dir, path: Path) -> None:
-    """The inverted triggers (fusion = mask * pattern), most suspicious first, captioned with PL1 and verdict."""
+def _outline(ax, mask: np.ndarray, colour: str = "lime") -> None:
+    """Draw the pixel edges around the True pixels of a bool (H,W) mask (exact, also for non-rectangular masks)."""
+    from matplotlib.collections import LineCollection
+    padded = np.pad(mask, 1)
+    rows, cols = np.nonzero(padded[1:, 1:-1] != padded[:-1, 1:-1])  # edge above pixel row r (r = H: bottom edge)
+    segments = [[(c - 0.5, r - 0.5), (c + 0.5, r - 0.5)] for r, c in zip(rows, cols)]
+    rows, cols = np.nonzero(padded[1:-1, 1:] != padded[1:-1, :-1])  # edge left of pixel column c
+    segments += [[(c - 0.5, r - 0.5), (c - 0.5, r + 0.5)] for r, c in zip(rows, cols)]
+    ax.add_collection(LineCollection(segments, colors=colour, linewidths=1.5, zorder=3))
+
+
+def _pixel_grid(ax, size: int) -> None:
+    """Thin lines between pixels, so single trigger pixels can be counted (small images only)."""
+    ax.set_xticks(np.arange(-0.5, size, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, size, 1), minor=True)
+    ax.grid(which="minor", color="0.35", linewidth=0.3)
+    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
+
+
+def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
+    """The inverted triggers (fusion = mask * pattern), most suspicious first, captioned with PL1 and verdict.
+
+    Panels are drawn large, pixel by pixel (nearest neighbour, with a pixel grid for images up to 64 px);
+    planted: optional {run_id: bool (H,W) mask} of the trigger known to be planted, outlined in green.
+    """
     import matplotlib.pyplot as plt
+    planted = planted or {}
     done = sorted((r for r in rows if r["status"] == "done"),
                   key=lambda r: (math.inf if r["pl1"] is None else r["pl1"], r["path"]))
     shown = done[:GALLERY_MAX_TILES]
     cols = max(1, min(GALLERY_COLUMNS, len(shown)))
     nrows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.2 * nrows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.7 * nrows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, shown):
         fusion = Path(out_dir) / "trigger_inv" / row["run_id"] / "fusion.png"
         if fusion.is_file():
-            ax.imshow(plt.imread(fusion))
+            image = plt.imread(fusion)
+            ax.axis("on")
+            ax.imshow(image, interpolation="nearest")
+            if image.shape[0] <= 64:
+                _pixel_grid(ax, image.shape[0])
+            else:
+                ax.set_xticks([]), ax.set_yticks([])
+            if row["run_id"] in planted:
+                _outline(ax, np.asarray(planted[row["run_id"]], bool))
         pl1 = "no trigger" if row["pl1"] is None else f"PL1 {row['pl1']:.4f}"
-        ax.set_title(f"{_short_name(row['path'])}\n{pl1} {row['verdict'].upper()} ({row['label']})", fontsize=6,
-                     color=LABEL_COLOURS[row["label"]])
+        ax.set_title(f"{_short_name(row['path'], 40)}\n{pl1}: {row['verdict'].upper()} (truth: {row['label']})",
+                     fontsize=9, color=LABEL_COLOURS[row["label"]])
     more = f" ({len(shown)} of {len(done)})" if len(shown) < len(done) else ""
-    fig.suptitle(f"inverted triggers{more}", fontsize=9)
+    note = "; green outline: the planted trigger" if planted else ""
+    fig.suptitle(f"inverted triggers, mask x pattern{more}{note}", fontsize=11)
     _save_figure(fig, path)
 
 
-def write_report(out_dir, threshold: float = 0.1, encoders=()) -> dict:
+def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> dict:
     """Write summary.csv, summary.json, pl1.png and gallery.png under out_dir/trigger_norm; returns the metrics.
 
     encoders: optionally the sweep's list (decree.sweep.Encoder): its labels (e.g. from a manifest) override
     what the runs recorded, and its encoders without any result are listed as 'not run'.
+    planted: optionally {run_id: bool (H,W) mask} of known planted triggers, outlined in the gallery.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -194,7 +246,7 @@ def write_report(out_dir, threshold: float = 0.1, encoders=()) -> dict:
                                                          if r["status"] == "failed"},
                                               "not_run": [r["path"] for r in rows if r["status"] == "not run"]})
     plot_pl1(rows, threshold, outputs["pl1_plot"])
-    plot_gallery(rows, out_dir, outputs["gallery"])
+    plot_gallery(rows, out_dir, outputs["gallery"], planted)
     return metrics
 
 

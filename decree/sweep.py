@@ -36,6 +36,7 @@ from models.registry import ARCH_MODULES_ENV
 from common import io as atomic
 from common.device import resolve_device
 from common.isolated import ROOT, isolated_command
+from common.threads import threads_per_worker
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = ROOT / "main.py"
@@ -93,14 +94,30 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
     """The paper's layout: root/<usage>/**/*.pth|*.pt; CLIP_text/ holds CLIP encoders; other folders ignored."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder; put encoders in output/<usage_info>/... or pass "
-                                "--encoders GLOB or --manifest CSV")
+        raise FileNotFoundError(f"--output_root {root}: no such folder; put encoders in {root}/<usage_info>/... "
+                                "or pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV")
     encoders = [Encoder(str(path), usage, arch, infer_label(path.relative_to(root)))
                 for folder, usage in USAGE_FOLDERS.items() if (root / folder).is_dir()
                 for path in (root / folder).rglob("*") if _is_checkpoint(path)]
     if not encoders:
-        raise FileNotFoundError(f"{root}: no *.pth/*.pt checkpoints under {', '.join(USAGE_FOLDERS)}")
+        raise FileNotFoundError(_nothing_found(root))
     return _sorted_unique(encoders)
+
+
+def _nothing_found(root: Path) -> str:
+    """Where discovery looked, and the flags that would find the checkpoints lying elsewhere under root."""
+    looked = ", ".join(f"{root / folder}/" for folder in USAGE_FOLDERS)
+    message = f"no *.pth/*.pt checkpoints in the paper's folders {looked}"
+    # the top folder under root of every other checkpoint (root itself for one lying directly in it)
+    others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
+                     for path in root.rglob("*") if _is_checkpoint(path)})
+    if others:
+        hints = " or ".join(f"--encoders '{top}/**/*.pth'" for top in others[:3])
+        message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
+                    "(plus --encoder_usage_info/--arch where they are not the defaults), or list them in --manifest CSV")
+    else:
+        message += "; pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV"
+    return message
 
 
 def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:
@@ -401,8 +418,9 @@ def last_error_line(output: str, returncode: int) -> str:
 def _child_env(device: str, cpu_workers: int) -> dict:
     env = dict(os.environ)
     # CPU workers would each start one thread per core and slow each other down; split the cores instead
+    # (main.py reads OMP_NUM_THREADS through common.threads; OMP_WAIT_POLICY=PASSIVE is inherited)
     if device == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cpu_workers))
+        env["OMP_NUM_THREADS"] = str(threads_per_worker(cpu_workers))
     return env
 
 

@@ -7,7 +7,8 @@ Everything is made from the colour photographs that ship inside scikit-image (da
     encoders/    clean_encoder/model_<E>.pth, demo_backdoored_encoder/model_<E>.pth (+ config.json each)
     trigger_inv/, detect_log/, trigger_norm/ (+ summary.csv, summary.json, pl1.png, gallery.png)
 
-Encoders are cached: a run reuses an encoder whose config.json matches the current settings.
+Encoders and detection results are cached: a run reuses an encoder whose config.json matches the current
+settings, and a DECREE result whose recorded job matches the current one and is newer than its encoder.
 """
 import json
 import time
@@ -27,6 +28,7 @@ from models import SimCLR, load_encoder
 
 from common import io as atomic
 from decree.detect import DetectionJob, run_detection
+from decree.outputs import read_run
 from decree.report import format_metrics, write_report
 
 USAGE_INFO = "cifar10"
@@ -71,9 +73,17 @@ def checkerboard_trigger(size: int = 32, side: int = 6, margin: int = 2):
     return pattern, keep
 
 
-def prepare_data(cfg: DemoConfig, data_dir: Path) -> dict:
-    """Write the demo's npz files (cheap, redone every run so they always match cfg); returns their paths."""
+def prepare_data(cfg: DemoConfig, data_dir: Path, log=print) -> dict:
+    """Write the demo's npz files (reused while data/config.json matches cfg); returns their paths."""
     paths = {name: data_dir / f"{name}.npz" for name in ("pretrain", "shadow", "reference", "trigger")}
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("pretrain_images", "shadow_images", "trigger_side",
+                                                               "seed")}
+    description = (f"data: {cfg.pretrain_images} + {cfg.shadow_images} patches of 32 px from scikit-image's photos "
+                   f"({', '.join(PHOTOS)})")
+    if all(_cached(path, settings) for path in paths.values()):
+        log(f"{description} (cached)")
+        return paths
+    log(description)
     pretrain = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed)
     save_npz_dataset(paths["pretrain"], pretrain, np.zeros(len(pretrain), np.int64))
     shadow = photo_patches(cfg.shadow_images, 32, seed=cfg.seed + 7)
@@ -82,6 +92,7 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> dict:
     save_reference(paths["reference"], reference, np.zeros(1, np.int64), info=["a held-out photo patch"])
     pattern, keep = checkerboard_trigger(32, cfg.trigger_side)
     save_trigger(paths["trigger"], pattern, keep, info=[f"{cfg.trigger_side}px checkerboard, bottom right"])
+    atomic.write_json(data_dir / "config.json", {"settings": settings})
     return paths
 
 
@@ -100,12 +111,15 @@ def _save(path: Path, epoch: int, encoder, settings: dict, history: list, second
     atomic.write_json(path.parent / "config.json", {"settings": settings, "seconds": seconds, "history": history})
 
 
-def clean_encoder(cfg: DemoConfig, data: dict, folder: Path, device, retrain: bool, progress: bool) -> Path:
+def clean_encoder(cfg: DemoConfig, data: dict, folder: Path, device, retrain: bool, progress: bool,
+                  log=print) -> Path:
     """Pre-train (or reuse) the clean SimCLR encoder; returns its BadEncoder-layout checkpoint."""
     settings = _settings(cfg, "pretrain")
     path = folder / f"model_{cfg.pretrain_epochs}.pth"
     if not retrain and _cached(path, settings):
+        log(f"1/3 clean encoder: {path} (cached)")
         return path
+    log(f"1/3 clean encoder: SimCLR pre-training of {cfg.arch}, {cfg.pretrain_epochs} epochs")
     images, _ = load_npz(data["pretrain"])
     torch.manual_seed(cfg.seed)
     model = SimCLR(cfg.arch)
@@ -118,12 +132,15 @@ def clean_encoder(cfg: DemoConfig, data: dict, folder: Path, device, retrain: bo
 
 
 def backdoored_encoder(cfg: DemoConfig, data: dict, clean_path: Path, folder: Path, device, retrain: bool,
-                       progress: bool) -> Path:
+                       progress: bool, log=print) -> Path:
     """BadEncoder-trojan (or reuse) a copy of the clean encoder; returns its checkpoint."""
     settings = _settings(cfg, "pretrain", "attack", "trigger")  # a retrained clean encoder invalidates this one
     path = folder / f"model_{cfg.attack_epochs}.pth"
     if not retrain and _cached(path, settings):
+        log(f"2/3 trojaned copy: {path} (cached)")
         return path
+    log(f"2/3 trojaned copy: BadEncoder, {cfg.trigger_side}x{cfg.trigger_side} checkerboard trigger, "
+        f"{cfg.attack_epochs} epochs")
     clean, _ = load_encoder(clean_path, USAGE_INFO, cfg.arch, device)
     shadow = load_npz(data["pretrain"])[0][:cfg.attack_images]
     reference, _ = load_reference(data["reference"])
@@ -136,14 +153,47 @@ def backdoored_encoder(cfg: DemoConfig, data: dict, clean_path: Path, folder: Pa
     return path
 
 
-def detect(cfg: DemoConfig, encoder_path: Path, shadow_path: Path, out_dir: Path, device, progress: bool) -> dict:
-    """DECREE on one demo encoder, writing the usual three output folders under out_dir."""
+def cached_detection(job: DetectionJob) -> dict | None:
+    """The finished record of `job` if its recorded job has the same settings and it is newer than the encoder."""
+    path = job.paths().json
+    if not path.is_file() or path.stat().st_mtime_ns < Path(job.encoder_path).stat().st_mtime_ns:
+        return None
+    record = read_run(path)
+    settings = json.loads(json.dumps(asdict(job), default=str))  # as the record stores them
+    return record if record.get("job") == settings else None
+
+
+def detect(cfg: DemoConfig, encoder_path: Path, shadow_path: Path, out_dir: Path, device, progress: bool,
+           log=print) -> tuple[dict, bool]:
+    """DECREE on one demo encoder (or its cached result) under out_dir; returns (record, cached)."""
     job = DetectionJob(encoder_path=str(encoder_path), encoder_usage_info=USAGE_INFO, arch=cfg.arch,
                        shadow_data=str(shadow_path), shadow_size=cfg.shadow_images,  # all of it, not 10%/class
                        out_dir=str(out_dir), model_flag=LABELS[encoder_path.parent.name],
                        device=str(device), lr=cfg.decree_lr, epochs=cfg.decree_epochs,
                        pl1_threshold=cfg.pl1_threshold)
-    return run_detection(job, progress=progress)
+    name = f"{encoder_path.parent.name}/{encoder_path.name}"
+    record = cached_detection(job)
+    if record is not None:
+        log(f"    {name}: {_pl1_text(record)} (cached)")
+        return record, True
+    log(f"    {name}: trigger inversion, at most {cfg.decree_epochs} epochs")
+    return run_detection(job, progress=progress), False
+
+
+def _pl1_text(record: dict) -> str:
+    return "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
+
+
+def report(out_dir: Path, threshold: float, reuse: bool, planted: dict, log=print) -> dict:
+    """write_report (the planted trigger outlined in the gallery), or with `reuse` the metrics of a summary.json
+    newer than every run record; returns the metrics."""
+    norm = out_dir / "trigger_norm"
+    summary = norm / "summary.json"
+    newest_run = max((p.stat().st_mtime_ns for p in norm.glob("*.json") if p != summary), default=0)
+    if reuse and summary.is_file() and summary.stat().st_mtime_ns >= newest_run:
+        log(f"report: {norm} (cached)")
+        return json.loads(summary.read_text())["metrics"]
+    return write_report(out_dir, threshold, planted=planted)
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu", retrain: bool = False,
@@ -151,19 +201,17 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu"
     """The whole demo; returns {'rows': [...], 'metrics': {...}, 'seconds': float}."""
     start = time.time()
     out_dir = atomic.check_writable(out_dir)
-    log(f"data: {cfg.pretrain_images} + {cfg.shadow_images} patches of 32 px from scikit-image's photos "
-        f"({', '.join(PHOTOS)})")
-    data = prepare_data(cfg, out_dir / "data")
+    data = prepare_data(cfg, out_dir / "data", log)
     encoders = out_dir / "encoders"
-    log(f"1/3 clean encoder: SimCLR pre-training of {cfg.arch}, {cfg.pretrain_epochs} epochs")
-    clean = clean_encoder(cfg, data, encoders / "clean_encoder", device, retrain, progress)
-    log(f"2/3 trojaned copy: BadEncoder, {cfg.trigger_side}x{cfg.trigger_side} checkerboard trigger, "
-        f"{cfg.attack_epochs} epochs")
-    backdoored = backdoored_encoder(cfg, data, clean, encoders / "demo_backdoored_encoder", device, retrain, progress)
+    clean = clean_encoder(cfg, data, encoders / "clean_encoder", device, retrain, progress, log)
+    backdoored = backdoored_encoder(cfg, data, clean, encoders / "demo_backdoored_encoder", device, retrain, progress,
+                                    log)
     log("3/3 DECREE on both encoders (labels are not given to it)")
-    rows = [detect(cfg, path, data["shadow"], out_dir, device, progress) for path in (clean, backdoored)]
-    metrics = write_report(out_dir, cfg.pl1_threshold)
-    return {"rows": rows, "metrics": metrics, "seconds": time.time() - start, "report": format_metrics(metrics)}
+    rows, cached = zip(*(detect(cfg, path, data["shadow"], out_dir, device, progress, log)
+                         for path in (clean, backdoored)))
+    planted = {rows[1]["run_id"]: load_trigger(data["trigger"]).keep[0, :, :, 0] == 0}
+    metrics = report(out_dir, cfg.pl1_threshold, all(cached), planted, log)
+    return {"rows": list(rows), "metrics": metrics, "seconds": time.time() - start, "report": format_metrics(metrics)}
 
 
 def result_table(rows) -> str:

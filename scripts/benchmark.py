@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds the packages
 
-import torch  # noqa: E402
-
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from common import io as atomic  # noqa: E402
 from experiments.benchmark import ENCODERS, OPTIONS, default_variants, run_benchmark, table  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
@@ -43,8 +43,6 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.5, help="Adam lr on the trigger; the sweeps' 0.5 moves the "
                                                               "L1 within few epochs (default 0.5)")
     parser.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance of 'same L1' (default 1e-6)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help=f"torch CPU threads for every run (default {torch.get_num_threads()})")
     parser.add_argument("--json", default="benchmark.json", help="where to write the results (default benchmark.json)")
     add_device_args(parser)
     return parser.parse_args(argv)
@@ -53,9 +51,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("benchmark.py"):
+        threads = configure_threads(args.threads, log=lambda line: print(line, file=sys.stderr))
         device = resolve_device(args.device, args.gpu)
         results = run_benchmark(args.encoders, args.batch_sizes, args.variants or default_variants(device), device,
-                                args.threads, log=lambda line: print(line, file=sys.stderr),
+                                threads, log=lambda line: print(line, file=sys.stderr),
                                 shadow_size=args.shadow_size, steps=args.steps, epochs=args.epochs,
                                 repeats=args.repeats, data=args.data, seed=args.seed, lr=args.lr, rtol=args.rtol)
     atomic.write_json(args.json, results)

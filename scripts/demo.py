@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds the packages
 
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
 from experiments.demo import QUICK, DemoConfig, result_table, run_demo  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
@@ -34,6 +36,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("demo.py"):
+        configure_threads(args.threads)
         device = resolve_device(args.device, args.gpu)
         outcome = run_demo(QUICK if args.quick else DemoConfig(), args.out_dir, device, args.retrain,
                            progress=not args.quiet)

@@ -49,10 +49,19 @@ def test_quick_demo_writes_every_output_and_reuses_its_encoders(tmp_path):
     assert "encoders/clean_encoder" in result_table(rows)
 
     trained = (clean.stat().st_mtime_ns, backdoored.stat().st_mtime_ns)
-    run_demo(QUICK, out, **QUIET)
+    detected = [(out / "trigger_norm" / f"{row['run_id']}.json").stat().st_mtime_ns for row in rows]
+    lines = []
+    again = run_demo(QUICK, out, **{**QUIET, "log": lines.append})
     assert (clean.stat().st_mtime_ns, backdoored.stat().st_mtime_ns) == trained, "cached encoders were retrained"
+    assert [(out / "trigger_norm" / f"{row['run_id']}.json").stat().st_mtime_ns for row in rows] == detected
+    assert [row["pl1"] for row in again["rows"]] == [row["pl1"] for row in rows]
+    steps = [line for line in lines if line.startswith(("data", "1/3", "2/3", "    ", "report"))]
+    assert len(steps) == 6 and all(line.endswith("(cached)") for line in steps), lines
+    assert not any("pre-training" in line or "inversion" in line for line in lines)
     run_demo(QUICK, out, retrain=True, **QUIET)
     assert clean.stat().st_mtime_ns != trained[0]
+    assert all((out / "trigger_norm" / f"{row['run_id']}.json").stat().st_mtime_ns > mtime
+               for row, mtime in zip(rows, detected)), "results of the old encoders were reused"
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from decree.cli import OneLineParser, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
 from validate.cli import add_zscore_args, print_result, zscore_job  # noqa: E402
@@ -29,6 +31,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("compute_zscore.py"):
+        configure_threads(args.threads)
         job = zscore_job(args)
         import_arch_modules(args.arch_module)
         [(path, result)] = run_zscore([args.encoder_path], job, progress=not args.quiet)

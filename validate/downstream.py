@@ -9,6 +9,7 @@ data order (no shuffling), last-epoch numbers. Embeddings are computed once per 
 Inputs are normalised as the original evaluation did (EVALUATION_NORMALIZATION: CLIP's constants for CLIP,
 none for imagenet), so the numbers compare with BadEncoder's tables; "detection" uses DECREE's constants.
 """
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -87,6 +88,26 @@ def load_downstream_data(train_path, test_path, size: int) -> DownstreamData:
             raise DataError(f"{path}: labels must be 0..C-1, found {y.min()}")
         arrays += [x, y]
     return DownstreamData(*arrays)
+
+
+def check_measurable(data: DownstreamData, target: int, train_path, test_path) -> list[str]:
+    """Refuse data on which CA/BA or ASR mean nothing; return warnings for data that measures them weakly."""
+    train_classes, test_classes = np.unique(data.train_y), np.unique(data.test_y)
+    if len(train_classes) < 2:
+        raise DataError(f"{train_path}: every training image is class {train_classes[0]}; a classifier trained on "
+                        "one class always answers it, so accuracy and attack success would read 100%; "
+                        "use labelled data with at least two classes")
+    if not (data.test_y != target).any():
+        raise DataError(f"{test_path}: every test image is of the target class {target}; the attack success rate "
+                        "needs stamped images of other classes; use a test set with other classes or another "
+                        "--reference_label")
+    warnings = []
+    if len(test_classes) < 2:
+        warnings.append(f"{test_path}: every test image is class {test_classes[0]}; CA/BA measure that class only")
+    missing = np.setdiff1d(train_classes, test_classes)
+    if len(test_classes) >= 2 and len(missing):
+        warnings.append(f"{test_path}: no test images of class(es) {missing.tolist()}; CA/BA ignore them")
+    return warnings
 
 
 @dataclass
@@ -203,8 +224,15 @@ class DownstreamJob:
                          f"{', '.join(f'{k}={v}' for k, v in PAPER_TARGETS.items())}")
 
 
-def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) -> list[dict]:
-    """Validate the clean and/or backdoored encoder of a job; one CSV row each, appended as it finishes."""
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None, warn=_warn) -> list[dict]:
+    """Validate the clean and/or backdoored encoder of a job; one CSV row each, appended as it finishes.
+
+    Refuses test data that cannot measure CA/BA or ASR; weak data is reported through `warn` and in the run record.
+    """
     roles = [(role, path) for role, path in (("clean", job.clean_encoder), ("backdoored", job.encoder_path)) if path]
     if not roles:
         raise ValueError("give --encoder_path (backdoored encoder) and/or --clean_encoder")
@@ -223,6 +251,9 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
                         f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
     train_path, test_path = job.data_paths(spec.input_size)
     data = load_downstream_data(train_path, test_path, spec.input_size)
+    warnings = check_measurable(data, target, train_path, test_path)
+    for line in warnings:
+        warn(line)
     atomic.check_writable(Path(job.results_file).parent)
     rows, run = [], new_run_name()
     for role, path in roles:
@@ -237,7 +268,8 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
         cfg = job.config
         if not rows:
             write_run_record(job.results_file, run, job, device=str(device), trigger_file=str(trigger_file),
-                             train_data=str(train_path), test_data=str(test_path), reference_label=target)
+                             train_data=str(train_path), test_data=str(test_path), reference_label=target,
+                             warnings=warnings)
         row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": run,
                "encoder_path": str(path),
                "role": role, "usage_info": spec.usage_info, "arch": spec.arch, "dataset": job.dataset,

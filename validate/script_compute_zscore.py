@@ -11,6 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from datasets import DataError  # noqa: E402
 from decree.cli import OneLineParser, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
@@ -28,6 +30,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("script_compute_zscore.py"):
+        configure_threads(args.threads)
         job = zscore_job(args)
         import_arch_modules(args.arch_module)
         encoders = find_encoders(args.encoder_dirs or PAPER_ENCODER_DIRS, skip_missing=not args.encoder_dirs)

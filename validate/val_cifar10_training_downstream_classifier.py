@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from decree.cli import OneLineParser, add_encoder_args, at_least, output_file, positive, user_errors  # noqa: E402
 from models import import_arch_modules  # noqa: E402
 from validate.downstream import DownstreamConfig, DownstreamJob, run_downstream  # noqa: E402
@@ -73,6 +75,7 @@ def main(argv=None):
               f"{row['epochs']} epochs")
 
     with user_errors("val_cifar10_training_downstream_classifier.py"):
+        configure_threads(args.threads)
         import_arch_modules(args.arch_module)
         run_downstream(job, progress=not args.quiet, on_result=report)
     print(f"appended to {args.results_file}")
