@@ -7,8 +7,10 @@ Writes trigger_inv/<run_id>/, detect_log/<run_id>.log|.csv and trigger_norm/<run
 """
 import argparse
 
-from decree.cli import add_encoder_args, add_inversion_args, inversion_kwargs, user_errors
+from decree.cli import (add_encoder_args, add_inversion_args, add_target_args, inversion_kwargs, target_kwargs,
+                        user_errors)
 from decree.detect import DetectionJob, run_detection
+from decree.target import target_lines
 from models import import_arch_modules
 
 
@@ -18,6 +20,7 @@ def parse_args(argv=None):
     add_encoder_args(parser)
     add_inversion_args(parser)
     parser.set_defaults(lr=1e-3)
+    add_target_args(parser)
     parser.add_argument("--out_dir", default=".", help="root of the three output folders (default .)")
     parser.add_argument("--id", default=None, help="run id (default: derived from --encoder_path)")
     parser.add_argument("--model_flag", default="", help="free label written to --result_file (e.g. clean)")
@@ -30,14 +33,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
-                       model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
+                       model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args),
+                       **target_kwargs(args))
     with user_errors("main.py"):
         import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
     print(f"results: {job.paths().json}")
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
     print(f"{record['encoder_path']}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
-          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']})")
+          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f})")
+    print("\n".join(target_lines(record)))
 
 
 if __name__ == "__main__":

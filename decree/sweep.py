@@ -37,15 +37,18 @@ SWEEP_DEFAULTS = {"lr": 0.5}
 INTERRUPTED = (130, -signal.SIGINT)
 # per-encoder flags: set by the sweep for each encoder, never passed through from the command line
 PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
+MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text")
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a sweep; label is 'clean' or 'backdoor'."""
+    """One encoder of a sweep; label is 'clean' or 'backdoor'; reference/reference_text: its attack's known target."""
     path: str
     usage_info: str
     arch: str | None
     label: str
+    reference: str | None = None
+    reference_text: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -101,9 +104,10 @@ def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[E
 
 
 def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) -> list[Encoder]:
-    """CSV with columns path[,usage_info][,arch][,label]; empty cells take the command-line defaults.
+    """CSV with columns path[,usage_info][,arch][,label][,reference][,reference_text]; empty cells take the
+    command-line defaults (reference: the attack's reference npz; reference_text: its target caption).
 
-    Relative paths are relative to the manifest's folder, so a manifest travels with its encoders.
+    Relative paths (encoders, references) are relative to the manifest's folder, so a manifest travels with them.
     """
     path = Path(path)
     if not path.is_file():
@@ -112,11 +116,11 @@ def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) ->
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns:
-            raise ValueError(f"{path}: needs a header with a 'path' column (optional: usage_info, arch, label); "
-                             f"found {columns or 'an empty file'}")
-        unknown = set(columns) - {"path", "usage_info", "arch", "label"}
+            raise ValueError(f"{path}: needs a header with a 'path' column (optional: "
+                             f"{', '.join(MANIFEST_COLUMNS[1:])}); found {columns or 'an empty file'}")
+        unknown = set(columns) - set(MANIFEST_COLUMNS)
         if unknown:
-            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use path, usage_info, arch, label")
+            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use {', '.join(MANIFEST_COLUMNS)}")
         encoders = [_manifest_row(path, line, {k.strip(): (v or "").strip() for k, v in row.items() if k},
                                   usage_info, arch)
                     for line, row in enumerate(reader, start=2)]
@@ -129,16 +133,21 @@ def _manifest_row(manifest: Path, line: int, row: dict, usage_info: str, arch: s
     where = f"{manifest}:{line}"
     if not row.get("path"):
         raise ValueError(f"{where}: empty path")
-    encoder = Path(row["path"]).expanduser()
-    if not encoder.is_absolute():
-        encoder = manifest.parent / encoder
+    encoder = _beside(manifest, row["path"])
     usage = row.get("usage_info") or usage_info
     if usage not in USAGE_INFOS:
         raise ValueError(f"{where}: usage_info {usage!r} is not one of {', '.join(USAGE_INFOS)}")
     label = row.get("label") or infer_label(row["path"])
     if label not in LABELS:
         raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor'")
-    return Encoder(str(encoder), usage, row.get("arch") or arch, label)
+    reference = str(_beside(manifest, row["reference"])) if row.get("reference") else None
+    return Encoder(str(encoder), usage, row.get("arch") or arch, label, reference, row.get("reference_text") or None)
+
+
+def _beside(manifest: Path, cell: str) -> Path:
+    """A manifest's path cell: absolute, or relative to the manifest's folder."""
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
 
 
 def find_encoders(manifest=None, patterns=None, root="output", usage_info: str = "cifar10",
@@ -240,6 +249,10 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict) -> list[s
                "--quiet"]
     if enc.arch:
         command += ["--arch", enc.arch]
+    if enc.reference:
+        command += ["--reference_file", enc.reference]
+    if enc.reference_text:
+        command += ["--reference_text", enc.reference_text]
     return command + passthrough_argv(options)
 
 
