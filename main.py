@@ -39,10 +39,10 @@ def main(argv=None):
         import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
     print(f"results: {job.paths().json}")
+    print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
     print(f"{record['encoder_path']}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
           f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f})")
-    print("\n".join(target_lines(record)))
 
 
 if __name__ == "__main__":

@@ -245,3 +245,22 @@ def test_manifest_reference_columns_reach_main_py(tmp_path):
     command = main_py_command(b, "cpu", tmp_path, {"target_templates": "simple", "no_target_names": False})
     assert command[command.index("--reference_text") + 1] == "a photo of a truck."
     assert "--target_templates" in command and "--no_target_names" not in command
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reference_text", "a photo of a truck."], "--reference_text needs a CLIP text tower"),
+    (["--reference_file", "small"], "images are 16x16 px but the encoder takes 32x32"),
+    (["--target_vocab", "missing.txt", "--text_tower", "planted.pth"], "holds no CLIP text tower"),
+])
+def test_target_flag_errors_are_one_line_before_any_output(runs, tmp_path, capsys, flags, message):
+    folder, _, _ = runs
+    save_reference(tmp_path / "small.npz", smooth_images(1, 16), np.zeros(1, np.int64))
+    flags = [str(tmp_path / "small.npz") if f == "small" else str(folder / f) if f == "planted.pth" else f
+             for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--encoder_path", str(folder / "planted.pth"), "--arch_module", "planted_arch", "--arch", "planted",
+                   "--shadow_data", str(folder / "shadow.npz"), "--out_dir", str(tmp_path / "out"), "--device", "cpu",
+                   "--quiet"] + flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out" / "trigger_norm").exists()
