@@ -17,8 +17,8 @@ from common import io as atomic
 from .sweep import LABELS, failed_dir, infer_label
 from .target import ranking_score
 
-SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "score", "verdict", "epochs",
-                   "seconds", "target_cos", "target_name", "status", "error")
+SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
+                   "status", "error", "score", "target_cos", "target_name")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 8, 96
 
@@ -218,7 +218,9 @@ def write_report(out_dir, threshold: float = 0.1, encoders=()) -> dict:
     atomic.write_json(norm / "summary.json", {"metrics": metrics, "files": outputs,
                                               "failed": {r["run_id"]: r["error"] for r in rows
                                                          if r["status"] == "failed"},
-                                              "not_run": [r["path"] for r in rows if r["status"] == "not run"]})
+                                              "not_run": [r["path"] for r in rows if r["status"] == "not run"],
+                                              "scores": {r["run_id"]: r["score"] for r in rows
+                                                         if r["status"] == "done"}})
     plot_pl1(rows, threshold, outputs["pl1_plot"])
     plot_gallery(rows, out_dir, outputs["gallery"])
     return metrics

@@ -226,6 +226,8 @@ def test_export_round_trips(runs, tmp_path, capsys):
     assert entries[run_id_for(folder / "planted.pth")]["backdoored"]
     summary = (out / "trigger_norm" / "summary.csv").read_text()
     assert "score" in summary.splitlines()[0] and "target_cos" in summary.splitlines()[0]
+    scores = json.loads((out / "trigger_norm" / "summary.json").read_text())["scores"]
+    assert scores == {run_id: entry["score"] for run_id, entry in entries.items()}
     again = export_predictions(out, export)  # re-exporting into the same folder is idempotent
     assert again["predictions"] == json.loads(export.read_text())["predictions"]
 
