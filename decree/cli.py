@@ -8,6 +8,7 @@ from models import USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
 from .inversion import InversionError
+from .target import TEMPLATE_SETS
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
 USER_ERRORS = (CheckpointError, DataError, DeviceError, InversionError, PermissionError, FileNotFoundError,
@@ -82,7 +83,7 @@ def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> 
                             "encoder's own file is a visual tower only")
     group.add_argument("--target_vocab", default=None, metavar="TXT",
                        help="names to rank against the target, one per line (default: the 1,000 ImageNet classes)")
-    group.add_argument("--target_templates", default="paper", choices=("paper", "simple"),
+    group.add_argument("--target_templates", default="paper", choices=TEMPLATE_SETS,
                        help="prompt templates: paper = CLIP's 80 ImageNet templates (default), simple = 7 (faster)")
     group.add_argument("--no_target_names", action="store_true",
                        help="skip naming the target (zero-shot ranking of the vocabulary) for CLIP encoders")

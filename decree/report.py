@@ -246,5 +246,6 @@ def _recovery_lines(recovery: dict | None) -> list[str]:
         return []
     lines = [f"target recovery: mean cos(recovered, true target) {recovery['mean_cos']:.4f} over "
              f"{recovery['encoders']} flagged encoder(s) with a known target"]
-    lines += [f"  {family}: {v['mean_cos']:.4f} ({v['encoders']})" for family, v in recovery.get("by_family", {}).items()]
+    lines += [f"  {family}: {v['mean_cos']:.4f} ({v['encoders']})"
+              for family, v in recovery.get("by_family", {}).items()]
     return lines

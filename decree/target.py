@@ -26,6 +26,7 @@ from common import io as atomic
 from .inversion import stamp
 
 TOP_NAMES = 5
+TEMPLATE_SETS = ("paper", "simple")
 EMBED_BATCH = 256  # images per forward pass when embedding the whole shadow set
 
 
@@ -103,14 +104,17 @@ def load_target(path) -> torch.Tensor:
 
 # ---- naming -----------------------------------------------------------------------------------------------
 
+def check_template_set(kind: str) -> None:
+    if kind not in TEMPLATE_SETS:
+        raise ValueError(f"--target_templates {kind!r}: choose paper (80 prompts) or simple (7)")
+
+
 def prompt_templates(kind: str = "paper") -> list:
     """'paper': CLIP's 80 ImageNet templates (as in DECREE's imagenet.py); 'simple': open_clip's 7-template subset,
     about 11x cheaper. Each template is a callable name -> prompt."""
+    check_template_set(kind)
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-    sets = {"paper": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
-    if kind not in sets:
-        raise ValueError(f"--target_templates {kind!r}: choose paper (80 prompts) or simple (7)")
-    return list(sets[kind])
+    return list(OPENAI_IMAGENET_TEMPLATES if kind == "paper" else SIMPLE_IMAGENET_TEMPLATES)
 
 
 def read_vocabulary(path=None) -> list[str]:
@@ -161,7 +165,7 @@ def prepare_target(job, spec, device) -> TargetSetup:
     """Load the truth (reference images / text) and the text tower a run's flags ask for (job: DetectionJob)."""
     setup = TargetSetup(reference_file=job.reference_file, reference_text=job.reference_text,
                         templates=job.target_templates)
-    prompt_templates(job.target_templates)  # an unknown choice fails now, not after the inversion
+    check_template_set(job.target_templates)  # fail now, not after the inversion
     if job.reference_file:
         images, _ = load_reference(job.reference_file)
         if images.shape[1:3] != (spec.input_size, spec.input_size):
