@@ -13,10 +13,11 @@ import argparse
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from common.determinism import add_determinism_arg, configure_determinism
-from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, inversion_kwargs, output_file, run_id,
-                        user_errors)
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_target_args, inversion_kwargs,
+                        output_file, run_id, target_kwargs, user_errors)
 from decree.detect import DetectionJob, run_detection
 from decree.sweep import interrupt_on_sigterm
+from decree.target import target_lines
 from models import import_arch_modules
 
 EXPERIMENT_DEFAULTS = {"lr": 0.5, "batch_size": 32, "seed": 80, "mask_init": "rand"}
@@ -33,6 +34,7 @@ def parse_args(argv=None):
                         help="default to the paper's main.py values (lr 1e-3, batch 256, seed 100) instead of "
                              "its experiments' (lr 0.5, batch 32, seed 80)")
     add_determinism_arg(parser)
+    add_target_args(parser)
     parser.add_argument("--out_dir", default=".", help="root of the three output folders (default .)")
     parser.add_argument("--id", type=run_id, default=None,
                         help="run id, a plain file name (default: derived from --encoder_path)")
@@ -52,16 +54,18 @@ def main(argv=None):
     with user_errors("main.py"):
         configure_threads(args.threads)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
-                       model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args))
+                       model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args),
+                       **target_kwargs(args))
     configure_determinism(args.nondeterministic)
     with user_errors("main.py"):
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
     print(f"results: {job.paths().json}")
+    print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
     print(f"{record['encoder_path']}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
-          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']})")
+          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f})")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ r"""DECREE over many encoders: every local GPU (or N CPU workers) or a Slurm arr
     python run_decree.py --encoders 'my/encoders/**/*.pth' --encoder_usage_info stl10 --devices cpu --workers 4
     python run_decree.py --shard 2/4 ...                  # or inside a Slurm array job: SLURM_ARRAY_TASK_*
     python run_decree.py --report --out_dir sweep         # merge every shard's results into the report
+    python run_decree.py --report --out_dir sweep --export sweep/predictions.json   # challenge-style export
 
 Each encoder runs main.py in its own process (same outputs as main.py under --out_dir). Finished encoders
 (trigger_norm/<run_id>.json) are skipped, so a killed sweep resumes where it stopped; failed ones are
@@ -21,9 +22,10 @@ import sys
 import time
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
-from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, at_least, inversion_kwargs, output_file,
-                        user_errors)
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_target_args, at_least,
+                        inversion_kwargs, output_file, target_kwargs, user_errors)
 from common.io import check_writable
+from decree.export import export_predictions
 from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
                           parse_shard, pending, run_sweep, select_shard, shard_from_slurm, worker_devices,
@@ -38,8 +40,9 @@ def parse_args(argv=None):
     found = parser.add_argument_group("which encoders (default: the paper's folders output/<usage_info>/)")
     source = found.add_mutually_exclusive_group()
     source.add_argument("--manifest", default=None,
-                        help="CSV with columns path[,usage_info][,arch][,label clean|backdoor]; relative paths "
-                             "are relative to the CSV; empty cells take --encoder_usage_info/--arch")
+                        help="CSV with columns path[,usage_info][,arch][,label clean|backdoor][,reference NPZ]"
+                             "[,reference_text TEXT]; relative paths are relative to the CSV; empty cells take "
+                             "--encoder_usage_info/--arch")
     source.add_argument("--encoders", nargs="+", default=None, metavar="GLOB",
                         help="checkpoint globs (quote them; ** recurses), all of --encoder_usage_info/--arch")
     found.add_argument("--output_root", default="output",
@@ -47,6 +50,7 @@ def parse_args(argv=None):
     add_encoder_args(parser)
     add_inversion_args(parser)
     parser.set_defaults(**SWEEP_DEFAULTS)
+    add_target_args(parser, reference=False)  # per-encoder truths come from the manifest
     run = parser.add_argument_group("sweep")
     run.add_argument("--out_dir", default=".", help="root of trigger_inv/, detect_log/, trigger_norm/ (default .)")
     run.add_argument("--devices", default=None,
@@ -66,6 +70,9 @@ def parse_args(argv=None):
     run.add_argument("--list", action="store_true", help="print this shard's encoders and their state, run nothing")
     run.add_argument("--report", action="store_true",
                      help="run nothing: write the report of every result under --out_dir (all shards)")
+    run.add_argument("--export", default=None, metavar="JSON",
+                     help="also write challenge-style predictions (backdoored, score, target file per encoder) "
+                          "here, with the target tensors copied beside it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -83,7 +90,7 @@ def describe(encoders, shard) -> str:
 
 def sweep(args, encoders, shard) -> dict:
     """Run this shard's unfinished encoders on the worker pool; returns the counts."""
-    options = {**inversion_kwargs(args), "result_file": args.result_file}
+    options = {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file}
     slots = worker_devices(args.devices, args.device, args.gpu, args.workers)
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
@@ -123,8 +130,12 @@ def main(argv=None):
         check_writable(args.out_dir)
         counts = {"failed": 0} if args.report else sweep(args, encoders, shard)
         metrics = write_report(args.out_dir, args.pl1_threshold, encoders)
+        if args.export:
+            exported = export_predictions(args.out_dir, args.export, args.pl1_threshold, encoders)
     print(format_metrics(metrics))
     print(f"report: {args.out_dir}/trigger_norm/summary.csv, summary.json, pl1.png, gallery.png")
+    if args.export:
+        print(f"export: {args.export} ({len(exported['predictions'])} encoders, target tensors beside it)")
     if counts["failed"]:
         sys.exit(1)
 

@@ -11,6 +11,7 @@ from models import USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
 from .inversion import InversionError
+from .target import TEMPLATE_SETS
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
 USER_ERRORS = (CheckpointError, DataError, DeviceError, InversionError, PermissionError, FileNotFoundError,
@@ -148,6 +149,33 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
+
+
+def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> None:
+    """Flags of the target recovery (docs/target.md); `reference`: also the per-encoder truth flags."""
+    group = parser.add_argument_group("the attack's target (recovered for every run: trigger_norm/<run_id>.target.pt)")
+    if reference:
+        group.add_argument("--reference_file", default=None, metavar="NPZ",
+                           help="the attack's reference inputs (x uint8 (K,H,W,3)): report cos(recovered, their "
+                                "embedding)")
+        group.add_argument("--reference_text", default=None, metavar="TEXT",
+                           help='the attack\'s target caption, e.g. "a photo of a truck." (needs a CLIP text tower): '
+                                "report cos(recovered, its text embedding)")
+    group.add_argument("--text_tower", default=None, metavar="FILE",
+                       help="full CLIP checkpoint (e.g. OpenAI's RN50.pt) whose text tower names the target when the "
+                            "encoder's own file is a visual tower only")
+    group.add_argument("--target_vocab", default=None, metavar="TXT",
+                       help="names to rank against the target, one per line (default: the 1,000 ImageNet classes)")
+    group.add_argument("--target_templates", default="paper", choices=TEMPLATE_SETS,
+                       help="prompt templates: paper = CLIP's 80 ImageNet templates (default), simple = 7 (faster)")
+    group.add_argument("--no_target_names", action="store_true",
+                       help="skip naming the target (zero-shot ranking of the vocabulary) for CLIP encoders")
+
+
+def target_kwargs(args) -> dict:
+    """The DetectionJob fields that add_target_args defines (the reference ones only where present)."""
+    names = ("reference_file", "reference_text", "text_tower", "target_vocab", "target_templates", "no_target_names")
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
 
 
 def inversion_kwargs(args) -> dict:

@@ -14,6 +14,7 @@ from common import io as atomic
 from common.device import resolve_device
 from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, preset
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
+from .target import analyse_target, prepare_target, ranking_score
 
 
 @dataclass
@@ -45,6 +46,13 @@ class DetectionJob:
     float32: bool = False
     amp: bool = False
     channels_last: bool = False
+    # the attack's target (decree/target.py): truth to compare with, and naming for CLIP encoders
+    reference_file: str | None = None
+    reference_text: str | None = None
+    text_tower: str | None = None
+    target_vocab: str | None = None
+    target_templates: str = "paper"
+    no_target_names: bool = False
 
     def inversion_config(self) -> InversionConfig:
         return preset(self.encoder_usage_info, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
@@ -80,6 +88,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
                                  job.shadow_fraction, seed=cfg.seed, progress=progress)
     shadow = shadow_set.images
     print(shadow_set.describe(), flush=True)
+    target_setup = prepare_target(job, spec, device)
 
     def save_snapshot(record, best):
         if job.save_snapshots and best.improved_this_epoch:
@@ -96,11 +105,13 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
         if isinstance(err, InversionError):
             raise InversionError(f"{job.encoder_path}: {err}") from err
         raise
+    target = analyse_target(target_setup, model, spec, shadow, result, device, paths.target)
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
             "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
+            "score": ranking_score(result.pl1, result.pl1_threshold), "target": target,
             "wall_seconds": time.time() - started}
     record = write_run(paths, result, meta, _log_text(job, meta, result))
     if job.result_file:

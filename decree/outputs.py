@@ -37,6 +37,11 @@ class RunPaths:
         return Path(self.out_dir) / "trigger_inv" / self.run_id
 
     @property
+    def target(self) -> Path:
+        """The recovered target embedding, float32 (D,) (decree/target.py)."""
+        return Path(self.out_dir) / "trigger_norm" / f"{self.run_id}.target.pt"
+
+    @property
     def log(self) -> Path:
         return Path(self.out_dir) / "detect_log" / f"{self.run_id}.log"
 

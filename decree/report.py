@@ -16,9 +16,10 @@ import numpy as np
 
 from common import io as atomic
 from .sweep import LABELS, failed_dir, infer_label
+from .target import ranking_score
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
-                   "status", "error")
+                   "status", "error", "score", "target_cos", "target_name")
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
@@ -71,10 +72,27 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
                                   "error": record.get("error")}
     for record in _records(norm, FINISHED_KEYS):  # a finished run outranks an older failure of the same encoder
         rows[record["run_id"]] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
+                                  "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
-                                  "seconds": record["seconds"], "status": "done"}
+                                  "seconds": record["seconds"], **_target_columns(record), "status": "done"}
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row} for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
+
+
+def _target_columns(record: dict) -> dict:
+    """cos(recovered, true target) and the best name, where the run has them (decree/target.py)."""
+    target = record.get("target") or {}
+    names = target.get("names") or [{}]
+    return {"target_cos": target.get("reference", {}).get("cos"), "target_name": names[0].get("name")}
+
+
+def score_auroc(score_backdoor, score_clean) -> float:
+    """P(a backdoored encoder scores higher than a clean one), ties counting half."""
+    bad = np.asarray(score_backdoor, dtype=float)[:, None]
+    good = np.asarray(score_clean, dtype=float)[None, :]
+    if bad.size == 0 or good.size == 0:
+        raise ValueError("AUROC needs at least one clean and one backdoored encoder")
+    return float((bad > good).mean() + 0.5 * (bad == good).mean())
 
 
 def auroc(pl1_backdoor, pl1_clean) -> float:
@@ -87,13 +105,14 @@ def auroc(pl1_backdoor, pl1_clean) -> float:
 
 
 def detection_metrics(rows, threshold: float) -> dict:
-    """Counts, accuracy, TPR, FPR at `threshold`, and AUROC over PL1 when both labels are present."""
+    """Counts, accuracy, TPR, FPR at `threshold`, AUROC when both labels are present (over the ranking score, which
+    orders encoders as PL1 does), and the target recovery."""
     done = [row for row in rows if row["status"] == "done"]
     flagged = {label: [verdict_at(r["pl1"], threshold) == "trojaned" for r in done if r["label"] == label]
                for label in LABELS}
     tp, fn = sum(flagged["backdoor"]), len(flagged["backdoor"]) - sum(flagged["backdoor"])
     fp, tn = sum(flagged["clean"]), len(flagged["clean"]) - sum(flagged["clean"])
-    pl1 = {label: [r["pl1"] for r in done if r["label"] == label] for label in LABELS}
+    score = {label: [ranking_score(r["pl1"], threshold) for r in done if r["label"] == label] for label in LABELS}
     return {
         "threshold": threshold, "encoders": len(rows), "done": len(done),
         "failed": sum(row["status"] == "failed" for row in rows),
@@ -102,8 +121,25 @@ def detection_metrics(rows, threshold: float) -> dict:
         "accuracy": (tp + tn) / len(done) if done else None,
         "tpr": tp / (tp + fn) if tp + fn else None,
         "fpr": fp / (fp + tn) if fp + tn else None,
-        "auroc": auroc(pl1["backdoor"], pl1["clean"]) if pl1["backdoor"] and pl1["clean"] else None,
+        "auroc": score_auroc(score["backdoor"], score["clean"]) if score["backdoor"] and score["clean"] else None,
+        "target_recovery": target_recovery(done, threshold),
     }
+
+
+def target_recovery(done, threshold: float) -> dict | None:
+    """Mean cos(recovered, true target) over flagged encoders whose truth is known, overall and per `family`
+    where rows carry one; None when no flagged encoder has a known target."""
+    known = [r for r in done if r.get("target_cos") is not None and verdict_at(r["pl1"], threshold) == "trojaned"]
+    if not known:
+        return None
+
+    def mean_cos(rows):
+        return {"mean_cos": float(np.mean([r["target_cos"] for r in rows])), "encoders": len(rows)}
+    summary = mean_cos(known)
+    families = sorted({r["family"] for r in known if r.get("family")})
+    if families:
+        summary["by_family"] = {f: mean_cos([r for r in known if r.get("family") == f]) for f in families}
+    return summary
 
 
 def summary_csv(rows) -> str:
@@ -244,7 +280,9 @@ def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> 
     atomic.write_json(norm / "summary.json", {"metrics": metrics, "files": outputs,
                                               "failed": {r["run_id"]: r["error"] for r in rows
                                                          if r["status"] == "failed"},
-                                              "not_run": [r["path"] for r in rows if r["status"] == "not run"]})
+                                              "not_run": [r["path"] for r in rows if r["status"] == "not run"],
+                                              "scores": {r["run_id"]: r["score"] for r in rows
+                                                         if r["status"] == "done"}})
     plot_pl1(rows, threshold, outputs["pl1_plot"])
     plot_gallery(rows, out_dir, outputs["gallery"], planted)
     return metrics
@@ -260,5 +298,16 @@ def format_metrics(metrics: dict) -> str:
         f"{metrics['backdoor']} backdoor / {metrics['clean']} clean among the finished",
         f"at PL1 threshold {metrics['threshold']:g}: accuracy {pct(metrics['accuracy'])}, "
         f"TPR {pct(metrics['tpr'])} ({metrics['tp']}/{metrics['backdoor']}), "
-        f"FPR {pct(metrics['fpr'])} ({metrics['fp']}/{metrics['clean']}); AUROC over PL1 {pct(metrics['auroc'])}",
-    ])
+        f"FPR {pct(metrics['fpr'])} ({metrics['fp']}/{metrics['clean']}); AUROC over PL1 {pct(metrics['auroc'])} "
+        "(= over the score thr/(thr+PL1))",
+    ] + _recovery_lines(metrics.get("target_recovery")))
+
+
+def _recovery_lines(recovery: dict | None) -> list[str]:
+    if not recovery:
+        return []
+    lines = [f"target recovery: mean cos(recovered, true target) {recovery['mean_cos']:.4f} over "
+             f"{recovery['encoders']} flagged encoder(s) with a known target"]
+    lines += [f"  {family}: {v['mean_cos']:.4f} ({v['encoders']})"
+              for family, v in recovery.get("by_family", {}).items()]
+    return lines

@@ -53,15 +53,18 @@ INTERRUPTED = (130, -signal.SIGINT)
 PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
 CLAIM_GRACE = 60  # seconds past its owner's timeout after which a claim is stale wherever its owner runs
+MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text")
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a sweep; label is 'clean' or 'backdoor'."""
+    """One encoder of a sweep; label is 'clean' or 'backdoor'; reference/reference_text: its attack's known target."""
     path: str
     usage_info: str
     arch: str | None
     label: str
+    reference: str | None = None
+    reference_text: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -133,9 +136,10 @@ def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[E
 
 
 def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) -> list[Encoder]:
-    """CSV with columns path[,usage_info][,arch][,label]; empty cells take the command-line defaults.
+    """CSV with columns path[,usage_info][,arch][,label][,reference][,reference_text]; empty cells take the
+    command-line defaults (reference: the attack's reference npz; reference_text: its target caption).
 
-    Relative paths are relative to the manifest's folder, so a manifest travels with its encoders.
+    Relative paths (encoders, references) are relative to the manifest's folder, so a manifest travels with them.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,11 +148,11 @@ def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) ->
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns:
-            raise ValueError(f"{path}: needs a header with a 'path' column (optional: usage_info, arch, label); "
-                             f"found {columns or 'an empty file'}")
-        unknown = set(columns) - {"path", "usage_info", "arch", "label"}
+            raise ValueError(f"{path}: needs a header with a 'path' column (optional: "
+                             f"{', '.join(MANIFEST_COLUMNS[1:])}); found {columns or 'an empty file'}")
+        unknown = set(columns) - set(MANIFEST_COLUMNS)
         if unknown:
-            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use path, usage_info, arch, label")
+            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use {', '.join(MANIFEST_COLUMNS)}")
         encoders = [_manifest_row(path, line, {k.strip(): (v or "").strip() for k, v in row.items() if k},
                                   usage_info, arch)
                     for line, row in enumerate(reader, start=2)]
@@ -161,16 +165,21 @@ def _manifest_row(manifest: Path, line: int, row: dict, usage_info: str, arch: s
     where = f"{manifest}:{line}"
     if not row.get("path"):
         raise ValueError(f"{where}: empty path")
-    encoder = Path(row["path"]).expanduser()
-    if not encoder.is_absolute():
-        encoder = manifest.parent / encoder
+    encoder = _beside(manifest, row["path"])
     usage = row.get("usage_info") or usage_info
     if usage not in USAGE_INFOS:
         raise ValueError(f"{where}: usage_info {usage!r} is not one of {', '.join(USAGE_INFOS)}")
     label = row.get("label") or infer_label(row["path"])
     if label not in LABELS:
         raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor'")
-    return Encoder(str(encoder), usage, row.get("arch") or arch, label)
+    reference = str(_beside(manifest, row["reference"])) if row.get("reference") else None
+    return Encoder(str(encoder), usage, row.get("arch") or arch, label, reference, row.get("reference_text") or None)
+
+
+def _beside(manifest: Path, cell: str) -> Path:
+    """A manifest's path cell: absolute, or relative to the manifest's folder."""
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
 
 
 def find_encoders(manifest=None, patterns=None, root="output", usage_info: str = "cifar10",
@@ -402,6 +411,10 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: 
             "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
     if enc.arch:
         args += ["--arch", enc.arch]
+    if enc.reference:
+        args += ["--reference_file", enc.reference]
+    if enc.reference_text:
+        args += ["--reference_text", enc.reference_text]
     return isolated_command(MAIN_PY, args + passthrough_argv(options), *imports, parent=os.getpid())
 
 
