@@ -625,6 +625,7 @@ def test_sigterm_ends_main_cleanly(good, tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
+@pytest.mark.slow  # a sweep, two worker processes and a report: over 20 s on one core
 def test_sweep_records_hostile_encoders_as_failed(archives, good, tmp_path):
     """Workers meet a code-running pickle and a TorchScript payload: both failed with their reason, nothing ran,
     the sweep goes on and reports (exit status 1: an encoder failed)."""
