@@ -16,7 +16,7 @@ from datasets import NORMALIZATION, save_npz_dataset, save_reference, to_model_i
 from decree.export import export_predictions, read_predictions
 from decree.outputs import RunPaths, run_id_for
 from decree.report import auroc, detection_metrics, score_auroc
-from decree.sweep import main_py_command, read_manifest
+from decree.sweep import main_py_command, read_manifest, worker_imports
 from decree.target import (TargetSetup, analyse_target, load_target, mean_pairwise_cos_of_units, name_embeddings,
                            prompt_templates, ranking_score, read_vocabulary, recover_target, unit_embeddings)
 from models import encoder_spec
@@ -242,9 +242,10 @@ def test_manifest_reference_columns_reach_main_py(tmp_path):
     assert a.reference == str(tmp_path / "refs" / "truck.npz") and a.reference_text is None
     assert b.reference is None and b.reference_text == "a photo of a truck."
     assert c.reference is None and c.reference_text is None
-    command = main_py_command(a, "cpu", tmp_path, {})
+    command = main_py_command(a, "cpu", tmp_path, {}, worker_imports(tmp_path))
     assert command[command.index("--reference_file") + 1] == a.reference
-    command = main_py_command(b, "cpu", tmp_path, {"target_templates": "simple", "no_target_names": False})
+    command = main_py_command(b, "cpu", tmp_path, {"target_templates": "simple", "no_target_names": False},
+                              worker_imports(tmp_path))
     assert command[command.index("--reference_text") + 1] == "a photo of a truck."
     assert "--target_templates" in command and "--no_target_names" not in command
 
