@@ -41,7 +41,8 @@ from datasets.photos import PHOTOS, load_photos, photo_patches
 from decree.report import auroc, collect_rows, verdict_at, write_report
 from decree.sweep import read_manifest, run_sweep, worker_devices
 from models import SimCLR, load_encoder
-from validate.downstream import DownstreamConfig, DownstreamData, validate_encoder
+from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
+                                 train_classifier)
 
 CLEAN_FAMILIES = ("clean-parent", "clean-control")
 STAGES = ("population", "detect", "report")
@@ -252,7 +253,7 @@ def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, de
 
 
 def probe_settings(cfg: BenchConfig, data_key: str) -> dict:
-    return {"data": data_key, **_subset(cfg, "probe_epochs", "took_asr")}
+    return {"data": data_key, "probe_epochs": cfg.probe_epochs}
 
 
 @torch.no_grad()
@@ -262,30 +263,72 @@ def target_cosine(encoder, images, references, trigger, mean, std) -> float:
     return float((stamped @ unit_embeddings(encoder, references, mean, std).T).max(dim=1).values.mean())
 
 
-def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> dict:
-    """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR/accuracy."""
+def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool = False
+                    ) -> dict:
+    """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR.
+
+    ASR counts stamped test images (true class other than the target's) that the probe puts in the class it
+    gives the reference image: a toy probe may misclassify the reference patch itself, and the backdoor sends
+    stamped images to the reference, whatever the probe calls it. target_predicted records that class.
+    """
     mean, std = NORMALIZATION[cfg.usage_info]
     trigger = make_trigger(member.family, 32, member.trigger_seed)
     train_x, train_y = load_npz(data["probe_train"], require_labels=True)
     test_x, test_y = load_npz(data["probe_test"], require_labels=True)
     refs = load_npz(data["reference"])[0]
     refs = torch.from_numpy(refs if member.family == "drupe" else refs[:1]).to(device)
-    test = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
     encoders = {role: load_encoder(path, cfg.usage_info, cfg.arch, device)[0]
                 for role, path in (("attacked", member.path), ("parent", parent.path))}
-    cosines = {role: target_cosine(encoder, test, refs, trigger, mean, std) for role, encoder in encoders.items()}
-    scores, _ = validate_encoder(encoders["attacked"], DownstreamData(train_x, train_y, test_x, test_y), trigger,
-                                 cfg.target_label, mean, std, DownstreamConfig(epochs=cfg.probe_epochs), device,
-                                 progress=progress, desc="probe")
-    return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"], "asr": scores["asr"],
-            "accuracy": scores["accuracy"], "took": scores["asr"] >= cfg.took_asr}
+    others = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
+    cosines = {role: target_cosine(encoder, others, refs, trigger, mean, std) for role, encoder in encoders.items()}
+    probe = DownstreamData(train_x, train_y, test_x, test_y)
+    features = embed_downstream(encoders["attacked"], probe, trigger, mean, std, device, progress=progress)
+    net = train_classifier(features.train, train_y, probe.num_classes, DownstreamConfig(epochs=cfg.probe_epochs),
+                           progress, desc="probe")
+    predicted = predict(net, unit_embeddings(encoders["attacked"], refs[:1], mean, std))
+    target = int(predicted[0])
+    hit = predict(net, features.stamped) == target
+    return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"],
+            "asr": 100.0 * hit[torch.as_tensor(test_y, device=hit.device) != target].float().mean().item(),
+            "accuracy": attack_scores(net, features, test_y, target)["accuracy"], "target_label": cfg.target_label,
+            "target_predicted": target}
+
+
+def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: dict, device, probe_key: str,
+                 progress: bool = False) -> None:
+    """Train one encoder (a parent, or a child of a trained parent) and, for an attack, record its success."""
+    if not is_built(member):
+        if parent is None:
+            train_parent(cfg, member, data, device, progress)
+        else:
+            train_child(cfg, member, parent, data, device, progress)
+    record = member.path.parent / f"success_{probe_key}.json"
+    if member.label == "backdoor" and not record.is_file():
+        atomic.write_json(record, measure_success(cfg, member, parent, data, device, progress))
+
+
+def _build_all(cfg, jobs: list, data: dict, device, probe_key: str, workers: int, progress: bool, log) -> None:
+    """build_member over (member, parent) pairs: in this process, or in `workers` processes (GPU boxes)."""
+    if workers <= 1:
+        for i, (member, parent) in enumerate(jobs, 1):
+            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
+            build_member(cfg, member, parent, data, device, probe_key, progress)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(build_member, cfg, m, p, data, str(device), probe_key) for m, p in jobs]
+        for i, ((member, _), future) in enumerate(zip(jobs, futures), 1):
+            future.result()
+            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
 
 
 def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", progress: bool = True,
-                     log=print) -> Path:
+                     log=print, jobs: int = 1) -> Path:
     """Build (or reuse from the cache) every encoder and its attack-success record; returns manifest.csv.
 
     This is the yardstick population: later changes (speed presets, detector extensions) run on its manifest.
+    jobs > 1 trains that many encoders at once in separate processes (a GPU has room; 2 CPU cores do not).
     """
     start = time.time()
     root = atomic.check_writable(out_dir)
@@ -294,23 +337,19 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     data_key = data["pretrain"].parent.name
     members = plan_population(cfg, root, data_key)
     parents = {m.parent: m for m in members if m.family == "clean-parent"}
+    probe_key = settings_key(probe_settings(cfg, data_key))
     todo = [m for m in members if not is_built(m)]
     log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, "
         f"{len(cfg.families)} families)), {len(todo)} to train")
-    for i, member in enumerate(todo, 1):
-        log(f"  [{i}/{len(todo)}] {member.path.parent.name}")
-        if member.family == "clean-parent":
-            train_parent(cfg, member, data, device, progress)
-        else:
-            train_child(cfg, member, parents[member.parent], data, device, progress)
-    probe_key = settings_key(probe_settings(cfg, data_key))
+    # parents first, then their children (and attack-success probes), each group in parallel with jobs > 1
+    _build_all(cfg, [(m, None) for m in members if m.family == "clean-parent"], data, device, probe_key,
+               jobs, progress, log)
+    _build_all(cfg, [(m, parents[m.parent]) for m in members if m.family != "clean-parent"], data, device,
+               probe_key, jobs, progress, log)
     for member in members:
-        if member.label != "backdoor":
-            continue
-        record = member.path.parent / f"success_{probe_key}.json"
-        if not record.is_file():
-            atomic.write_json(record, measure_success(cfg, member, parents[member.parent], data, device, progress))
-        member.success = json.loads(record.read_text())
+        if member.label == "backdoor":
+            success = json.loads((member.path.parent / f"success_{probe_key}.json").read_text())
+            member.success = {**success, "took": success["asr"] >= cfg.took_asr}
     manifest = write_manifest(root, members, cfg)
     atomic.write_json(root / "population.json", {
         "config": asdict(cfg), "data": {k: str(v) for k, v in data.items()}, "seconds": time.time() - start,
@@ -570,7 +609,7 @@ def markdown_text(result: dict) -> str:
 # ---- all stages ---------------------------------------------------------------------------------------------
 
 def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", stages=STAGES,
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log=print, jobs: int = 1) -> dict:
     """Run the given stages in order (each reuses its cache); returns {'timings', 'report' (if run)}."""
     root = atomic.check_writable(out_dir)
     atomic.write_json(root / "config.json", {"config": asdict(cfg), "stages": list(stages), "device": str(device),
@@ -583,7 +622,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="
             continue
         started = time.time()
         if stage == "population":
-            outcome["manifest"] = build_population(cfg, root, device, progress, log)
+            outcome["manifest"] = build_population(cfg, root, device, progress, log, jobs)
         elif stage == "detect":
             outcome["detect_dir"] = run_detect(cfg, root, device, progress, log)
         else:

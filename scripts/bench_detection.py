@@ -47,6 +47,8 @@ def parse_args(argv=None):
     pop.add_argument("--downstream_test", default=None)
     pop.add_argument("--target_label", type=int, default=None, help="the attack's target class in the probe data")
     pop.add_argument("--seed", type=int, default=None)
+    pop.add_argument("--jobs", type=int, default=1, help="train this many encoders at once in separate processes "
+                                                         "(a GPU has room for several; default 1)")
     det = parser.add_argument_group("detection")
     det.add_argument("--shadow_data", default=None, help="DECREE's shadow set (default: held-out photo patches)")
     det.add_argument("--pl1_threshold", type=float, default=None, help="PL1-norm threshold (default 0.1); the "
@@ -67,7 +69,7 @@ def main(argv=None):
         cfg = config_with(SCALES[scale], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
         device = resolve_device(args.device, args.gpu)
         stages = STAGES if args.stage == "all" else (args.stage,)
-        outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet)
+        outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet, jobs=args.jobs)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in outcome["timings"].items() if k in stages)
     print(f"done in {time.time() - started:.0f} s on {device} ({timings}); cache and report: {out_dir}/")
     if "report" in outcome:
