@@ -20,6 +20,7 @@ config.json, success_<key>.json), manifest.csv, population.json, detect/<key>/, 
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,7 +38,7 @@ from common import io as atomic
 from common.device import resolve_device
 from common.provenance import versions
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
-from datasets.photos import PHOTOS, load_photos, photo_patches
+from datasets.photos import load_photos, photo_patches
 from decree.report import auroc, collect_rows, verdict_at, write_report
 from decree.sweep import read_manifest, run_sweep, worker_devices
 from models import SimCLR, load_encoder
@@ -132,9 +133,10 @@ def prepare_data(cfg: BenchConfig, root: Path) -> dict:
     else:
         pretrain = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed)
     if cfg.downstream_train:
+        if not cfg.downstream_test:
+            raise ValueError("--downstream_train needs --downstream_test (the probe's labelled test images)")
         train_x, train_y = load_npz(cfg.downstream_train, require_labels=True)
-        test_x, test_y = load_npz(cfg.downstream_test or cfg.downstream_train.replace("train", "test"),
-                                  require_labels=True)
+        test_x, test_y = load_npz(cfg.downstream_test, require_labels=True)
     else:
         train_x, train_y = labelled_photo_patches(cfg.probe_train_per_class, cfg.seed + 100, photos)
         test_x, test_y = labelled_photo_patches(cfg.probe_test_per_class, cfg.seed + 200, photos)
@@ -547,10 +549,11 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA), {platform.machine()}"
-    import os
+def machine(device) -> str:
+    """The hardware a stage ran on, for the report."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), {platform.machine()}"
     return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} core(s) available"
 
 
@@ -573,7 +576,7 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
     failed = [{k: r[k] for k in ("run_id", "family", "status", "error")} for r in rows if r["status"] != "done"]
     table = markdown_table(metrics, families, cfg.pl1_threshold)
     result = {"metrics": metrics, "table": table, "not_taken": not_taken, "failed": failed,
-              "threshold": cfg.pl1_threshold, "machine": machine(), "timings": timings or {},
+              "threshold": cfg.pl1_threshold, "timings": timings or {},
               "detect_dir": str(folder), "config": asdict(cfg), "versions": versions(),
               "encoders": [{k: r[k] for k in ("run_id", "family", "parent", "label", "pl1", "verdict", "asr",
                                               "target_cos", "target_cos_parent", "took", "status")} for r in rows]}
@@ -591,10 +594,10 @@ def markdown_text(result: dict) -> str:
     lines = ["# DECREE detection benchmark", "", result["table"], "",
              f"Threshold: PL1-norm = L1 / (H*W*3) < {result['threshold']:g}. AUROC and TPR count the attacked "
              "encoders whose attack took (downstream ASR at least "
-             f"{result['config']['took_asr']:g}%) against every clean encoder (parents and controls).",
-             f"Machine: {result['machine']}."]
-    if result["timings"]:
-        lines.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items()) + ".")
+             f"{result['config']['took_asr']:g}%) against every clean encoder (parents and controls)."]
+    if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
+        lines.append("Wall time of the last run of each stage: " + "; ".join(
+            f"{k} {v['seconds']:.0f} s on {v['machine']}" for k, v in result["timings"].items()) + ".")
     if result["not_taken"]:
         lines += ["", "Attacks that did not take (not counted as backdoors):", ""]
         lines += [f"- {r['run_id']} ({r['family']}): ASR {_fmt(r['asr'], 1)}%, target cosine "
@@ -627,7 +630,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="
             outcome["detect_dir"] = run_detect(cfg, root, device, progress, log)
         else:
             outcome["report"] = write_bench_report(cfg, root, timings, log)
-        timings[stage] = time.time() - started
+        timings[stage] = {"seconds": time.time() - started, "machine": machine(device)}
         atomic.write_json(timings_file, timings)
     outcome["timings"] = timings
     return outcome

@@ -62,15 +62,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     scale = "quick" if args.quick else args.scale
-    out_dir = args.out_dir or ("output/bench_quick" if scale == "quick" else f"output/bench" + (
-        "_paper" if scale == "paper" else ""))
+    out_dir = args.out_dir or {"quick": "output/bench_quick", "paper": "output/bench_paper"}.get(scale, "output/bench")
     started = time.time()
     with user_errors("bench_detection.py"):
         cfg = config_with(SCALES[scale], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
         device = resolve_device(args.device, args.gpu)
         stages = STAGES if args.stage == "all" else (args.stage,)
         outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet, jobs=args.jobs)
-    timings = ", ".join(f"{k} {v:.0f} s" for k, v in outcome["timings"].items() if k in stages)
+    timings = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in outcome["timings"].items() if k in stages)
     print(f"done in {time.time() - started:.0f} s on {device} ({timings}); cache and report: {out_dir}/")
     if "report" in outcome:
         print(f"report: {out_dir}/report/bench.md, bench.json, roc.png, pl1_by_family.png, gallery.png")

@@ -47,7 +47,7 @@ def test_quick_bench_writes_every_output(quick):
     assert {r["run_id"] for r in report["not_taken"]} == {r["run_id"] for r in report["encoders"]
                                                           if r["label"] == "backdoor" and not r["took"]}
     md = (out / "report" / "bench.md").read_text()
-    assert report["table"] in md and "| blend |" in md and "Machine:" in md
+    assert report["table"] in md and "| blend |" in md and " CPU, " in md  # stage times with the machine
     for name in ("roc.png", "pl1_by_family.png", "gallery.png"):
         assert (out / "report" / name).stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["config"]["families"] == list(QUICK.families)
@@ -58,7 +58,8 @@ def test_a_rerun_reuses_every_stage_and_new_settings_redo_only_what_changed(quic
     out, outcome = quick
     checkpoints = sorted(out.glob("encoders/*/model_*.pth"))
     stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
-    runs = {p: p.stat().st_mtime_ns for p in outcome["detect_dir"].glob("trigger_norm/*.json")}
+    runs = {p: p.stat().st_mtime_ns for p in outcome["detect_dir"].glob("trigger_norm/*.json")
+            if p.name != "summary.json"}  # one record per DECREE run; the sweep's report is rewritten
     run_bench(QUICK, out, stages=("population", "detect"), **QUIET)
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == stamps
     assert {p: p.stat().st_mtime_ns for p in runs} == runs
