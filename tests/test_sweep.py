@@ -69,8 +69,8 @@ def test_sweep_flags_the_planted_encoders_and_reports(sweep):
     out_dir, done = sweep
     norm = out_dir / "trigger_norm"
     summary = pd.read_csv(norm / "summary.csv")
-    assert list(summary.columns) == ["path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict",
-                                     "epochs", "seconds", "status", "error"]
+    assert list(summary.columns) == ["path", "run_id", "usage_info", "arch", "label", "family", "l1", "pl1",
+                                     "verdict", "epochs", "seconds", "status", "error"]
     finished = summary[summary.status == "done"]
     assert len(finished) == 4 and (finished.verdict == finished.label.map(
         {"backdoor": "trojaned", "clean": "clean"})).all()
