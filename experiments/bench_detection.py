@@ -361,6 +361,14 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     return manifest
 
 
+def read_population(root: Path) -> dict:
+    """population.json of out_dir, or a one-line error saying which stage makes it."""
+    path = Path(root) / "population.json"
+    if not path.is_file() or not (Path(root) / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{path.parent}: no population yet; run --stage population first")
+    return json.loads(path.read_text())
+
+
 def write_manifest(root: Path, members, cfg: BenchConfig) -> Path:
     """manifest.csv for decree.sweep: paths relative to it, label, family."""
     lines = ["path,usage_info,arch,label,family"]
@@ -390,11 +398,8 @@ def detect_dir(cfg: BenchConfig, root: Path, shadow_path: Path) -> Path:
 def run_detect(cfg: BenchConfig, out_dir="output/bench", device="cpu", progress: bool = True, log=print) -> Path:
     """DECREE on every manifest encoder through the sweep; returns the sweep's folder."""
     root = Path(out_dir)
-    manifest = root / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no population yet; run --stage population first")
-    encoders = read_manifest(manifest, cfg.usage_info, cfg.arch)
-    shadow = Path(json.loads((root / "population.json").read_text())["data"]["shadow"])
+    shadow = Path(read_population(root)["data"]["shadow"])
+    encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
     folder = atomic.check_writable(detect_dir(cfg, root, shadow))
     slots = worker_devices(None, str(device), None, cfg.workers)
     log(f"detect: DECREE on {len(encoders)} encoders, {cfg.workers} worker(s) on {', '.join(sorted(set(slots)))}")
@@ -408,8 +413,7 @@ def run_detect(cfg: BenchConfig, out_dir="output/bench", device="cpu", progress:
 
 def family_rows(cfg: BenchConfig, root: Path, folder: Path) -> list[dict]:
     """The sweep's summary rows joined with the population's family, parent and attack success."""
-    population = {str((root / e["path"]).resolve()): e for e in json.loads((root / "population.json").read_text())
-                  ["encoders"]}
+    population = {str((root / e["path"]).resolve()): e for e in read_population(root)["encoders"]}
     encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
     rows = []
     for row in collect_rows(folder, cfg.pl1_threshold, encoders):
@@ -562,7 +566,7 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
     import matplotlib
     matplotlib.use("Agg")
     root = Path(out_dir)
-    population = json.loads((root / "population.json").read_text())
+    population = read_population(root)
     folder = detect_dir(cfg, root, Path(population["data"]["shadow"]))
     if not (folder / "trigger_norm").is_dir():
         raise FileNotFoundError(f"{folder}: no DECREE results for these settings; run --stage detect first")

@@ -1,10 +1,10 @@
 r"""DECREE detection benchmark: clean and trojaned encoders of eight attack families, a per-family report.
 
     python scripts/bench_detection.py                    # toy population on photo patches (2 CPU cores)
-    python scripts/bench_detection.py --quick            # CI pipeline check (1 parent, 3 families): verdicts mean nothing
+    python scripts/bench_detection.py --quick            # CI check (1 parent, 3 families): verdicts mean nothing
     python scripts/bench_detection.py --stage report     # one stage: population, detect or report
     python scripts/bench_detection.py --scale paper --pretraining_data data/cifar10/train.npz --arch resnet18 \
-        --device cuda                                    # BadEncoder's CIFAR10 recipe (a GPU box, many hours)
+        --device cuda --jobs 3                           # BadEncoder's CIFAR10 recipe (one GPU: about 10 h)
 
 Stages: population (P clean SimCLR parents, per parent a clean fine-tuned control and one BadEncoder encoder
 per family, attack success measured), detect (DECREE on all of them through the sweep), report (per family:

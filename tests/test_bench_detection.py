@@ -1,6 +1,7 @@
 """The detection benchmark (scripts/bench_detection.py): the quick variant end to end, its cache, its metrics."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,7 @@ from decree.sweep import read_manifest
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, family_metrics, markdown_table, roc_curve,
                                          run_bench, settings_key)
 
+ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
 
 
@@ -72,9 +74,19 @@ def test_a_rerun_reuses_every_stage_and_new_settings_redo_only_what_changed(quic
     assert all(p.stat().st_mtime_ns == stamps[p] for p in checkpoints)
 
 
-def test_report_stage_alone_needs_detection_results(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run --stage population first"):
-        run_bench(QUICK, tmp_path, stages=("detect",), **QUIET)
+def test_a_stage_without_its_inputs_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import runpy
+    import sys
+    for stage in ("detect", "report"):
+        with pytest.raises(FileNotFoundError, match="run --stage population first"):
+            run_bench(QUICK, tmp_path, stages=(stage,), **QUIET)
+    monkeypatch.setattr(sys, "argv", ["bench_detection.py", "--quick", "--stage", "report", "--out_dir",
+                                      str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "scripts" / "bench_detection.py"), run_name="__main__")
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "run --stage population first" in error[0]
 
 
 def test_settings_key_is_stable_and_order_free():
