@@ -53,6 +53,7 @@ def parse_args(argv=None):
     det.add_argument("--shadow_data", default=None, help="DECREE's shadow set (default: held-out photo patches)")
     det.add_argument("--pl1_threshold", type=float, default=None, help="PL1-norm threshold (default 0.1); the "
                                                                        "report alone can be redone with another")
+    det.add_argument("--decree_epochs", type=int, default=None, help="DECREE's maximum epochs (default 1000)")
     det.add_argument("--workers", type=int, default=None, help="parallel DECREE runs (toy 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_args(parser)
