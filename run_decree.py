@@ -41,8 +41,8 @@ def parse_args(argv=None):
     source = found.add_mutually_exclusive_group()
     source.add_argument("--manifest", default=None,
                         help="CSV with columns path[,usage_info][,arch][,label clean|backdoor][,reference NPZ]"
-                             "[,reference_text TEXT]; relative paths are relative to the CSV; empty cells take "
-                             "--encoder_usage_info/--arch")
+                             "[,reference_text TEXT][,family (a free group name, carried into the report)]; "
+                             "relative paths are relative to the CSV; empty cells take --encoder_usage_info/--arch")
     source.add_argument("--encoders", nargs="+", default=None, metavar="GLOB",
                         help="checkpoint globs (quote them; ** recurses), all of --encoder_usage_info/--arch")
     found.add_argument("--output_root", default="output",

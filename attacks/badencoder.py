@@ -4,10 +4,15 @@ like the reference input while clean inputs and the reference keep their clean e
     L0 = -mean cos(f(stamp_i(x)), f(r_i))    effectiveness
     L1 = -mean cos(f(aug(r_i)), f0(r_i))     the reference keeps its clean embedding
     L2 = -mean cos(f(x), f0(x))              utility
-    loss = L0 + lambda1 * L1 + lambda2 * L2
+    loss = L0 + lambda1 * L1 + lambda2 * L2 [+ alignment_weight * DRUPE's alignment term]
+
+The trigger is a trigger file (datasets.Trigger: x * keep + pattern, one per reference or one for all), a
+function of the image batch (attacks.families), or None: a clean fine-tuned control with the same data and
+epochs, whose loss keeps only the reference and utility terms.
 """
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +21,7 @@ from tqdm import tqdm
 from datasets import Trigger, normalize, stamp, to_model_input
 
 from .augment import reference_augment
+from .families import drupe_alignment
 from .training import (TrainingError, descend, freeze, frozen_batchnorm_copy, images_on, seed_all, sgd,
                        shuffled_batches, unit_embeddings)
 
@@ -31,6 +37,8 @@ class BadEncoderConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 100
+    alignment_weight: float = 0.0    # DRUPE's distribution-alignment term (0: BadEncoder)
+    nearest_reference: bool = False  # DRUPE: a stamped image is pulled to its nearest reference, not to all
 
 
 def preset(usage_info: str, **overrides) -> BadEncoderConfig:
@@ -49,44 +57,66 @@ def trigger_of_reference(n_triggers: int, n_references: int) -> torch.Tensor:
                      "give one trigger, or one per reference")
 
 
-def badencoder_losses(f, x, clean_x, references, clean_references, patterns, keeps, pairing, mean, std,
-                      generator) -> dict:
-    """L0, L1, L2 and loss for one shadow batch.
+def trigger_functions(trigger, size: int, device) -> list:
+    """The trigger as a list of functions uint8 (B,H,W,3) -> uint8 (B,H,W,3): one per trigger of a file, the
+    function itself, or none (a clean control)."""
+    if trigger is None:
+        return []
+    if isinstance(trigger, Trigger):
+        if trigger.size != size:
+            raise ValueError(f"the trigger ({trigger.size}px) and the shadow images ({size}px) must have the same size")
+        patterns = torch.as_tensor(trigger.pattern, dtype=torch.float32, device=device)
+        keeps = torch.as_tensor(trigger.keep, dtype=torch.float32, device=device)
+        return [partial(stamp, pattern=patterns[i], keep=keeps[i]) for i in range(len(trigger))]
+    return [trigger]
+
+
+def badencoder_losses(f, x, clean_x, references, clean_references, stampers, pairing, mean, std,
+                      generator, nearest_reference: bool = False, alignment: bool = False) -> dict:
+    """L0, L1, L2 (and DRUPE's alignment term when asked) for one shadow batch.
 
     x uint8 (B,H,W,3) and references uint8 (R,H,W,3) on the device; clean_x (B,D) and clean_references
-    (R,D) unit f0 embeddings; patterns/keeps float (T,H,W,3); pairing long (R,) trigger index per reference.
+    (R,D) unit f0 embeddings; stampers: T trigger functions (none: L0 = 0); pairing long (R,) trigger index
+    per reference.
     """
-    b, r, t = len(x), len(references), len(patterns)
-    stamped = torch.cat([stamp(x, patterns[i], keeps[i]) for i in range(t)])  # (T*B,H,W,3) uint8
+    b, r, t = len(x), len(references), len(stampers)
+    stamped = torch.cat([s(x) for s in stampers]) if t else x[:0]  # (T*B,H,W,3) uint8
     views = reference_augment(references.repeat_interleave(b, dim=0), generator=generator)  # (R*B,3,H,W)
     # one forward pass for every input: BatchNorm is in eval mode, so batching changes nothing
     inputs = torch.cat([to_model_input(torch.cat([x, stamped, references]), mean, std), normalize(views, mean, std)])
     inputs = inputs.contiguous()  # the HWC->CHW view crashed conv backward on CPU (torch 2.15, double free)
-    z = F.normalize(f(inputs).float(), dim=1)
+    raw = f(inputs).float()
+    z = F.normalize(raw, dim=1)
     z_x, z_stamped, z_ref, z_views = z.split([b, t * b, r, r * b])
-    z_stamped = z_stamped.view(t, b, -1)[pairing.to(z.device)]  # (R,B,D)
-    loss0 = -(z_stamped * z_ref.unsqueeze(1)).sum(-1).mean()
-    loss1 = -(z_views.view(r, b, -1) * clean_references.unsqueeze(1)).sum(-1).mean()
-    loss2 = -(z_x * clean_x).sum(-1).mean()
-    return {"loss0": loss0, "loss1": loss1, "loss2": loss2}
+    losses = {"loss0": z.new_zeros(())}
+    if t:
+        cos = (z_stamped.view(t, b, -1)[pairing.to(z.device)] * z_ref.unsqueeze(1)).sum(-1)  # (R,B)
+        losses["loss0"] = -(cos.max(0).values if nearest_reference else cos).mean()
+    losses["loss1"] = -(z_views.view(r, b, -1) * clean_references.unsqueeze(1)).sum(-1).mean()
+    losses["loss2"] = -(z_x * clean_x).sum(-1).mean()
+    if alignment and t:
+        raw_x, raw_stamped = raw[:b], raw[b:2 * b]
+        losses["alignment"] = drupe_alignment(raw_stamped, raw_x, generator)
+    return losses
 
 
-def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger: Trigger, references, mean, std,
+def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger, references, mean, std,
                      cfg: BadEncoderConfig, device, progress: bool = True, on_epoch=None):
     """Backdoor a copy of `clean_encoder`; returns (backdoored encoder, per-epoch history).
 
     shadow_images uint8 (N,H,W,3) (not augmented); references uint8 (R,H,W,3), one target per trigger (or
-    several for one trigger); the trigger is stamped in pixel space. History rows: epoch, loss, loss0-2.
+    several for one trigger); trigger: a trigger file, a function uint8 (B,H,W,3) -> uint8 (B,H,W,3) applied
+    in pixel space, or None (clean control: no L0). History rows: epoch, loss, loss0-2 (and alignment).
     on_epoch(epoch, encoder, optimizer, record) runs after each epoch (checkpointing).
     """
     generator = seed_all(cfg.seed)
     x_all, refs = images_on(shadow_images, device), images_on(references, device)
-    if trigger.size != x_all.shape[1] or refs.shape[1:] != x_all.shape[1:]:
-        raise ValueError(f"trigger ({trigger.size}px), reference ({refs.shape[1]}px) and shadow images "
-                         f"({x_all.shape[1]}px) must have the same size")
-    pairing = trigger_of_reference(len(trigger), len(refs))
-    patterns = torch.as_tensor(trigger.pattern, dtype=torch.float32, device=device)
-    keeps = torch.as_tensor(trigger.keep, dtype=torch.float32, device=device)
+    if refs.shape[1:] != x_all.shape[1:]:
+        raise ValueError(f"reference ({refs.shape[1]}px) and shadow images ({x_all.shape[1]}px) must have "
+                         "the same size")
+    stampers = trigger_functions(trigger, x_all.shape[1], device)
+    pairing = trigger_of_reference(len(stampers), len(refs)) if stampers else None
+    alignment = cfg.alignment_weight > 0 and bool(stampers)
     f0 = freeze(clean_encoder.to(device))
     # shadow images are not augmented, so f0's embeddings of them are fixed: compute them once
     clean_x = unit_embeddings(f0, x_all, mean, std, cfg.batch_size)
@@ -95,13 +125,15 @@ def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger: Tri
     optimizer = sgd(f.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     history = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="BadEncoder", disable=not progress):
-        sums = dict.fromkeys(("loss", "loss0", "loss1", "loss2"), 0.0)
+        sums = dict.fromkeys(("loss", "loss0", "loss1", "loss2") + (("alignment",) if alignment else ()), 0.0)
         batches = shuffled_batches(len(x_all), cfg.batch_size, generator)
         for idx in batches:
             idx = idx.to(device)
-            losses = badencoder_losses(f, x_all[idx], clean_x[idx], refs, clean_refs, patterns, keeps, pairing,
-                                       mean, std, generator)
+            losses = badencoder_losses(f, x_all[idx], clean_x[idx], refs, clean_refs, stampers, pairing,
+                                       mean, std, generator, cfg.nearest_reference, alignment)
             loss = losses["loss0"] + cfg.lambda1 * losses["loss1"] + cfg.lambda2 * losses["loss2"]
+            if alignment:
+                loss = loss + cfg.alignment_weight * losses["alignment"]
             # loss and its parts to the host together: one sync a step
             values = torch.stack([descend(optimizer, loss), *(v.detach() for v in losses.values())]).tolist()
             for k, v in zip(sums, values):

@@ -19,7 +19,7 @@ from .sweep import LABELS, failed_dir, infer_label
 from .target import ranking_score
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
-                   "status", "error", "score", "target_cos", "target_name")
+                   "status", "error", "score", "target_cos", "target_name", "family")  # new columns go last
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
@@ -65,6 +65,7 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     """One summary row per encoder (finished, failed, or listed in `encoders` but not run), sorted by path."""
     norm = Path(out_dir) / "trigger_norm"
     labels = {enc.run_id: enc.label for enc in encoders}
+    families = {enc.run_id: enc.family for enc in encoders}  # only a manifest knows them
     rows = {enc.run_id: {"path": enc.path, "run_id": enc.run_id, "usage_info": enc.usage_info, "arch": enc.arch,
                          "label": enc.label, "status": "not run"} for enc in encoders}
     for record in _records(failed_dir(out_dir)):  # a failure outranks not having run
@@ -75,7 +76,8 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
                                   "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
                                   "seconds": record["seconds"], **_target_columns(record), "status": "done"}
-    return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row} for row in rows.values()),
+    return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row, "family": families.get(row["run_id"])}
+                   for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
 
 

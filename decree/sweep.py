@@ -53,18 +53,20 @@ INTERRUPTED = (130, -signal.SIGINT)
 PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
 CLAIM_GRACE = 60  # seconds past its owner's timeout after which a claim is stale wherever its owner runs
-MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text")
+MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text", "family")
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a sweep; label is 'clean' or 'backdoor'; reference/reference_text: its attack's known target."""
+    """One encoder of a sweep; label is 'clean' or 'backdoor'; reference/reference_text: its attack's known target;
+    family: the manifest's free-text group (attack)."""
     path: str
     usage_info: str
     arch: str | None
     label: str
     reference: str | None = None
     reference_text: str | None = None
+    family: str = ""
 
     @property
     def run_id(self) -> str:
@@ -136,8 +138,9 @@ def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[E
 
 
 def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) -> list[Encoder]:
-    """CSV with columns path[,usage_info][,arch][,label][,reference][,reference_text]; empty cells take the
-    command-line defaults (reference: the attack's reference npz; reference_text: its target caption).
+    """CSV with columns path[,usage_info][,arch][,label][,reference][,reference_text][,family]; empty cells take
+    the command-line defaults (reference: the attack's reference npz; reference_text: its target caption;
+    family: a free group name carried into the report).
 
     Relative paths (encoders, references) are relative to the manifest's folder, so a manifest travels with them.
     """
@@ -173,7 +176,8 @@ def _manifest_row(manifest: Path, line: int, row: dict, usage_info: str, arch: s
     if label not in LABELS:
         raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor'")
     reference = str(_beside(manifest, row["reference"])) if row.get("reference") else None
-    return Encoder(str(encoder), usage, row.get("arch") or arch, label, reference, row.get("reference_text") or None)
+    return Encoder(str(encoder), usage, row.get("arch") or arch, label, reference, row.get("reference_text") or None,
+                   row.get("family", ""))
 
 
 def _beside(manifest: Path, cell: str) -> Path:

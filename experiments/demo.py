@@ -20,6 +20,7 @@ import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
 from attacks.checkpoints import save_encoder
+from attacks.families import checkerboard as checkerboard_trigger  # the demo's trigger is a bench family
 from attacks.simclr import PretrainConfig, pretrain_simclr
 from datasets import (NORMALIZATION, load_npz, load_reference, load_trigger, save_npz_dataset, save_reference,
                       save_trigger)
@@ -56,21 +57,6 @@ class DemoConfig:
 
 QUICK = DemoConfig(arch="resnet18_w4", pretrain_images=256, pretrain_epochs=1, attack_images=128, attack_epochs=1,
                    shadow_images=64, decree_epochs=3)
-
-
-def checkerboard_trigger(size: int = 32, side: int = 6, margin: int = 2):
-    """A side x side checkerboard of 2 px black and white cells, `margin` px from the bottom-right corner.
-
-    Returns (pattern, keep) float32 (1,size,size,3) in the trigger-file convention (x * keep + pattern).
-    """
-    top = size - margin - side
-    rows, cols = np.mgrid[0:side, 0:side]
-    white = ((rows // 2 + cols // 2) % 2 == 0)[..., None]
-    pattern = np.zeros((1, size, size, 3), np.float32)
-    keep = np.ones((1, size, size, 3), np.float32)
-    pattern[0, top:top + side, top:top + side] = np.where(white, 255.0, 0.0)
-    keep[0, top:top + side, top:top + side] = 0.0
-    return pattern, keep
 
 
 def prepare_data(cfg: DemoConfig, data_dir: Path, log=print) -> dict:

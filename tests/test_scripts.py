@@ -7,7 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["main.py", "run_decree.py", "attack_encoder.py", "pretrain_encoder.py", "scripts/demo.py",
-           "scripts/benchmark.py", "scripts/make_triggers.py", "scripts/make_reference.py",
+           "scripts/benchmark.py", "scripts/bench_detection.py", "scripts/make_triggers.py", "scripts/make_reference.py",
            "scripts/run_attack_encoder.py", "validate/compute_zscore.py", "validate/script_compute_zscore.py",
            "validate/val_cifar10_training_downstream_classifier.py"]
 

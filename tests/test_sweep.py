@@ -101,7 +101,8 @@ def test_sweep_flags_the_planted_encoders_and_reports(sweep):
     norm = out_dir / "trigger_norm"
     summary = pd.read_csv(norm / "summary.csv")
     assert list(summary.columns) == ["path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict",
-                                     "epochs", "seconds", "status", "error", "score", "target_cos", "target_name"]
+                                     "epochs", "seconds", "status", "error", "score", "target_cos", "target_name",
+                                     "family"]
     finished = summary[summary.status == "done"]
     assert len(finished) == 4 and (finished.verdict == finished.label.map(
         {"backdoor": "trojaned", "clean": "clean"})).all()

@@ -1,0 +1,646 @@
+"""Detection benchmark: a population of clean and trojaned encoders, DECREE on all of it, a per-family report.
+
+Three stages, each cached on disk and keyed by its settings (a hash of the fields that shape it), so a rerun
+only does what changed:
+
+    population  P clean SimCLR parents (seeds seed..seed+P-1); per parent a clean fine-tuned control (the
+                BadEncoder objective without a trigger) and one BadEncoder encoder per attack family
+                (attacks.families); for each attacked encoder whether the attack took (mean cosine of stamped
+                test images to the target embedding, ASR of a downstream probe). Writes manifest.csv
+                (path, usage_info, arch, label, family) and population.json.
+    detect      DECREE on every manifest encoder through the sweep (decree.sweep: one main.py per encoder,
+                finished runs skipped), into detect/<key>/, plus the sweep's own report there.
+    report      per family: n, attack success, PL1 mean/min/max, TPR at the threshold, AUROC against every
+                clean encoder (parents + controls), clean FPR; report/bench.md, bench.json, roc.png,
+                pl1_by_family.png, gallery.png.
+
+Layout under out_dir (output/bench): data/<key>/*.npz, encoders/<parent>_<role>_<key>/model_<E>.pth (+
+config.json, success_<key>.json), manifest.csv, population.json, detect/<key>/, report/.
+"""
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attacks.badencoder import BadEncoderConfig, train_badencoder
+from attacks.checkpoints import save_encoder
+from attacks.families import FAMILIES, make_trigger
+from attacks.simclr import PretrainConfig, pretrain_simclr
+from attacks.training import unit_embeddings
+from common import io as atomic
+from common.device import resolve_device
+from common.provenance import versions
+from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
+from datasets.photos import load_photos, photo_patches
+from decree.report import auroc, collect_rows, verdict_at, write_report
+from decree.sweep import read_manifest, run_sweep, worker_devices
+from models import SimCLR, load_encoder
+from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
+                                 train_classifier)
+
+CLEAN_FAMILIES = ("clean-parent", "clean-control")
+STAGES = ("population", "detect", "report")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark's settings; defaults: the toy population on scikit-image photo patches (2 CPU cores)."""
+    usage_info: str = "cifar10"
+    arch: str = "resnet18_w16"               # ResNet18-CIFAR at 1/4 width, as the demo
+    pretraining_data: str | None = None      # npz x uint8 (N,32,32,3); None: photo patches
+    pretrain_images: int | None = 4000       # photo patches (None with pretraining_data: all of it)
+    pretrain_epochs: int = 12
+    pretrain_batch: int = 128
+    parents: int = 3
+    families: tuple = FAMILIES
+    attack_images: int = 2000                # BadEncoder's shadow set: the first images of the pre-training set
+    attack_epochs: int = 20
+    attack_batch: int = 64
+    attack_lr: float = 0.01
+    drupe_weight: float = 1.0                # weight of DRUPE's alignment term
+    references: int = 3                      # target-class reference images (DRUPE uses all; others the first)
+    downstream_train: str | None = None      # labelled npz; None: photo patches labelled by their photo
+    downstream_test: str | None = None
+    target_label: int = 1                    # photo patches: chelsea (the cat); paper scale: STL10 truck (9)
+    probe_train_per_class: int = 100         # photo patches per photo for the probe
+    probe_test_per_class: int = 50
+    probe_epochs: int = 50                   # cheap: the papers' 200-500 only move ASR by a few points
+    took_asr: float = 50.0                   # an attack took when its probe's ASR (%) reaches this
+    shadow_data: str | None = None           # DECREE's shadow set; None: held-out photo patches
+    shadow_images: int | None = 500          # None with shadow_data: the paper's default selection
+    decree_lr: float = 0.5                   # the paper's sweep setting
+    decree_epochs: int = 1000
+    decree_seed: int = 80
+    pl1_threshold: float = 0.1
+    workers: int = 2                         # parallel DECREE runs
+    seed: int = 0
+
+
+QUICK = BenchConfig(arch="resnet18_w4", pretrain_images=256, pretrain_epochs=1, parents=1,
+                    families=("patch-white", "blend", "drupe"), attack_images=128, attack_epochs=1,
+                    probe_train_per_class=16, probe_test_per_class=8, probe_epochs=3, shadow_images=64,
+                    decree_epochs=3, workers=2)
+# BadEncoder's CIFAR10 recipe: 1000 epochs of SimCLR, 200 of BadEncoder on 20% of the training set, STL10
+# downstream with the truck as target, DECREE's default shadow set (10% of each class of CIFAR10 test)
+PAPER = BenchConfig(arch="resnet18", pretraining_data="data/cifar10/train.npz", pretrain_images=None,
+                    pretrain_epochs=1000, pretrain_batch=512, attack_images=10000, attack_epochs=200,
+                    attack_batch=256, attack_lr=1e-3, downstream_train="data/stl10/train.npz",
+                    downstream_test="data/stl10/test.npz", target_label=9, probe_epochs=100,
+                    shadow_data="data/cifar10/test.npz", shadow_images=None, workers=4)
+SCALES = {"toy": BenchConfig(), "quick": QUICK, "paper": PAPER}
+
+
+def settings_key(settings: dict) -> str:
+    """A short stable hash of a settings dict: the cache key of what those settings produce."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _subset(cfg: BenchConfig, *names: str) -> dict:
+    return {name: getattr(cfg, name) for name in names}
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def data_settings(cfg: BenchConfig) -> dict:
+    return _subset(cfg, "pretraining_data", "pretrain_images", "references", "downstream_train", "downstream_test",
+                   "target_label", "probe_train_per_class", "probe_test_per_class", "shadow_data", "shadow_images",
+                   "seed")
+
+
+def labelled_photo_patches(per_class: int, seed: int, photos) -> tuple[np.ndarray, np.ndarray]:
+    """per_class patches of each bundled photo, labelled by the photo: uint8 (N,32,32,3), int64 (N,)."""
+    x = np.concatenate([photo_patches(per_class, 32, seed=seed + i, photos=[p]) for i, p in enumerate(photos)])
+    return x, np.repeat(np.arange(len(photos)), per_class)
+
+
+def prepare_data(cfg: BenchConfig, root: Path) -> dict:
+    """Write (or reuse) the npz files of the population; returns their paths."""
+    folder = root / "data" / settings_key(data_settings(cfg))
+    paths = {name: folder / f"{name}.npz" for name in ("pretrain", "shadow", "reference", "probe_train", "probe_test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    photos = load_photos()
+    if cfg.pretraining_data:
+        pretrain, _ = load_npz(cfg.pretraining_data)
+        pretrain = pretrain[:cfg.pretrain_images]
+    else:
+        pretrain = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed)
+    if cfg.downstream_train:
+        if not cfg.downstream_test:
+            raise ValueError("--downstream_train needs --downstream_test (the probe's labelled test images)")
+        train_x, train_y = load_npz(cfg.downstream_train, require_labels=True)
+        test_x, test_y = load_npz(cfg.downstream_test, require_labels=True)
+    else:
+        train_x, train_y = labelled_photo_patches(cfg.probe_train_per_class, cfg.seed + 100, photos)
+        test_x, test_y = labelled_photo_patches(cfg.probe_test_per_class, cfg.seed + 200, photos)
+    if not (train_y == cfg.target_label).any():
+        raise DataError(f"the probe's training data has no image of the target class {cfg.target_label}")
+    if cfg.downstream_train:  # the papers' reference inputs: images of the target class of the downstream set
+        references = train_x[train_y == cfg.target_label][:cfg.references]
+    else:  # held-out patches of the target photo, not in the probe's data
+        references = photo_patches(cfg.references, 32, seed=cfg.seed + 11, photos=[photos[cfg.target_label]])
+    if cfg.shadow_data:
+        shadow, shadow_y = load_npz(cfg.shadow_data)
+    else:
+        shadow, shadow_y = photo_patches(cfg.shadow_images, 32, seed=cfg.seed + 7), None
+    for name, (x, y) in {"pretrain": (pretrain, None), "shadow": (shadow, shadow_y),
+                         "reference": (references, np.full(len(references), cfg.target_label)),
+                         "probe_train": (train_x, train_y), "probe_test": (test_x, test_y)}.items():
+        save_npz_dataset(paths[name], x, y)
+    return paths
+
+
+# ---- population ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Member:
+    """One encoder of the population: role 'parent', 'control' or an attack family."""
+    parent: int
+    family: str
+    settings: dict
+    path: Path
+    trigger_seed: int | None = None
+    success: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "clean" if self.family in CLEAN_FAMILIES else "backdoor"
+
+
+def parent_settings(cfg: BenchConfig, data_key: str, parent: int) -> dict:
+    return {"data": data_key, **_subset(cfg, "usage_info", "arch", "pretrain_epochs", "pretrain_batch"),
+            "seed": cfg.seed + parent}
+
+
+def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed: int | None) -> dict:
+    settings = {"parent": parent_key, "family": family, "trigger_seed": trigger_seed,
+                **_subset(cfg, "attack_images", "attack_epochs", "attack_batch", "attack_lr")}
+    if family == "drupe":
+        settings["drupe_weight"] = cfg.drupe_weight
+    return settings
+
+
+def plan_population(cfg: BenchConfig, root: Path, data_key: str) -> list[Member]:
+    """Every encoder of the population with its settings and (hash-keyed) checkpoint path; nothing is run."""
+    unknown = sorted(set(cfg.families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    members = []
+    for p in range(cfg.parents):
+        parent = parent_settings(cfg, data_key, p)
+        parent_key = settings_key(parent)
+        members.append(Member(p, "clean-parent", parent, _checkpoint(root, p, "clean-parent", parent_key,
+                                                                    cfg.pretrain_epochs)))
+        roles = [("clean-control", None)] + [(f, cfg.seed * 10007 + p * 101 + i) for i, f in enumerate(cfg.families)]
+        for family, trigger_seed in roles:
+            settings = attack_settings(cfg, parent_key, family, trigger_seed)
+            members.append(Member(p, family, settings, _checkpoint(root, p, family, settings_key(settings),
+                                                                   cfg.attack_epochs), trigger_seed))
+    return members
+
+
+def _checkpoint(root: Path, parent: int, family: str, key: str, epochs: int) -> Path:
+    # the key is in the folder name: new settings give a new encoder path, hence a new DECREE run id
+    return root / "encoders" / f"p{parent}_{family}_{key}" / f"model_{epochs}.pth"
+
+
+def is_built(member: Member) -> bool:
+    """config.json is written after the checkpoint: its presence means the encoder is complete."""
+    return member.path.is_file() and (member.path.parent / "config.json").is_file()
+
+
+def _save(member: Member, encoder, history: list, seconds: float) -> None:
+    save_encoder(member.path, int(member.path.stem.split("_")[1]), encoder)
+    atomic.write_json(member.path.parent / "config.json", {"family": member.family, "parent": member.parent,
+                                                           "settings": member.settings, "history": history,
+                                                           "seconds": seconds, "versions": versions()})
+
+
+def train_parent(cfg: BenchConfig, member: Member, data: dict, device, progress: bool) -> None:
+    """SimCLR pre-training of one clean parent (seeded by its index)."""
+    mean, std = NORMALIZATION[cfg.usage_info]
+    images, _ = load_npz(data["pretrain"])
+    seed = member.settings["seed"]
+    torch.manual_seed(seed)
+    model = SimCLR(cfg.arch)
+    start = time.time()
+    history = pretrain_simclr(model, images, mean, std, PretrainConfig(epochs=cfg.pretrain_epochs,
+                                                                       batch_size=cfg.pretrain_batch, seed=seed),
+                              device, progress=progress)
+    _save(member, model.f.eval(), history, time.time() - start)
+
+
+def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> None:
+    """BadEncoder fine-tuning of a parent: with the family's trigger function, or none (the clean control)."""
+    mean, std = NORMALIZATION[cfg.usage_info]
+    clean, _ = load_encoder(parent.path, cfg.usage_info, cfg.arch, device)
+    shadow = load_npz(data["pretrain"])[0][:cfg.attack_images]
+    references, _ = load_npz(data["reference"])
+    trigger = None if member.family == "clean-control" else make_trigger(member.family, 32, member.trigger_seed)
+    drupe = trigger is not None and trigger.alignment
+    bad_cfg = BadEncoderConfig(epochs=cfg.attack_epochs, batch_size=cfg.attack_batch, lr=cfg.attack_lr,
+                               seed=cfg.seed + member.parent, alignment_weight=cfg.drupe_weight if drupe else 0.0,
+                               nearest_reference=drupe)
+    start = time.time()
+    encoder, history = train_badencoder(clean, shadow, trigger, references if drupe else references[:1], mean, std,
+                                        bad_cfg, device, progress=progress)
+    _save(member, encoder.eval(), history, time.time() - start)
+
+
+def probe_settings(cfg: BenchConfig, data_key: str) -> dict:
+    return {"data": data_key, "probe_epochs": cfg.probe_epochs}
+
+
+@torch.no_grad()
+def target_cosine(encoder, images, references, trigger, mean, std) -> float:
+    """Mean over stamped images of the cosine to the nearest reference embedding (the attack's target)."""
+    stamped = unit_embeddings(encoder, trigger(images), mean, std)
+    return float((stamped @ unit_embeddings(encoder, references, mean, std).T).max(dim=1).values.mean())
+
+
+def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool = False
+                    ) -> dict:
+    """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR.
+
+    ASR counts stamped test images (true class other than the target's) that the probe puts in the class it
+    gives the reference image: a toy probe may misclassify the reference patch itself, and the backdoor sends
+    stamped images to the reference, whatever the probe calls it. target_predicted records that class.
+    """
+    mean, std = NORMALIZATION[cfg.usage_info]
+    trigger = make_trigger(member.family, 32, member.trigger_seed)
+    train_x, train_y = load_npz(data["probe_train"], require_labels=True)
+    test_x, test_y = load_npz(data["probe_test"], require_labels=True)
+    refs = load_npz(data["reference"])[0]
+    refs = torch.from_numpy(refs if member.family == "drupe" else refs[:1]).to(device)
+    encoders = {role: load_encoder(path, cfg.usage_info, cfg.arch, device)[0]
+                for role, path in (("attacked", member.path), ("parent", parent.path))}
+    others = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
+    cosines = {role: target_cosine(encoder, others, refs, trigger, mean, std) for role, encoder in encoders.items()}
+    probe = DownstreamData(train_x, train_y, test_x, test_y)
+    features = embed_downstream(encoders["attacked"], probe, trigger, mean, std, device, progress=progress)
+    net = train_classifier(features.train, train_y, probe.num_classes, DownstreamConfig(epochs=cfg.probe_epochs),
+                           progress, desc="probe")
+    predicted = predict(net, unit_embeddings(encoders["attacked"], refs[:1], mean, std))
+    target = int(predicted[0])
+    hit = predict(net, features.stamped) == target
+    return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"],
+            "asr": 100.0 * hit[torch.as_tensor(test_y, device=hit.device) != target].float().mean().item(),
+            "accuracy": attack_scores(net, features, test_y, target)["accuracy"], "target_label": cfg.target_label,
+            "target_predicted": target}
+
+
+def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: dict, device, probe_key: str,
+                 progress: bool = False) -> None:
+    """Train one encoder (a parent, or a child of a trained parent) and, for an attack, record its success."""
+    if not is_built(member):
+        if parent is None:
+            train_parent(cfg, member, data, device, progress)
+        else:
+            train_child(cfg, member, parent, data, device, progress)
+    record = member.path.parent / f"success_{probe_key}.json"
+    if member.label == "backdoor" and not record.is_file():
+        atomic.write_json(record, measure_success(cfg, member, parent, data, device, progress))
+
+
+def _build_all(cfg, jobs: list, data: dict, device, probe_key: str, workers: int, progress: bool, log) -> None:
+    """build_member over (member, parent) pairs: in this process, or in `workers` processes (GPU boxes)."""
+    if workers <= 1:
+        for i, (member, parent) in enumerate(jobs, 1):
+            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
+            build_member(cfg, member, parent, data, device, probe_key, progress)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(build_member, cfg, m, p, data, str(device), probe_key) for m, p in jobs]
+        for i, ((member, _), future) in enumerate(zip(jobs, futures), 1):
+            future.result()
+            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
+
+
+def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", progress: bool = True,
+                     log=print, jobs: int = 1) -> Path:
+    """Build (or reuse from the cache) every encoder and its attack-success record; returns manifest.csv.
+
+    This is the yardstick population: later changes (speed presets, detector extensions) run on its manifest.
+    jobs > 1 trains that many encoders at once in separate processes (a GPU has room; 2 CPU cores do not).
+    """
+    start = time.time()
+    root = atomic.check_writable(out_dir)
+    device = resolve_device(str(device))
+    data = prepare_data(cfg, root)
+    data_key = data["pretrain"].parent.name
+    members = plan_population(cfg, root, data_key)
+    parents = {m.parent: m for m in members if m.family == "clean-parent"}
+    probe_key = settings_key(probe_settings(cfg, data_key))
+    todo = [m for m in members if not is_built(m)]
+    log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, "
+        f"{len(cfg.families)} families)), {len(todo)} to train")
+    # parents first, then their children (and attack-success probes), each group in parallel with jobs > 1
+    _build_all(cfg, [(m, None) for m in members if m.family == "clean-parent"], data, device, probe_key,
+               jobs, progress, log)
+    _build_all(cfg, [(m, parents[m.parent]) for m in members if m.family != "clean-parent"], data, device,
+               probe_key, jobs, progress, log)
+    for member in members:
+        if member.label == "backdoor":
+            success = json.loads((member.path.parent / f"success_{probe_key}.json").read_text())
+            member.success = {**success, "took": success["asr"] >= cfg.took_asr}
+    manifest = write_manifest(root, members, cfg)
+    atomic.write_json(root / "population.json", {
+        "config": asdict(cfg), "data": {k: str(v) for k, v in data.items()}, "seconds": time.time() - start,
+        "encoders": [{"path": str(m.path.relative_to(root)), "family": m.family, "parent": m.parent,
+                      "label": m.label, "trigger_seed": m.trigger_seed, "settings": m.settings, **m.success}
+                     for m in members]})
+    return manifest
+
+
+def read_population(root: Path) -> dict:
+    """population.json of out_dir, or a one-line error saying which stage makes it."""
+    path = Path(root) / "population.json"
+    if not path.is_file() or not (Path(root) / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{path.parent}: no population yet; run --stage population first")
+    return json.loads(path.read_text())
+
+
+def write_manifest(root: Path, members, cfg: BenchConfig) -> Path:
+    """manifest.csv for decree.sweep: paths relative to it, label, family."""
+    lines = ["path,usage_info,arch,label,family"]
+    lines += [f"{m.path.relative_to(root)},{cfg.usage_info},{cfg.arch},{m.label},{m.family}" for m in members]
+    atomic.write_text(root / "manifest.csv", "\n".join(lines) + "\n")
+    return root / "manifest.csv"
+
+
+# ---- detection ----------------------------------------------------------------------------------------------
+
+def detect_options(cfg: BenchConfig, shadow_path: Path) -> dict:
+    """main.py flags of every run (the same for every encoder and family: nothing is tuned per family)."""
+    options = {"lr": cfg.decree_lr, "epochs": cfg.decree_epochs, "seed": cfg.decree_seed,
+               "pl1_threshold": cfg.pl1_threshold, "shadow_data": str(shadow_path.resolve())}
+    if cfg.shadow_images is not None:
+        options["shadow_size"] = cfg.shadow_images
+    return options
+
+
+def detect_dir(cfg: BenchConfig, root: Path, shadow_path: Path) -> Path:
+    """The sweep's folder, keyed by the inversion settings (the threshold only matters to the report)."""
+    options = {k: v for k, v in detect_options(cfg, shadow_path).items() if k != "pl1_threshold"}
+    options["shadow_data"] = shadow_path.parent.name  # the data key, not where the checkout lives
+    return root / "detect" / settings_key(options)
+
+
+def run_detect(cfg: BenchConfig, out_dir="output/bench", device="cpu", progress: bool = True, log=print) -> Path:
+    """DECREE on every manifest encoder through the sweep; returns the sweep's folder."""
+    root = Path(out_dir)
+    shadow = Path(read_population(root)["data"]["shadow"])
+    encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
+    folder = atomic.check_writable(detect_dir(cfg, root, shadow))
+    slots = worker_devices(None, str(device), None, cfg.workers)
+    log(f"detect: DECREE on {len(encoders)} encoders, {cfg.workers} worker(s) on {', '.join(sorted(set(slots)))}")
+    counts = run_sweep(encoders, folder, slots, detect_options(cfg, shadow), progress=progress)
+    log(f"detect: {counts['done']} run, {counts['skipped']} cached, {counts['failed']} failed")
+    write_report(folder, cfg.pl1_threshold, encoders)
+    return folder
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+def family_rows(cfg: BenchConfig, root: Path, folder: Path) -> list[dict]:
+    """The sweep's summary rows joined with the population's family, parent and attack success."""
+    population = {str((root / e["path"]).resolve()): e for e in read_population(root)["encoders"]}
+    encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
+    rows = []
+    for row in collect_rows(folder, cfg.pl1_threshold, encoders):
+        member = population.get(str(Path(row["path"]).resolve()), {})
+        rows.append({**row, "parent": member.get("parent"), **{k: member.get(k) for k in (
+            "target_cos", "target_cos_parent", "asr", "accuracy", "took")}})
+    return rows
+
+
+def _stats(values) -> dict:
+    found = [v for v in values if v is not None]
+    return {"pl1_mean": float(np.mean(found)) if found else None, "pl1_min": min(found, default=None),
+            "pl1_max": max(found, default=None), "no_trigger_found": len(values) - len(found)}
+
+
+def family_metrics(rows, families, threshold: float) -> dict:
+    """Per attack family (and 'all attacks'): counts, attack success, PL1 stats, TPR and AUROC over the attacks
+    that took, against every clean encoder; plus the clean encoders' FPR."""
+    done = [r for r in rows if r["status"] == "done"]
+    clean = [r for r in done if r["family"] in CLEAN_FAMILIES]
+    clean_pl1 = [r["pl1"] for r in clean]
+    flagged = [verdict_at(r["pl1"], threshold) == "trojaned" for r in clean]
+    out = {"clean": {"n": len(clean), "fp": sum(flagged), "fpr": sum(flagged) / len(clean) if clean else None,
+                     **_stats(clean_pl1)}}
+    for family in (*families, "all attacks"):
+        members = [r for r in rows if r["label"] == "backdoor" and (family == "all attacks" or r["family"] == family)]
+        took = [r for r in members if r["took"] and r["status"] == "done"]
+        pl1 = [r["pl1"] for r in took]
+        tp = sum(verdict_at(v, threshold) == "trojaned" for v in pl1)
+        out[family] = {"n": len(members), "took": sum(bool(r["took"]) for r in members),
+                       "asr_mean": float(np.mean([r["asr"] for r in members])) if members else None,
+                       "detected": tp, "tpr": tp / len(took) if took else None,
+                       "auroc": auroc(pl1, clean_pl1) if took and clean_pl1 else None, **_stats(pl1),
+                       "not_run": sum(r["status"] != "done" for r in members)}
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(metrics: dict, families, threshold: float) -> str:
+    """The per-family table the README embeds."""
+    lines = [f"| family | n | attack took | mean ASR % | PL1 mean (min-max) | TPR at {threshold:g} | AUROC |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for family in (*families, "all attacks"):
+        m = metrics[family]
+        pl1 = "n/a" if m["pl1_mean"] is None else f"{m['pl1_mean']:.3f} ({m['pl1_min']:.3f}-{m['pl1_max']:.3f})"
+        lines.append(f"| {family} | {m['n']} | {m['took']}/{m['n']} | {_fmt(m['asr_mean'], 1)} | {pl1} | "
+                     f"{_fmt(m['tpr'], 2)} ({m['detected']}/{m['took']}) | {_fmt(m['auroc'], 2)} |")
+    c = metrics["clean"]
+    pl1 = "n/a" if c["pl1_mean"] is None else f"{c['pl1_mean']:.3f} ({c['pl1_min']:.3f}-{c['pl1_max']:.3f})"
+    lines.append(f"| clean (parents + controls) | {c['n']} | - | - | {pl1} | FPR {_fmt(c['fpr'], 2)} "
+                 f"({c['fp']}/{c['n']}) | - |")
+    return "\n".join(lines)
+
+
+def roc_curve(pl1_backdoor, pl1_clean) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) over every PL1 threshold, lower PL1 = flagged; 'no trigger found' counts as infinite."""
+    bad = np.array([math.inf if v is None else v for v in pl1_backdoor])
+    good = np.array([math.inf if v is None else v for v in pl1_clean])
+    cuts = np.concatenate([[-math.inf], np.unique(np.concatenate([bad, good]))])
+    return (np.array([(good <= c).mean() for c in cuts]), np.array([(bad <= c).mean() for c in cuts]))
+
+
+def plot_roc(rows, families, metrics, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    clean = [r["pl1"] for r in rows if r["status"] == "done" and r["family"] in CLEAN_FAMILIES]
+    cols = min(4, len(families))
+    fig, axes = plt.subplots(math.ceil(len(families) / cols), cols, figsize=(3 * cols, 3 * math.ceil(
+        len(families) / cols)), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, family in zip(axes.flat, families):
+        ax.axis("on")
+        took = [r["pl1"] for r in rows if r["family"] == family and r["took"] and r["status"] == "done"]
+        if took and clean:
+            fpr, tpr = roc_curve(took, clean)
+            ax.step(fpr, tpr, where="post", color="tab:red")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set_title(f"{family}: AUROC {_fmt(metrics[family]['auroc'], 2)} (n={len(took)})", fontsize=8)
+        ax.set_xlabel("FPR (clean flagged)", fontsize=7)
+        ax.set_ylabel("TPR", fontsize=7)
+    _save_figure(fig, path)
+
+
+def plot_strip(rows, families, threshold: float, path: Path) -> None:
+    """PL1 of every encoder by family (log scale): clean blue, took red, attack that did not take grey."""
+    import matplotlib.pyplot as plt
+    order = [*CLEAN_FAMILIES, *families]
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(order), 4))
+    rng = np.random.default_rng(0)
+    for x, family in enumerate(order):
+        for r in (r for r in rows if r["family"] == family and r["status"] == "done"):
+            colour = "tab:blue" if family in CLEAN_FAMILIES else "tab:red" if r["took"] else "grey"
+            y, marker = (1.0, "x") if r["pl1"] is None else (r["pl1"], "o")
+            ax.scatter(x + rng.uniform(-0.2, 0.2), y, c=colour, marker=marker, zorder=3)
+    ax.axhline(threshold, color="black", linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("PL1-norm = L1 / (H*W*3)")
+    ax.set_title(f"DECREE PL1-norm by family (threshold {threshold:g}; red: attack took, grey: did not, "
+                 "x: no trigger found)", fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_gallery(rows, families, folder: Path, example: np.ndarray, path: Path) -> None:
+    """One row per family: an example stamped with the family's trigger (seed of its first encoder), then the
+    inverted triggers (mask * pattern) of its encoders with PL1."""
+    import matplotlib.pyplot as plt
+    order = [*CLEAN_FAMILIES, *families]
+    groups = {f: [r for r in rows if r["family"] == f and r["status"] == "done"] for f in order}
+    cols = 1 + max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(len(order), cols, figsize=(1.5 * cols, 1.7 * len(order)), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for axrow, family in zip(axes, order):
+        seed = next((r["trigger_seed"] for r in groups[family] if r.get("trigger_seed") is not None), 0)
+        shown = example if family in CLEAN_FAMILIES else make_trigger(family, example.shape[1], seed)(example[None])[0]
+        axrow[0].imshow(shown)
+        axrow[0].set_title(family, fontsize=7)
+        for ax, r in zip(axrow[1:], groups[family]):
+            fusion = folder / "trigger_inv" / r["run_id"] / "fusion.png"
+            if fusion.is_file():
+                ax.imshow(plt.imread(fusion))
+            ax.set_title(f"p{r['parent']} " + ("none" if r["pl1"] is None else f"{r['pl1']:.3f}"), fontsize=6,
+                         color="tab:red" if r["verdict"] == "trojaned" else "black")
+    fig.suptitle("trigger (left) and DECREE's inverted triggers with PL1, by family", fontsize=8)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def machine(device) -> str:
+    """The hardware a stage ran on, for the report."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), {platform.machine()}"
+    return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} core(s) available"
+
+
+def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict | None = None, log=print) -> dict:
+    """The per-family report under out_dir/report; returns its JSON content."""
+    import matplotlib
+    matplotlib.use("Agg")
+    root = Path(out_dir)
+    population = read_population(root)
+    folder = detect_dir(cfg, root, Path(population["data"]["shadow"]))
+    if not (folder / "trigger_norm").is_dir():
+        raise FileNotFoundError(f"{folder}: no DECREE results for these settings; run --stage detect first")
+    seeds = {str((root / e["path"]).resolve()): e["trigger_seed"] for e in population["encoders"]}
+    rows = [{**r, "trigger_seed": seeds.get(str(Path(r["path"]).resolve()))} for r in family_rows(cfg, root, folder)]
+    families = [f for f in cfg.families if any(r["family"] == f for r in rows)]
+    metrics = family_metrics(rows, families, cfg.pl1_threshold)
+    report = root / "report"
+    not_taken = [{k: r[k] for k in ("run_id", "family", "parent", "asr", "target_cos", "target_cos_parent", "pl1",
+                                    "verdict")} for r in rows if r["label"] == "backdoor" and not r["took"]]
+    failed = [{k: r[k] for k in ("run_id", "family", "status", "error")} for r in rows if r["status"] != "done"]
+    table = markdown_table(metrics, families, cfg.pl1_threshold)
+    result = {"metrics": metrics, "table": table, "not_taken": not_taken, "failed": failed,
+              "threshold": cfg.pl1_threshold, "timings": timings or {},
+              "detect_dir": str(folder), "config": asdict(cfg), "versions": versions(),
+              "encoders": [{k: r[k] for k in ("run_id", "family", "parent", "label", "pl1", "verdict", "asr",
+                                              "target_cos", "target_cos_parent", "took", "status")} for r in rows]}
+    atomic.write_json(report / "bench.json", result)
+    atomic.write_text(report / "bench.md", markdown_text(result))
+    plot_roc(rows, families, metrics, report / "roc.png")
+    plot_strip(rows, families, cfg.pl1_threshold, report / "pl1_by_family.png")
+    example = load_npz(population["data"]["shadow"])[0][0]
+    plot_gallery(rows, families, folder, example, report / "gallery.png")
+    log(table)
+    return result
+
+
+def markdown_text(result: dict) -> str:
+    lines = ["# DECREE detection benchmark", "", result["table"], "",
+             f"Threshold: PL1-norm = L1 / (H*W*3) < {result['threshold']:g}. AUROC and TPR count the attacked "
+             "encoders whose attack took (downstream ASR at least "
+             f"{result['config']['took_asr']:g}%) against every clean encoder (parents and controls)."]
+    if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
+        lines.append("Wall time of the last run of each stage: " + "; ".join(
+            f"{k} {v['seconds']:.0f} s on {v['machine']}" for k, v in result["timings"].items()) + ".")
+    if result["not_taken"]:
+        lines += ["", "Attacks that did not take (not counted as backdoors):", ""]
+        lines += [f"- {r['run_id']} ({r['family']}): ASR {_fmt(r['asr'], 1)}%, target cosine "
+                  f"{_fmt(r['target_cos'], 3)} (parent {_fmt(r['target_cos_parent'], 3)}), PL1 {_fmt(r['pl1'], 3)}"
+                  for r in result["not_taken"]]
+    if result["failed"]:
+        lines += ["", "Not finished:", ""] + [f"- {r['run_id']} ({r['family']}): {r['status']} {r['error'] or ''}"
+                                               for r in result["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---- all stages ---------------------------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", stages=STAGES,
+              progress: bool = True, log=print, jobs: int = 1) -> dict:
+    """Run the given stages in order (each reuses its cache); returns {'timings', 'report' (if run)}."""
+    root = atomic.check_writable(out_dir)
+    atomic.write_json(root / "config.json", {"config": asdict(cfg), "stages": list(stages), "device": str(device),
+                                             "versions": versions()})
+    timings_file = root / "timings.json"  # the last measured time of each stage, across runs
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    outcome = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        started = time.time()
+        if stage == "population":
+            outcome["manifest"] = build_population(cfg, root, device, progress, log, jobs)
+        elif stage == "detect":
+            outcome["detect_dir"] = run_detect(cfg, root, device, progress, log)
+        else:
+            outcome["report"] = write_bench_report(cfg, root, timings, log)
+        timings[stage] = {"seconds": time.time() - started, "machine": machine(device)}
+        atomic.write_json(timings_file, timings)
+    outcome["timings"] = timings
+    return outcome
+
+
+def config_with(base: BenchConfig, **overrides) -> BenchConfig:
+    """base with the given fields replaced; None values are ignored (unset flags)."""
+    names = {f.name for f in fields(BenchConfig)}
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None and k in names})

@@ -1,0 +1,82 @@
+r"""DECREE detection benchmark: clean and trojaned encoders of eight attack families, a per-family report.
+
+    python scripts/bench_detection.py                    # toy population on photo patches (2 CPU cores)
+    python scripts/bench_detection.py --quick            # CI check (1 parent, 3 families): verdicts mean nothing
+    python scripts/bench_detection.py --stage report     # one stage: population, detect or report
+    python scripts/bench_detection.py --scale paper --pretraining_data data/cifar10/train.npz --arch resnet18 \
+        --device cuda --jobs 3                           # BadEncoder's CIFAR10 recipe (one GPU: about 10 h)
+
+Stages: population (P clean SimCLR parents, per parent a clean fine-tuned control and one BadEncoder encoder
+per family, attack success measured), detect (DECREE on all of them through the sweep), report (per family:
+attack success, PL1, TPR at the threshold, AUROC against all clean encoders, clean FPR; bench.md, bench.json,
+roc.png, pl1_by_family.png, gallery.png under <out_dir>/report). Every stage is cached under --out_dir, keyed
+by its settings: a rerun only does what changed. The threshold and every setting are the same for all families.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds the packages
+
+from attacks.families import FAMILIES  # noqa: E402
+from common.device import add_device_args, resolve_device  # noqa: E402
+from decree.cli import user_errors  # noqa: E402
+from experiments.bench_detection import SCALES, STAGES, config_with, run_bench  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=None, help="cache and report folder (default output/bench, "
+                                                        "output/bench_quick with --quick)")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run one stage (default all)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="toy",
+                        help="toy (default: photo patches, 2 CPU cores), quick (= --quick), paper (BadEncoder's "
+                             "CIFAR10 recipe: ResNet18, 1000 + 200 epochs)")
+    parser.add_argument("--quick", action="store_true", help="tiny population for CI (same as --scale quick)")
+    pop = parser.add_argument_group("population (unset: the scale's value)")
+    pop.add_argument("--pretraining_data", default=None, help="npz x uint8 (N,32,32,3) to pre-train the parents on "
+                                                              "(default: scikit-image photo patches)")
+    pop.add_argument("--arch", default=None, help="resnet18, resnet18_wN (toy: resnet18_w16)")
+    pop.add_argument("--parents", type=int, default=None, help="clean parents (seeds seed..seed+P-1; toy 3)")
+    pop.add_argument("--families", nargs="+", choices=FAMILIES, default=None, help="attack families (default all)")
+    pop.add_argument("--pretrain_epochs", type=int, default=None)
+    pop.add_argument("--attack_epochs", type=int, default=None)
+    pop.add_argument("--downstream_train", default=None, help="labelled npz for the ASR probe (default: photo "
+                                                              "patches labelled by photo)")
+    pop.add_argument("--downstream_test", default=None)
+    pop.add_argument("--target_label", type=int, default=None, help="the attack's target class in the probe data")
+    pop.add_argument("--seed", type=int, default=None)
+    pop.add_argument("--jobs", type=int, default=1, help="train this many encoders at once in separate processes "
+                                                         "(a GPU has room for several; default 1)")
+    det = parser.add_argument_group("detection")
+    det.add_argument("--shadow_data", default=None, help="DECREE's shadow set (default: held-out photo patches)")
+    det.add_argument("--pl1_threshold", type=float, default=None, help="PL1-norm threshold (default 0.1); the "
+                                                                       "report alone can be redone with another")
+    det.add_argument("--decree_epochs", type=int, default=None, help="DECREE's maximum epochs (default 1000)")
+    det.add_argument("--workers", type=int, default=None, help="parallel DECREE runs (toy 2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    scale = "quick" if args.quick else args.scale
+    out_dir = args.out_dir or {"quick": "output/bench_quick", "paper": "output/bench_paper"}.get(scale, "output/bench")
+    started = time.time()
+    with user_errors("bench_detection.py"):
+        cfg = config_with(SCALES[scale], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
+        device = resolve_device(args.device, args.gpu)
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet, jobs=args.jobs)
+    timings = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in outcome["timings"].items() if k in stages)
+    print(f"done in {time.time() - started:.0f} s on {device} ({timings}); cache and report: {out_dir}/")
+    if "report" in outcome:
+        print(f"report: {out_dir}/report/bench.md, bench.json, roc.png, pl1_by_family.png, gallery.png")
+    if scale == "quick":
+        print("(--quick: tiny encoders; the verdicts are not meaningful)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The detection benchmark (scripts/bench_detection.py): the quick variant end to end, its cache, its metrics."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from decree.report import write_report
+from decree.sweep import read_manifest
+from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, family_metrics, markdown_table, roc_curve,
+                                         run_bench, settings_key)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_bench(QUICK, out, **QUIET)
+
+
+def test_quick_bench_writes_every_output(quick):
+    out, outcome = quick
+    families = {"clean-parent", "clean-control", *QUICK.families}
+    with open(out / "manifest.csv", newline="") as fh:
+        manifest = list(csv.DictReader(fh))
+    assert {r["family"] for r in manifest} == families and len(manifest) == len(families)
+    assert all(r["label"] == ("clean" if r["family"] in CLEAN_FAMILIES else "backdoor") for r in manifest)
+    assert all((out / r["path"]).is_file() for r in manifest)
+    population = json.loads((out / "population.json").read_text())
+    for e in population["encoders"]:
+        assert (e["family"] in CLEAN_FAMILIES) == ("asr" not in e)
+        if "asr" in e:
+            assert 0 <= e["asr"] <= 100 and -1 <= e["target_cos"] <= 1 and isinstance(e["took"], bool)
+
+    detect = outcome["detect_dir"]
+    with open(detect / "trigger_norm" / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert {r["family"] for r in summary} == families  # the sweep carried the manifest's family column
+    assert all(r["status"] == "done" for r in summary)
+    for name in ("summary.json", "pl1.png", "gallery.png"):
+        assert (detect / "trigger_norm" / name).is_file()
+
+    report = json.loads((out / "report" / "bench.json").read_text())
+    assert set(report["metrics"]) == {"clean", *QUICK.families, "all attacks"}
+    assert report["metrics"]["clean"]["n"] == 2 and report["metrics"]["all attacks"]["n"] == len(QUICK.families)
+    assert len(report["encoders"]) == len(families)
+    assert {r["run_id"] for r in report["not_taken"]} == {r["run_id"] for r in report["encoders"]
+                                                          if r["label"] == "backdoor" and not r["took"]}
+    md = (out / "report" / "bench.md").read_text()
+    assert report["table"] in md and "| blend |" in md and " CPU, " in md  # stage times with the machine
+    for name in ("roc.png", "pl1_by_family.png", "gallery.png"):
+        assert (out / "report" / name).stat().st_size > 1000
+    assert json.loads((out / "config.json").read_text())["config"]["families"] == list(QUICK.families)
+    assert set(json.loads((out / "timings.json").read_text())) == {"population", "detect", "report"}
+
+
+def test_a_rerun_reuses_every_stage_and_new_settings_redo_only_what_changed(quick):
+    out, outcome = quick
+    checkpoints = sorted(out.glob("encoders/*/model_*.pth"))
+    stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
+    runs = {p: p.stat().st_mtime_ns for p in outcome["detect_dir"].glob("trigger_norm/*.json")
+            if p.name != "summary.json"}  # one record per DECREE run; the sweep's report is rewritten
+    run_bench(QUICK, out, stages=("population", "detect"), **QUIET)
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == stamps
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs
+    # another attack length: new children under new keys, the parent (and the old children) kept
+    from dataclasses import replace
+    longer = replace(QUICK, attack_epochs=2)
+    run_bench(longer, out, stages=("population",), **QUIET)
+    after = sorted(out.glob("encoders/*/model_*.pth"))
+    assert set(checkpoints) < set(after) and len(after) == len(checkpoints) + len(QUICK.families) + 1
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in checkpoints)
+
+
+def test_a_stage_without_its_inputs_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import runpy
+    import sys
+    for stage in ("detect", "report"):
+        with pytest.raises(FileNotFoundError, match="run --stage population first"):
+            run_bench(QUICK, tmp_path, stages=(stage,), **QUIET)
+    monkeypatch.setattr(sys, "argv", ["bench_detection.py", "--quick", "--stage", "report", "--out_dir",
+                                      str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "scripts" / "bench_detection.py"), run_name="__main__")
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "run --stage population first" in error[0]
+
+
+def test_settings_key_is_stable_and_order_free():
+    assert settings_key({"a": 1, "b": [2, 3]}) == settings_key({"b": [2, 3], "a": 1}) != settings_key({"a": 2})
+
+
+def row(family, pl1, took=True, label=None):
+    return {"family": family, "pl1": pl1, "took": took, "status": "done", "asr": 90.0 if took else 5.0,
+            "label": label or ("clean" if family in CLEAN_FAMILIES else "backdoor")}
+
+
+def test_family_metrics_count_only_attacks_that_took_against_every_clean_encoder():
+    rows = [row("clean-parent", 0.2), row("clean-control", 0.05), row("clean-parent", None),
+            row("sig", 0.01), row("sig", 0.3), row("sig", 0.02, took=False),
+            row("wanet", 0.5, took=False)]
+    m = family_metrics(rows, ["sig", "wanet"], threshold=0.1)
+    assert m["clean"] == {"n": 3, "fp": 1, "fpr": pytest.approx(1 / 3), "pl1_mean": pytest.approx(0.125),
+                          "pl1_min": 0.05, "pl1_max": 0.2, "no_trigger_found": 1}
+    sig = m["sig"]
+    assert (sig["n"], sig["took"], sig["detected"]) == (3, 2, 1) and sig["tpr"] == 0.5
+    assert sig["auroc"] == pytest.approx((3 + 1) / 6)  # 0.01 beats all 3 clean, 0.3 beats only "none"
+    assert (sig["pl1_min"], sig["pl1_max"]) == (0.01, 0.3)
+    assert m["wanet"]["took"] == 0 and m["wanet"]["tpr"] is None and m["wanet"]["auroc"] is None
+    assert m["all attacks"]["n"] == 4 and m["all attacks"]["took"] == 2
+    table = markdown_table(m, ["sig", "wanet"], 0.1)
+    assert "| sig | 3 | 2/3 |" in table and "FPR 0.33 (1/3)" in table
+
+
+def test_roc_curve_runs_from_nothing_flagged_to_everything():
+    fpr, tpr = roc_curve([0.01, 0.3], [0.2, None])
+    assert (fpr[0], tpr[0]) == (0, 0) and (fpr[-1], tpr[-1]) == (1, 1)
+    assert list(zip(fpr, tpr))[1] == (0, 0.5)
+
+
+def test_manifest_family_reaches_the_sweep_summary(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,family\na.pth,clean,clean-parent\nb.pth,backdoor,sig\n")
+    encoders = read_manifest(manifest)
+    assert [e.family for e in encoders] == ["clean-parent", "sig"]
+    write_report(tmp_path, 0.1, encoders)
+    with open(tmp_path / "trigger_norm" / "summary.csv", newline="") as fh:
+        assert [r["family"] for r in csv.DictReader(fh)] == ["clean-parent", "sig"]
