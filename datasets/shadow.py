@@ -12,6 +12,10 @@ SHADOW_DEFAULTS = {
     "imagenet": ("data/imagenet", {"fraction": 0.2}),
     "CLIP": ("data/imagenet", {"fraction": 0.2}),
     "moco": ("data/imagenet", {"fraction": 0.2}),
+    # encoders from model hubs: an ImageNet folder, decoded at each model's own input size
+    "open_clip": ("data/imagenet", {"fraction": 0.2}),
+    "hf_clip": ("data/imagenet", {"fraction": 0.2}),
+    "timm": ("data/imagenet", {"fraction": 0.2}),
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import DataError, SHADOW_DEFAULTS, load_image_folder, load_npz, select_shadow
+from datasets import DataError, SHADOW_DEFAULTS, load_image_folder, load_npz, resize_center_crop, select_shadow
 from models import load_encoder
 
 from common import io as atomic
@@ -24,6 +24,7 @@ class DetectionJob:
     encoder_path: str
     encoder_usage_info: str = "cifar10"
     arch: str | None = None
+    encoder_format: str = "auto"          # auto | torch | safetensors (docs/formats.md)
     shadow_data: str | None = None        # npz or image folder; default per usage info (SPEC 2)
     shadow_size: int | None = None
     shadow_fraction: float | None = None
@@ -74,9 +75,7 @@ def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction
         if "per_class_fraction" in selection:
             selection = {"fraction": selection["per_class_fraction"]}
         shadow = load_image_folder(path, size=input_size, seed=seed, progress=progress, **selection)
-    if shadow.shape[1:3] != (input_size, input_size):
-        raise DataError(f"{path}: images are {shadow.shape[1]}x{shadow.shape[2]} px but {usage_info} encoders "
-                        f"take {input_size}x{input_size}; use shadow data of that size")
+    shadow = resize_center_crop(shadow, input_size)  # the encoder's input size, whatever the file's
     if len(shadow) < 2:
         raise DataError(f"{path}: the shadow set has {len(shadow)} image(s); DECREE needs at least 2")
     return shadow
@@ -101,7 +100,10 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     atomic.check_writable(paths.out_dir)
     cfg = job.inversion_config()
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
-                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization)
+                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
+                               encoder_format=job.encoder_format)
+    if spec.arch_note:
+        print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
     shadow = load_shadow(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
                          job.shadow_fraction, seed=cfg.seed, progress=progress)
 
@@ -117,6 +119,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     except InversionError as err:
         raise InversionError(f"{job.encoder_path}: {err}") from err
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
+            "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
             "shadow_data": str(job.shadow_data or SHADOW_DEFAULTS[job.encoder_usage_info][0]),
