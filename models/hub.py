@@ -12,6 +12,7 @@ Embeddings, as each library defines them:
 - timm:      model.forward_head(model.forward_features(x), pre_logits=True), the pooled pre-logits feature.
 """
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,9 @@ def _build_and_load(build, sd: dict, files: EncoderFiles, family: str, tried: st
     except (NotImplementedError, RuntimeError):
         skeleton = None  # a constructor that computes on tensors; the real build below checks the same
     if skeleton is not None:
-        load_into(skeleton, sd, files.weights, tried)
+        with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": only the fit is checked
+            warnings.simplefilter("ignore", UserWarning)
+            load_into(skeleton, sd, files.weights, tried)
     try:
         model = build()
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as err:
@@ -254,12 +257,13 @@ def load_timm(files: EncoderFiles, sd: dict, arch: str | None, config: dict | No
     source = files.config_path or files.weights
     if config is not None:
         _check_values(config, "config", source)
+    named_by = "--arch" if arch else f"{source}: architecture"
     arch = arch or (config or {}).get("architecture")
     if not arch:
         raise CheckpointError(f"{files.weights}: no timm config.json beside it; pass --arch (a timm model name "
                               "such as vit_small_patch16_224.dino)")
     if ":" in arch or not timm.is_model(arch.split(".")[0]):
-        raise ValueError(f"--arch {arch}: not a timm architecture; choose one of timm.list_models() "
+        raise ValueError(f"{named_by} {arch!r} is not a timm architecture; choose one of timm.list_models() "
                          "(e.g. vit_small_patch16_224, resnet50)")
     model_args = (config or {}).get("model_args") or {}
     if not isinstance(model_args, dict):
@@ -268,13 +272,12 @@ def load_timm(files: EncoderFiles, sd: dict, arch: str | None, config: dict | No
     if refused:
         raise CheckpointError(f"{source}: model_args {refused} would make timm fetch or read other files; "
                               "remove them from the config")
-    num_classes = _timm_num_classes(arch, sd, config)
-    model = _build_and_load(lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args),
+    model_args = {**model_args, "num_classes": _timm_num_classes(arch, sd, config)}
+    model = _build_and_load(lambda: timm.create_model(arch, pretrained=False, **model_args),
                             sd, files, "timm", f"timm {arch}")
     data = resolve_data_config({}, pretrained_cfg=(config or {}).get("pretrained_cfg"), model=model)
     embed_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    return HubEncoder(TimmPreLogitsEncoder(model, config or {"architecture": arch, "num_classes": num_classes,
-                                                             "model_args": model_args}),
+    return HubEncoder(TimmPreLogitsEncoder(model, config or {"architecture": arch, "model_args": model_args}),
                       arch, _square(data["input_size"], source), tuple(data["mean"]), tuple(data["std"]), embed_dim)
 
 

@@ -1,0 +1,246 @@
+"""Encoders from model hubs: tiny models built and saved by open_clip, transformers and timm load bit-exactly
+through load_encoder; broken configs and forged files give one line naming the file and the fix."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import main
+from conftest import smooth_images
+from datasets import save_npz_dataset
+from models import CheckpointError, load_encoder
+from models.formats import locate, read_safetensors_header
+
+TINY_OPEN_CLIP = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+
+
+class _NoTokenizer:
+    """open_clip's save_for_hf also saves a tokenizer; the image encoder does not need one."""
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def build_open_clip(folder):
+    """A tiny open_clip CLIP from a custom model config, saved by open_clip's own save_for_hf."""
+    import importlib
+    import open_clip
+    configs = folder.parent / "open_clip_configs"
+    configs.mkdir(exist_ok=True)
+    (configs / "decree-tiny-vit.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(configs)
+    torch.manual_seed(0)
+    model = open_clip.create_model("decree-tiny-vit", pretrained=None).eval()
+    importlib.import_module("open_clip.push_to_hf_hub").save_for_hf(
+        model, _NoTokenizer(), TINY_OPEN_CLIP, folder, safe_serialization=True)
+    return model, lambda x: model.encode_image(x)
+
+
+def build_hf_clip(folder, architecture="CLIPModel"):
+    """A tiny transformers CLIP (text and vision towers), saved with save_pretrained (safetensors)."""
+    import transformers
+    config = transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 99, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    torch.manual_seed(0)
+    if architecture == "CLIPModel":
+        model = transformers.CLIPModel(config).eval()
+        forward = lambda x: model.get_image_features(pixel_values=x).pooler_output  # noqa: E731
+    else:
+        config.vision_config.projection_dim = 16
+        model = transformers.CLIPVisionModelWithProjection(config.vision_config).eval()
+        forward = lambda x: model(pixel_values=x).image_embeds  # noqa: E731
+    model.save_pretrained(folder)
+    return model, forward
+
+
+def build_timm(folder):
+    """A tiny timm ViT, saved by timm's save_for_hf (config.json + model.safetensors)."""
+    import timm
+    from timm.models import save_for_hf
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=10).eval()
+    save_for_hf(model, folder, safe_serialization=True)
+    return model, lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+BUILDERS = {"open_clip": build_open_clip, "hf_clip": build_hf_clip, "timm": build_timm}
+
+
+@pytest.fixture(scope="module")
+def hub_folders(tmp_path_factory):
+    """family -> (folder, library model, the library's own embedding function)."""
+    root = tmp_path_factory.mktemp("hub")
+    return {family: (root / family, *build(root / family)) for family, build in BUILDERS.items()}
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_hub_folder_embeddings_equal_the_librarys_own(hub_folders, family):
+    folder, _, forward = hub_folders[family]
+    model, spec = load_encoder(folder, family)
+    assert spec.input_size == 32 and spec.usage_info == family
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(x), forward(x)
+    assert ours.shape == (4, spec.embed_dim)
+    assert torch.equal(ours, theirs)
+
+
+def test_hf_vision_model_with_projection_is_read_too(tmp_path):
+    _, forward = build_hf_clip(tmp_path, "CLIPVisionModelWithProjection")
+    model, spec = load_encoder(tmp_path / "model.safetensors", "hf_clip")  # the weights file: config beside it
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), forward(x))
+    assert spec.arch == "CLIPVisionModelWithProjection" and spec.embed_dim == 16
+
+
+def test_open_clip_input_size_and_normalisation_come_from_its_config(hub_folders):
+    _, spec = load_encoder(hub_folders["open_clip"][0], "open_clip")
+    assert spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # CLIP's constants, not ImageNet's
+
+
+def test_open_clip_named_architecture_with_a_weights_file(tmp_path):
+    import open_clip
+    model = open_clip.create_model("RN50", pretrained=None).eval()
+    save_file(model.state_dict(), tmp_path / "rn50.safetensors")
+    encoder, spec = load_encoder(tmp_path / "rn50.safetensors", "open_clip", arch="RN50")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), model.encode_image(x))
+    assert spec.embed_dim == 1024 and spec.input_size == 224
+
+
+def test_paper_layouts_read_from_safetensors(tmp_path):
+    from models import SimCLRBackbone
+    backbone = SimCLRBackbone("resnet18_w16").eval()
+    save_file(backbone.state_dict(), tmp_path / "backbone.safetensors")
+    model, spec = load_encoder(tmp_path / "backbone.safetensors", "cifar10")  # arch inferred too
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+    assert spec.arch == "resnet18_w16"
+
+
+def test_format_detection_rules(hub_folders, tmp_path):
+    assert locate(hub_folders["open_clip"][0]).family == "open_clip"
+    assert locate(hub_folders["hf_clip"][0]).family == "hf_clip"
+    timm_files = locate(hub_folders["timm"][0])
+    assert (timm_files.family, timm_files.format, timm_files.weights.name) == ("timm", "safetensors",
+                                                                              "model.safetensors")
+    renamed = tmp_path / "weights.pth"  # a safetensors file with the wrong suffix is still recognised
+    renamed.write_bytes((hub_folders["timm"][0] / "model.safetensors").read_bytes())
+    assert locate(renamed).format == "safetensors"
+    assert locate(renamed, "torch").format == "torch"
+
+
+# ---- one line naming the file and the fix ----------------------------------------------------------------
+
+def _copy(folder, tmp_path):
+    out = tmp_path / folder.name
+    out.mkdir()
+    for f in folder.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _edit_json(path, change):
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_malformed_config_is_one_line(hub_folders, tmp_path, capsys):
+    folder = _copy(hub_folders["hf_clip"][0], tmp_path)
+    (folder / "config.json").write_text('{"model_type": "clip", ')
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "hf_clip"], capsys)
+    assert "config.json" in err and "not valid JSON" in err
+
+
+def test_config_of_an_unknown_architecture_is_one_line(hub_folders, tmp_path, capsys):
+    folder = _copy(hub_folders["timm"][0], tmp_path)
+    _edit_json(folder / "config.json", lambda c: c.update(architecture="no_such_net_v9"))
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "timm"], capsys)
+    assert "config.json" in err and "no_such_net_v9" in err and "timm.list_models()" in err
+
+
+def test_open_clip_config_with_unknown_keys_is_one_line(hub_folders, tmp_path, capsys):
+    folder = _copy(hub_folders["open_clip"][0], tmp_path)
+    _edit_json(folder / "open_clip_config.json", lambda c: c["model_cfg"]["vision_cfg"].update(magic_layers=3))
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "open_clip"], capsys)
+    assert "open_clip_config.json" in err and "magic_layers" in err
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(hub_folders, tmp_path, capsys):
+    folder = _copy(hub_folders["open_clip"][0], tmp_path)
+    _edit_json(folder / "open_clip_config.json", lambda c: c["model_cfg"]["vision_cfg"].update(layers=3))
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "open_clip"], capsys)
+    assert "open_clip_model.safetensors" in err and "missing" in err
+
+
+def test_huge_config_is_refused_before_allocating(hub_folders, tmp_path, capsys):
+    folder = _copy(hub_folders["hf_clip"][0], tmp_path)
+    _edit_json(folder / "config.json", lambda c: c["vision_config"].update(hidden_size=1 << 30))
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "hf_clip"], capsys)
+    assert "config.json" in err and "out of range" in err
+
+
+def _forge_header(path, change):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("lie", ["shape", "offsets", "length"])
+def test_safetensors_header_that_lies_about_sizes_is_one_line(hub_folders, tmp_path, capsys, lie):
+    folder = _copy(hub_folders["timm"][0], tmp_path)
+    weights = folder / "model.safetensors"
+    name = "pos_embed"
+    if lie == "shape":
+        _forge_header(weights, lambda h: h[name].update(shape=[1, 17, 64]))
+    elif lie == "offsets":
+        _forge_header(weights, lambda h: h[name].update(data_offsets=[h[name]["data_offsets"][0], 1 << 40]))
+    else:
+        weights.write_bytes(struct.pack("<Q", 1 << 50) + weights.read_bytes()[8:])
+    with pytest.raises(CheckpointError, match="forged safetensors header"):
+        read_safetensors_header(weights)
+    err = _one_line_error(["--encoder_path", str(folder), "--encoder_usage_info", "timm"], capsys)
+    assert "model.safetensors" in err and "re-download" in err
+
+
+def test_hub_folder_under_another_usage_info_names_the_right_one(hub_folders, capsys):
+    err = _one_line_error(["--encoder_path", str(hub_folders["hf_clip"][0])], capsys)
+    assert "--encoder_usage_info hf_clip" in err
+
+
+# ---- main.py to a verdict, for every family --------------------------------------------------------------
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_main_runs_to_a_verdict_on_each_family(hub_folders, tmp_path, family, capsys):
+    shadow = tmp_path / "shadow.npz"
+    save_npz_dataset(shadow, smooth_images(20, 48, seed=2))  # 48 px: resized to the model's 32 px on load
+    main.main(["--encoder_path", str(hub_folders[family][0]), "--encoder_usage_info", family, "--shadow_data",
+               str(shadow), "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--out_dir", str(tmp_path),
+               "--id", family, "--quiet"])
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    record = json.loads((tmp_path / "trigger_norm" / f"{family}.json").read_text())
+    assert record["verdict"].upper() in verdict
