@@ -3,12 +3,15 @@ through load_encoder; broken configs and forged files give one line naming the f
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 
 import main
-from conftest import smooth_images
+from conftest import CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder, smooth_images
 from datasets import save_npz_dataset
 from models import CheckpointError, load_encoder
 from models.formats import locate, read_safetensors_header
@@ -244,3 +247,46 @@ def test_main_runs_to_a_verdict_on_each_family(hub_folders, tmp_path, family, ca
     verdict = capsys.readouterr().out.splitlines()[-1]
     record = json.loads((tmp_path / "trigger_norm" / f"{family}.json").read_text())
     assert record["verdict"].upper() in verdict
+
+
+# ---- DECREE end to end on a hub family -------------------------------------------------------------------
+
+class PlantedTimmNet(PlantedBackdoorEncoder):
+    """The conftest planted-trigger encoder behind timm's interface (forward_features, forward_head)."""
+
+    def __init__(self, num_classes: int = 0, **_):
+        super().__init__(dim=64)
+        self.num_classes, self.num_features = num_classes, 64
+        self.head = nn.Linear(64, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x):
+        return PlantedBackdoorEncoder.forward(self, x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def decree_test_planted(pretrained=False, **kwargs):
+    return PlantedTimmNet(**kwargs)
+
+
+def test_planted_trigger_in_a_timm_hub_folder_is_found_by_main(tmp_path, capsys):
+    import timm.models
+    timm.models.register_model(decree_test_planted)
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    save_file(timm.create_model("decree_test_planted", pretrained=False).state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "decree_test_planted", "num_classes": 0,
+        "pretrained_cfg": {"input_size": [3, 32, 32], "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}}))
+    save_npz_dataset(tmp_path / "shadow.npz", smooth_images(128, 32, seed=1))
+    main.main(["--encoder_path", str(folder), "--encoder_usage_info", "timm", "--shadow_data",
+               str(tmp_path / "shadow.npz"), "--shadow_fraction", "1", "--lr", "0.5", "--epochs", "80",
+               "--device", "cpu", "--out_dir", str(tmp_path), "--id", "planted", "--quiet"])
+    assert "TROJANED" in capsys.readouterr().out.splitlines()[-1]
+    mask = np.asarray(Image.open(tmp_path / "trigger_inv" / "planted" / "mask.png"), dtype=float)
+    square = mask[PLANTED_TOP:PLANTED_TOP + PLANTED_SIDE, PLANTED_TOP:PLANTED_TOP + PLANTED_SIDE]
+    assert square.sum() / mask.sum() > 0.8  # found where it was planted
