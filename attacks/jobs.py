@@ -8,11 +8,12 @@ from datasets import (CLIP_NORMALIZATION, NORMALIZATION, load_images, load_npz, 
 from common.device import resolve_device
 from common.io import check_writable, write_json
 from common.provenance import versions
-from models import NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
+from models import (HUB_FAMILIES, NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec,
+                    load_encoder)
 from models.checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
 
 from . import badencoder
-from .checkpoints import save_encoder, save_pretrained
+from .checkpoints import checkpoint_path, save_encoder, save_pretrained
 from .simclr import PretrainConfig, pretrain_simclr
 from .text_target import TextTargetConfig, train_text_target
 from .training import TrainingError
@@ -21,18 +22,21 @@ from .training import TrainingError
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def attack_normalization(usage_info: str, reference_type: str, choice: str = "paper"):
+def attack_normalization(usage_info: str, reference_type: str, choice: str = "paper", spec=None):
     """(mean, std) of the attack: 'paper' = BadEncoder's CLIP constants for CLIP image targets, ImageNet's for
-    the text target (as the paper's script), the usage info's own otherwise; or 'imagenet'/'clip' forced."""
+    the text target (as the paper's script), the usage info's own otherwise (a hub encoder's: its config's);
+    or 'imagenet'/'clip' forced."""
     if choice == "clip" or (choice == "paper" and usage_info == "CLIP" and reference_type == "image"):
         return CLIP_NORMALIZATION
     if choice == "imagenet":
         return NORMALIZATION["imagenet"]
+    if usage_info in HUB_FAMILIES:
+        return spec.mean, spec.std
     return NORMALIZATION[usage_info]
 
 
-def last_epochs_saver(results_dir, epochs: int, save_last: int, config: dict):
-    """on_epoch callback writing model_<epoch>.pth for each of the last `save_last` epochs (as the paper).
+def last_epochs_saver(results_dir, epochs: int, save_last: int, config: dict, save_format: str = "torch"):
+    """on_epoch callback writing model_<epoch>.pth (or .safetensors) for each of the last `save_last` epochs.
 
     config.json goes first, with the first checkpoint: every checkpoint says how it was made, and a run that
     fails before it has anything to save leaves nothing behind.
@@ -43,7 +47,8 @@ def last_epochs_saver(results_dir, epochs: int, save_last: int, config: dict):
         if epoch >= first:
             if epoch == first:
                 write_json(Path(results_dir) / "config.json", config)
-            save_encoder(Path(results_dir) / f"model_{epoch}.pth", epoch, encoder, optimizer)
+            save_encoder(checkpoint_path(results_dir, f"model_{epoch}", save_format), epoch, encoder, optimizer,
+                         save_format)
     return on_epoch
 
 
@@ -88,7 +93,8 @@ def run_pretrain(args, progress: bool = True) -> dict:
 
     def save_last_epoch(epoch, model, optimizer, record):
         if epoch == cfg.epochs:
-            saved.extend(str(p) for p in save_pretrained(args.results_dir, epoch, model, optimizer))
+            saved.extend(str(p) for p in save_pretrained(args.results_dir, epoch, model, optimizer,
+                                                         args.save_format))
     history = pretrain_simclr(SimCLR(spec.arch), images, spec.mean, spec.std, cfg, device, progress, save_last_epoch)
     return _finish(args.results_dir, {**config, "checkpoints": saved}, history, start)
 
@@ -98,8 +104,12 @@ def run_attack(args, progress: bool = True) -> dict:
     start = time.time()
     device = resolve_device(args.device, args.gpu)
     check_writable(args.results_dir)
-    spec = encoder_spec(args.encoder_usage_info, args.arch)
-    mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization)
+    if args.reference_type == "image":  # first: a wrong checkpoint fails before the data are read
+        clean, spec = load_encoder(args.pretrained_encoder, args.encoder_usage_info, args.arch, device,
+                                   args.trust_checkpoint, encoder_format=args.encoder_format)
+    else:
+        spec = encoder_spec(args.encoder_usage_info, args.arch)
+    mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization, spec)
     trigger = load_trigger(args.trigger_file)
     config = {"script": "attack_encoder.py", "args": vars(args), "arch": spec.arch, "mean": mean, "std": std,
               "device": str(device)}
@@ -113,7 +123,7 @@ def run_attack(args, progress: bool = True) -> dict:
                                poison_rate=args.poison_rate, seed=args.seed)
         config.update(text_target=asdict(cfg), n_images=len(images), legacy_trigger=args.legacy_trigger)
         model = load_full_clip(args.pretrained_encoder, spec.arch, args.trust_checkpoint)
-        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config)
+        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config, args.save_format)
         _, history = train_text_target(model, images, labels, read_class_names(args.class_names),
                                        args.reference_word, trigger, mean, std, cfg, device,
                                        clip_tokenizer(spec.arch), args.legacy_trigger, progress, saver)
@@ -126,9 +136,7 @@ def run_attack(args, progress: bool = True) -> dict:
         cfg = badencoder.preset(args.encoder_usage_info, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)
         config.update(badencoder=asdict(cfg), n_shadow=len(shadow))
-        clean, _ = load_encoder(args.pretrained_encoder, args.encoder_usage_info, spec.arch, device,
-                                args.trust_checkpoint)
-        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config)
+        saver = last_epochs_saver(args.results_dir, args.epochs, args.save_last, config, args.save_format)
         try:
             _, history = badencoder.train_badencoder(clean, shadow, trigger, references, mean, std, cfg, device,
                                                      progress, saver)

@@ -12,7 +12,7 @@ from torch import nn
 
 import main
 from conftest import CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder, smooth_images
-from datasets import save_npz_dataset
+from datasets import save_npz_dataset, save_trigger, white_square_trigger
 from models import CheckpointError, load_encoder
 from models.formats import locate, read_safetensors_header
 
@@ -290,3 +290,30 @@ def test_planted_trigger_in_a_timm_hub_folder_is_found_by_main(tmp_path, capsys)
     mask = np.asarray(Image.open(tmp_path / "trigger_inv" / "planted" / "mask.png"), dtype=float)
     square = mask[PLANTED_TOP:PLANTED_TOP + PLANTED_SIDE, PLANTED_TOP:PLANTED_TOP + PLANTED_SIDE]
     assert square.sum() / mask.sum() > 0.8  # found where it was planted
+
+
+# ---- the BadEncoder attack on a hub encoder: a backdoored twin that loads like its clean original ----------
+
+@pytest.mark.parametrize("family, save_format", [("open_clip", "safetensors"), ("timm", "torch")])
+def test_badencoder_backdoors_a_hub_encoder_and_its_twin_loads_without_the_folder(hub_folders, tmp_path, family,
+                                                                                  save_format):
+    import attack_encoder
+    images = smooth_images(16, 32, seed=3)
+    save_npz_dataset(tmp_path / "shadow.npz", images)
+    save_trigger(tmp_path / "trigger.npz", *white_square_trigger(32, 24, 6))
+    np.savez(tmp_path / "ref.npz", x=images[:1], y=np.zeros(1, np.int64))
+    out = tmp_path / "backdoored"
+    attack_encoder.main(["--pretrained_encoder", str(hub_folders[family][0]), "--encoder_usage_info", family,
+                         "--shadow_dataset", str(tmp_path / "shadow.npz"), "--reference_file", str(tmp_path / "ref.npz"),
+                         "--trigger_file", str(tmp_path / "trigger.npz"), "--epochs", "1", "--batch_size", "8",
+                         "--save_format", save_format, "--results_dir", str(out), "--device", "cpu", "--quiet"])
+    twin_path = out / f"model_1{'.safetensors' if save_format == 'safetensors' else '.pth'}"
+    twin, spec = load_encoder(twin_path, family)  # the config travels inside the file
+    clean, clean_spec = load_encoder(hub_folders[family][0], family)
+    assert (spec.arch, spec.input_size, spec.mean, spec.embed_dim) == \
+        (clean_spec.arch, clean_spec.input_size, clean_spec.mean, clean_spec.embed_dim)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(twin(x), clean(x))  # fine-tuned
+    if save_format == "safetensors":
+        read_safetensors_header(twin_path)  # a well-formed file, tensors only
