@@ -21,7 +21,7 @@ from tqdm import tqdm
 from datasets import DataError, load_npz, load_trigger
 from common import io as atomic
 from common.device import resolve_device
-from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, load_encoder
 
 from .embed import embed_images
 from .record import new_run_name, write_run_record
@@ -199,9 +199,10 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
         raise ValueError("give --encoder_path (backdoored encoder) and/or --clean_encoder")
     device = resolve_device(job.device, job.gpu)
     target = job.target()
-    spec = encoder_spec(job.encoder_usage_info, job.arch, job.clip_normalization)
-    models = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
-                                 job.clip_normalization)[0] for role, path in roles}  # fail before training
+    loaded = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
+                                 job.clip_normalization) for role, path in roles}  # fail before training
+    models = {role: model for role, (model, _) in loaded.items()}
+    spec = loaded[roles[0][0]][1]  # input size and normalisation: from the checkpoint for hub encoders
     trigger_file = job.trigger_file or PAPER_TRIGGERS.get(spec.input_size)
     if trigger_file is None:
         raise ValueError("give --trigger_file")

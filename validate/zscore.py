@@ -24,7 +24,7 @@ from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_
 from datasets.images import list_images
 from common import io as atomic
 from common.device import resolve_device
-from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, load_encoder
 
 from .embed import embed_images
 from .record import new_run_name, write_run_record
@@ -238,11 +238,7 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
     """
     device = resolve_device(job.device, job.gpu)
     out_dir = atomic.check_writable(job.out_dir)
-    spec = encoder_spec(job.encoder_usage_info, job.arch, job.clip_normalization)
     trigger = load_trigger(job.trigger_file)
-    if trigger.size != spec.input_size:
-        raise DataError(f"{job.trigger_file}: the trigger is {trigger.size}x{trigger.size} px but "
-                        f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
     images, outcomes, run = None, [], new_run_name()
     for path in encoder_paths:
         started = time.time()
@@ -256,6 +252,9 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
             outcomes.append((path, err))
             continue
         if images is None:  # after the first encoder loads, so a wrong path fails before minutes of decoding
+            if trigger.size != spec.input_size:
+                raise DataError(f"{job.trigger_file}: the trigger is {trigger.size}x{trigger.size} px but "
+                                f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
             images = load_zscore_images(job.data, spec.input_size, job.config.num_images, job.config.seed,
                                         progress)
         try:
