@@ -55,7 +55,9 @@ def build_hf_clip(folder, architecture="CLIPModel"):
     torch.manual_seed(0)
     if architecture == "CLIPModel":
         model = transformers.CLIPModel(config).eval()
-        forward = lambda x: model.get_image_features(pixel_values=x).pooler_output  # noqa: E731
+        def forward(x):  # transformers 5 returns an output object (pooler_output projected), 4.x the tensor
+            out = model.get_image_features(pixel_values=x)
+            return getattr(out, "pooler_output", out)
     else:
         config.vision_config.projection_dim = 16
         model = transformers.CLIPVisionModelWithProjection(config.vision_config).eval()
@@ -317,3 +319,12 @@ def test_badencoder_backdoors_a_hub_encoder_and_its_twin_loads_without_the_folde
         assert not torch.equal(twin(x), clean(x))  # fine-tuned
     if save_format == "safetensors":
         read_safetensors_header(twin_path)  # a well-formed file, tensors only
+
+
+def test_sweep_manifest_takes_hub_folders_with_their_usage_info(hub_folders, tmp_path, capsys):
+    import run_decree
+    rows = ["path,usage_info,arch,label"] + [f"{hub_folders[f][0]},{f},,clean" for f in BUILDERS]
+    (tmp_path / "encoders.csv").write_text("\n".join(rows) + "\n")
+    run_decree.main(["--manifest", str(tmp_path / "encoders.csv"), "--list", "--out_dir", str(tmp_path)])
+    listing = capsys.readouterr().out
+    assert all(f" {family} " in listing for family in BUILDERS) and "3 encoders" in listing
