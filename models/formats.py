@@ -14,8 +14,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 FORMATS = ("auto", "torch", "safetensors")
@@ -227,6 +225,3 @@ def save_safetensors(path, state_dict: dict, metadata: dict | None = None) -> No
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     write_bytes(path, save(tensors, metadata=text))
 
-
-def state_dict_shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}

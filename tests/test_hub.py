@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file as load_file_tensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -145,6 +146,17 @@ def test_format_detection_rules(hub_folders, tmp_path):
     renamed.write_bytes((hub_folders["timm"][0] / "model.safetensors").read_bytes())
     assert locate(renamed).format == "safetensors"
     assert locate(renamed, "torch").format == "torch"
+
+
+def test_open_clip_folder_with_pytorch_bin_weights(hub_folders, tmp_path):
+    folder = _copy(hub_folders["open_clip"][0], tmp_path)
+    sd = load_file_tensors(folder / "open_clip_model.safetensors")
+    (folder / "open_clip_model.safetensors").unlink()
+    torch.save(sd, folder / "open_clip_pytorch_model.bin")
+    model, _ = load_encoder(folder, "open_clip")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), hub_folders["open_clip"][2](x))
 
 
 # ---- one line naming the file and the fix ----------------------------------------------------------------
