@@ -14,8 +14,9 @@ from models import import_arch_modules
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder_path", required=True, help="encoder checkpoint (.pth/.pt/.safetensors, any SPEC layout) or a hub folder "
-                                                             "(open_clip, Hugging Face, timm: docs/formats.md)")
+    parser.add_argument("--encoder_path", required=True,
+                        help="encoder checkpoint (.pth/.pt/.safetensors, any SPEC layout) or a hub folder "
+                             "(open_clip, Hugging Face, timm: docs/formats.md)")
     add_encoder_args(parser)
     add_inversion_args(parser)
     parser.set_defaults(lr=1e-3)
