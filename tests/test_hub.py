@@ -318,7 +318,8 @@ def test_badencoder_backdoors_a_hub_encoder_and_its_twin_loads_without_the_folde
     np.savez(tmp_path / "ref.npz", x=images[:1], y=np.zeros(1, np.int64))
     out = tmp_path / "backdoored"
     attack_encoder.main(["--pretrained_encoder", str(hub_folders[family][0]), "--encoder_usage_info", family,
-                         "--shadow_dataset", str(tmp_path / "shadow.npz"), "--reference_file", str(tmp_path / "ref.npz"),
+                         "--shadow_dataset", str(tmp_path / "shadow.npz"),
+                         "--reference_file", str(tmp_path / "ref.npz"),
                          "--trigger_file", str(tmp_path / "trigger.npz"), "--epochs", "1", "--batch_size", "8",
                          "--save_format", save_format, "--results_dir", str(out), "--device", "cpu", "--quiet"])
     twin_path = out / f"model_1{'.safetensors' if save_format == 'safetensors' else '.pth'}"
