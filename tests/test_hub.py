@@ -341,3 +341,18 @@ def test_sweep_manifest_takes_hub_folders_with_their_usage_info(hub_folders, tmp
     run_decree.main(["--manifest", str(tmp_path / "encoders.csv"), "--list", "--out_dir", str(tmp_path)])
     listing = capsys.readouterr().out
     assert all(f" {family} " in listing for family in BUILDERS) and "3 encoders" in listing
+
+
+# ---- one shadow set for every input size -----------------------------------------------------------------
+
+def test_shadow_images_of_another_size_are_resized_and_centre_cropped():
+    from datasets import resize_center_crop
+    same = smooth_images(3, 32)
+    assert resize_center_crop(same, 32) is same  # nothing to do: unchanged, not copied
+    wide = np.zeros((2, 32, 64, 3), np.uint8)
+    wide[:, :, :16] = 255  # a white band on the left quarter: cropped away with the sides
+    wide[:, :, 24:40] = 100
+    out = resize_center_crop(wide, 16)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
+    assert out.max() == 100 and (out[:, :, 5:11] == 100).all()  # the centre band (antialiased edges aside)
+    assert (resize_center_crop(np.full((1, 48, 48, 3), 77, np.uint8), 336) == 77).all()
