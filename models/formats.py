@@ -70,11 +70,21 @@ def config_family(path: Path, config: dict) -> str | None:
     return None
 
 
-def _hub_config(folder: Path):
+def _hub_config(folder: Path, beside_a_file: bool = False):
+    """(family, config, path) of the folder's hub config, or Nones.
+
+    Beside a weights file, a config.json that is not a readable hub config is someone else's file (e.g. the
+    config.json our attack scripts write next to their checkpoints) and is passed over.
+    """
     for name in CONFIG_NAMES:
         path = folder / name
         if path.is_file():
-            config = read_json_config(path)
+            try:
+                config = read_json_config(path)
+            except CheckpointError:
+                if beside_a_file and name == "config.json":
+                    continue
+                raise
             family = config_family(path, config)
             if family:
                 return family, config, path
@@ -114,7 +124,7 @@ def locate(path, encoder_format: str = "auto") -> EncoderFiles:
         weights = _weights_in(path)
     elif path.is_file():
         weights = path
-        family, config, config_path = _hub_config(path.parent)
+        family, config, config_path = _hub_config(path.parent, beside_a_file=True)
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder; check --encoder_path")
     fmt = sniff_format(weights) if encoder_format == "auto" else encoder_format

@@ -206,7 +206,7 @@ def load_hf_clip(files: EncoderFiles, sd: dict, arch: str | None, config: dict |
     import transformers
     source = files.config_path or files.weights
     if config is None:
-        raise CheckpointError(f"{files.weights}: no Hugging Face config.json beside it; pass the model's folder "
+        raise CheckpointError(f"{files.weights}: no readable Hugging Face config.json beside it; pass the model's folder "
                               "(config.json + model.safetensors)")
     _check_values(config, "config", source)
     architecture = arch or (config.get("architectures") or ["CLIPModel" if config.get("model_type") == "clip"

@@ -356,3 +356,11 @@ def test_shadow_images_of_another_size_are_resized_and_centre_cropped():
     assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
     assert out.max() == 100 and (out[:, :, 5:11] == 100).all()  # the centre band (antialiased edges aside)
     assert (resize_center_crop(np.full((1, 48, 48, 3), 77, np.uint8), 336) == 77).all()
+
+
+def test_a_paper_checkpoint_beside_some_other_config_json_still_loads(tmp_path):
+    from models import SimCLRBackbone
+    torch.save({"state_dict": SimCLRBackbone("resnet18_w4").state_dict()}, tmp_path / "model_1.pth")
+    (tmp_path / "config.json").write_text('{"script": "attack_encoder.py", "history": [')  # cut, not a model's
+    _, spec = load_encoder(tmp_path / "model_1.pth", "cifar10")
+    assert spec.arch == "resnet18_w4"
