@@ -75,6 +75,6 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
 def inversion_kwargs(args) -> dict:
     """The DetectionJob fields that add_encoder_args/add_inversion_args define."""
     return {k: getattr(args, k) for k in (
-        "encoder_usage_info", "arch", "encoder_format", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
-        "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
+        "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
+        "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
         "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots")}
