@@ -175,6 +175,7 @@ class DownstreamJob:
     gpu: int | None = None
     trust_checkpoint: bool = False
     clip_normalization: bool = False
+    encoder_format: str = "auto"
     config: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def data_paths(self, size: int) -> tuple[Path, Path]:
@@ -200,7 +201,7 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None) ->
     device = resolve_device(job.device, job.gpu)
     target = job.target()
     loaded = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
-                                 job.clip_normalization) for role, path in roles}  # fail before training
+                                 job.clip_normalization, job.encoder_format) for role, path in roles}  # fail early
     models = {role: model for role, (model, _) in loaded.items()}
     spec = loaded[roles[0][0]][1]  # input size and normalisation: from the checkpoint for hub encoders
     trigger_file = job.trigger_file or PAPER_TRIGGERS.get(spec.input_size)

@@ -210,6 +210,7 @@ class ZScoreJob:
     gpu: int | None = None
     trust_checkpoint: bool = False
     clip_normalization: bool = False
+    encoder_format: str = "auto"
     config: ZScoreConfig = field(default_factory=ZScoreConfig)
 
 
@@ -245,7 +246,8 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
         try:
             model, spec = load_encoder(path, job.encoder_usage_info, job.arch, device,
                                        trust_checkpoint=job.trust_checkpoint,
-                                       clip_normalization=job.clip_normalization)
+                                       clip_normalization=job.clip_normalization,
+                                       encoder_format=job.encoder_format)
         except CheckpointError as err:
             if not keep_going:
                 raise
