@@ -364,3 +364,20 @@ def test_a_paper_checkpoint_beside_some_other_config_json_still_loads(tmp_path):
     (tmp_path / "config.json").write_text('{"script": "attack_encoder.py", "history": [')  # cut, not a model's
     _, spec = load_encoder(tmp_path / "model_1.pth", "cifar10")
     assert spec.arch == "resnet18_w4"
+
+
+def test_pretrain_saves_safetensors_that_load_with_the_arch_inferred(tmp_path):
+    import pretrain_encoder
+    save_npz_dataset(tmp_path / "train.npz", smooth_images(32, 32, seed=4))
+    pretrain_encoder.main(["--pretraining_dataset", str(tmp_path / "train.npz"), "--arch", "resnet18_w2", "--epochs",
+                           "1", "--batch_size", "16", "--save_format", "safetensors", "--results_dir",
+                           str(tmp_path / "clean"), "--device", "cpu", "--quiet"])
+    assert sorted(p.name for p in (tmp_path / "clean").glob("*.safetensors")) == \
+        ["backbone_1.safetensors", "model_1.safetensors"]
+    full, spec = load_encoder(tmp_path / "clean" / "model_1.safetensors", "cifar10")
+    backbone, _ = load_encoder(tmp_path / "clean" / "backbone_1.safetensors", "cifar10")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(full(x), backbone(x))
+    assert spec.arch == "resnet18_w2"
+    assert read_safetensors_header(tmp_path / "clean" / "model_1.safetensors")[1]["epoch"] == "1"
