@@ -73,12 +73,13 @@ def test_load_encoder_says_what_it_inferred(tmp_path):
 
 @pytest.fixture(scope="module")
 def narrow_encoders(tmp_path_factory):
-    """Two resnet18_w4 checkpoints as the demo writes them, and a shadow set."""
+    """resnet18_w4 checkpoints as the demo writes them (full SimCLR model, backbone; config.json beside each)."""
     from attacks.checkpoints import save_encoder
     folder = tmp_path_factory.mktemp("narrow")
-    for name, seed in (("clean_encoder", 0), ("backdoored_encoder", 1)):
-        torch.manual_seed(seed)
-        save_encoder(folder / name / "model_1.pth", 1, SimCLRBackbone("resnet18_w4"))
+    for name, model in (("clean_encoder", SimCLR("resnet18_w4")),
+                        ("backdoored_encoder", SimCLRBackbone("resnet18_w4"))):
+        save_encoder(folder / name / "model_1.pth", 1, model)
+        (folder / name / "config.json").write_text(json.dumps({"settings": {"arch": "resnet18_w4"}, "history": []}))
     save_npz_dataset(folder / "shadow.npz", smooth_images(16, 32, seed=1), np.zeros(16, np.int64))
     return folder
 
