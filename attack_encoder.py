@@ -22,7 +22,8 @@ from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import OneLineParser, at_least, finite, fraction, positive, user_errors
 from common.device import add_device_args
 from common.io import removed_if_empty_on_failure
-from models import USAGE_INFOS, import_arch_modules
+from attacks.checkpoints import SAVE_FORMATS
+from models import FORMATS, USAGE_INFOS, import_arch_modules
 
 
 def parse_args(argv=None):
@@ -45,9 +46,16 @@ def parse_args(argv=None):
     parser.add_argument("--trigger_file", required=True, help="trigger npz (t, tm); see scripts/make_triggers.py")
     parser.add_argument("--shadow_dataset", required=True, help="npz (x uint8 (N,H,W,3)[, y]) or image folder")
     parser.add_argument("--shadow_fraction", type=fraction, default=None, help="use this seeded fraction of it")
-    parser.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint, any SPEC 3 layout")
+    parser.add_argument("--pretrained_encoder", required=True,
+                        help="clean encoder: a checkpoint of any SPEC 3 layout, a safetensors file or a hub folder")
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS)
-    parser.add_argument("--arch", default=None, help="default per usage info (resnet18, RN50, ...)")
+    parser.add_argument("--arch", default=None, help="default: inferred from the checkpoint or its hub config "
+                                                     "(resnet18, RN50, an open_clip or timm name, ...)")
+    parser.add_argument("--encoder_format", default="auto", choices=FORMATS,
+                        help="how to read --pretrained_encoder: auto (docs/formats.md), torch or safetensors")
+    parser.add_argument("--save_format", default="torch", choices=SAVE_FORMATS,
+                        help="torch: model_<epoch>.pth with the optimizer state (BadEncoder's layout); safetensors: "
+                             "model_<epoch>.safetensors, tensors only, cannot carry code")
     parser.add_argument("--arch_module", action="append", default=[], metavar="MODULE",
                         help="import MODULE first; it may call models.register_arch to add your own --arch")
     parser.add_argument("--trust_checkpoint", action="store_true",
@@ -89,7 +97,8 @@ def main(argv=None):
     last = record["history"][-1]
     print(f"epoch {last['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "epoch"))
     first, last = record["saved_epochs"]
-    print(f"trained {last} epochs; saved epochs {first}..{last} to {args.results_dir}/model_<epoch>{args.save_id}.pth")
+    suffix = SAVE_FORMATS[args.save_format]
+    print(f"trained {last} epochs; saved epochs {first}..{last} to {args.results_dir}/model_<epoch>{args.save_id}{suffix}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ PAPER_MAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 256, "seed": 100, "mask_init": 
 
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder_path", required=True, help="encoder checkpoint (.pth/.pt), any SPEC layout")
+    parser.add_argument("--encoder_path", required=True,
+                        help="encoder checkpoint (.pth/.pt/.safetensors, any SPEC layout) or a hub folder "
+                             "(open_clip, Hugging Face, timm: docs/formats.md)")
     add_encoder_args(parser)
     add_inversion_args(parser)
     parser.set_defaults(**EXPERIMENT_DEFAULTS)

@@ -3,7 +3,8 @@ r"""Pre-train a clean SimCLR encoder (BadEncoder's pretraining_encoder.py): NT-X
     python pretrain_encoder.py --pretraining_dataset data/cifar10/train.npz --arch resnet18 \
         --epochs 1000 --results_dir output/cifar10/clean_encoder
 
-Writes model_<epochs>.pth (full model: f.f.*, g.*), backbone_<epochs>.pt (backbone: f.*) and config.json.
+Writes model_<epochs>.pth (full model: f.f.*, g.*), backbone_<epochs>.pt (backbone: f.*) and config.json;
+with --save_format safetensors, model_<epochs>.safetensors and backbone_<epochs>.safetensors instead.
 """
 import argparse
 
@@ -12,6 +13,7 @@ from attacks.jobs import run_pretrain
 from common.determinism import add_determinism_arg, configure_determinism
 from decree.cli import OneLineParser, at_least, positive, user_errors
 from common.device import add_device_args
+from attacks.checkpoints import SAVE_FORMATS
 from models import USAGE_INFOS
 
 
@@ -28,6 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=positive, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--results_dir", required=True, help="folder for the checkpoints and config.json")
     parser.add_argument("--seed", type=int, default=100, help="default 100")
+    parser.add_argument("--save_format", default="torch", choices=SAVE_FORMATS,
+                        help="torch: model_<E>.pth + backbone_<E>.pt (with the optimizer state); safetensors: "
+                             "model_<E>.safetensors + backbone_<E>.safetensors (tensors only, cannot carry code)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(parser)
     add_determinism_arg(parser)

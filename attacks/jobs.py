@@ -8,11 +8,12 @@ from datasets import (CLIP_NORMALIZATION, NORMALIZATION, DataError, load_images,
 from common.device import resolve_device
 from common.io import check_writable, write_json
 from common.provenance import versions
-from models import NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec, load_encoder
+from models import (HUB_FAMILIES, NonFiniteEmbeddings, SimCLR, clip_model, clip_tokenizer, encoder_spec,
+                    load_encoder)
 from models.checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
 
 from . import badencoder
-from .checkpoints import save_encoder, save_pretrained
+from .checkpoints import checkpoint_path, save_encoder, save_pretrained
 from .simclr import PretrainConfig, pretrain_simclr
 from .text_target import TextTargetConfig, train_text_target
 from .training import TrainingError, check_batch_size
@@ -25,13 +26,16 @@ PAPER_SAVE_COUNT = 20
 DEFAULT_BATCH = {"image": 256, "text": 128}
 
 
-def attack_normalization(usage_info: str, reference_type: str, choice: str = "paper"):
+def attack_normalization(usage_info: str, reference_type: str, choice: str = "paper", spec=None):
     """(mean, std) of the attack: 'paper' = BadEncoder's CLIP constants for CLIP image targets, ImageNet's for
-    the text target (as the paper's script), the usage info's own otherwise; or 'imagenet'/'clip' forced."""
+    the text target (as the paper's script), the usage info's own otherwise (a hub encoder's: its config's);
+    or 'imagenet'/'clip' forced."""
     if choice == "clip" or (choice == "paper" and usage_info == "CLIP" and reference_type == "image"):
         return CLIP_NORMALIZATION
     if choice == "imagenet":
         return NORMALIZATION["imagenet"]
+    if usage_info in HUB_FAMILIES:
+        return spec.mean, spec.std
     return NORMALIZATION[usage_info]
 
 
@@ -48,8 +52,10 @@ def attack_schedule(epochs: int, save_count: int | None = None, badencoder: bool
     return epochs + (save_count or PAPER_SAVE_COUNT) - 1, epochs
 
 
-def checkpoint_saver(results_dir, first: int, config: dict, save_id: str = "", extra_tensors=None):
-    """on_epoch callback writing model_<epoch><save_id>.pth for every epoch from `first` on (the paper's names).
+def checkpoint_saver(results_dir, first: int, config: dict, save_id: str = "", extra_tensors=None,
+                     save_format: str = "torch"):
+    """on_epoch callback writing model_<epoch><save_id>.pth (or .safetensors) for every epoch from `first` on
+    (the paper's names).
 
     config<save_id>.json goes first, with the first checkpoint: every checkpoint says how it was made, and a
     run that fails before it has anything to save leaves nothing behind. extra_tensors join each state dict.
@@ -58,7 +64,8 @@ def checkpoint_saver(results_dir, first: int, config: dict, save_id: str = "", e
         if epoch >= first:
             if epoch == first:
                 write_json(Path(results_dir) / f"config{save_id}.json", config)
-            save_encoder(Path(results_dir) / f"model_{epoch}{save_id}.pth", epoch, encoder, optimizer, extra_tensors)
+            save_encoder(checkpoint_path(results_dir, f"model_{epoch}{save_id}", save_format), epoch, encoder,
+                         optimizer, extra_tensors, save_format)
     return on_epoch
 
 
@@ -135,7 +142,8 @@ def run_pretrain(args, progress: bool = True) -> dict:
 
     def save_last_epoch(epoch, model, optimizer, record):
         if epoch == cfg.epochs:
-            saved.extend(str(p) for p in save_pretrained(args.results_dir, epoch, model, optimizer))
+            saved.extend(str(p) for p in save_pretrained(args.results_dir, epoch, model, optimizer,
+                                                         args.save_format))
     history = pretrain_simclr(SimCLR(spec.arch), images, spec.mean, spec.std, cfg, device, progress, save_last_epoch)
     return _finish(args.results_dir, {**config, "checkpoints": saved}, history, start)
 
@@ -149,8 +157,12 @@ def run_attack(args, progress: bool = True) -> dict:
     epochs, first_saved = attack_schedule(args.epochs, args.save_last, args.badencoder_schedule)
     device = resolve_device(args.device, args.gpu)
     check_writable(args.results_dir)
-    spec = encoder_spec(args.encoder_usage_info, args.arch)
-    mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization)
+    if args.reference_type == "image":  # first: a wrong checkpoint fails before the data are read
+        clean, spec = load_encoder(args.pretrained_encoder, args.encoder_usage_info, args.arch, device,
+                                   args.trust_checkpoint, encoder_format=args.encoder_format)
+    else:
+        spec = encoder_spec(args.encoder_usage_info, args.arch)
+    mean, std = attack_normalization(args.encoder_usage_info, args.reference_type, args.normalization, spec)
     trigger = load_trigger(args.trigger_file)
     batch_size = args.batch_size or DEFAULT_BATCH[args.reference_type]
     check_input_size(args.trigger_file, "trigger", trigger.size, spec)
@@ -166,7 +178,7 @@ def run_attack(args, progress: bool = True) -> dict:
                                poison_rate=args.poison_rate, seed=args.seed)
         config.update(text_target=asdict(cfg), n_images=len(images), legacy_trigger=args.legacy_trigger)
         model = load_full_clip(args.pretrained_encoder, spec.arch, args.trust_checkpoint, args.clip_text_model)
-        saver = checkpoint_saver(args.results_dir, first_saved, config, args.save_id)
+        saver = checkpoint_saver(args.results_dir, first_saved, config, args.save_id, save_format=args.save_format)
         _, history = train_text_target(model, images, labels, read_class_names(args.class_names),
                                        args.reference_word, trigger, mean, std, cfg, device,
                                        clip_tokenizer(spec.arch), args.legacy_trigger, progress, saver)
@@ -181,11 +193,9 @@ def run_attack(args, progress: bool = True) -> dict:
                                 lambda1=args.lambda1, lambda2=args.lambda2, seed=args.seed)
         check_batch_size(len(shadow), cfg.batch_size, f"shadow images from {args.shadow_dataset}")
         config.update(badencoder=asdict(cfg), n_shadow=len(shadow))
-        clean, _ = load_encoder(args.pretrained_encoder, args.encoder_usage_info, spec.arch, device,
-                                args.trust_checkpoint)
         head = classifier_head(args.pretrained_encoder, args.trust_checkpoint) \
             if args.encoder_usage_info == "imagenet" else None
-        saver = checkpoint_saver(args.results_dir, first_saved, config, args.save_id, head)
+        saver = checkpoint_saver(args.results_dir, first_saved, config, args.save_id, head, args.save_format)
         try:
             _, history = badencoder.train_badencoder(clean, shadow, trigger, references, mean, std, cfg, device,
                                                      progress, saver)

@@ -1,5 +1,6 @@
 """Data side shared by detection, attacks and validation: npz/image folders, shadow sets, triggers."""
-from .images import DataError, load_npz, load_image_folder, load_images, python_sample, save_npz_dataset
+from .images import (DataError, load_npz, load_image_folder, load_images, python_sample, resize_center_crop,
+                     save_npz_dataset)
 from .normalization import NORMALIZATION, CLIP_NORMALIZATION, EVALUATION_NORMALIZATION, normalize, to_model_input
 from .shadow import (select_shadow, SHADOW_DEFAULTS, IMAGE_FOLDER_CAP, ShadowSet, default_shadow_path,
                      load_shadow_set)

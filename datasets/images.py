@@ -130,6 +130,28 @@ def _resize_center_crop(img, size: int) -> np.ndarray:
     return np.asarray(TF.center_crop(img, size), dtype=np.uint8)
 
 
+def resize_center_crop(x: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+    """uint8 (N,H,W,3) -> uint8 (N,size,size,3): shorter side to `size` (bilinear, antialiased), centre crop.
+
+    Images already of that size are returned unchanged, so one shadow set serves encoders of any input size.
+    """
+    import torch
+    import torch.nn.functional as F
+    n, h, w = x.shape[:3]
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))  # torchvision's CenterCrop
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for start in range(0, n, chunk):  # bounded memory for large sets
+        batch = torch.from_numpy(x[start:start + chunk]).permute(0, 3, 1, 2).float()
+        batch = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        batch = batch[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+        out[start:start + chunk] = batch.permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def list_images(root) -> list[Path]:
     root = Path(root)
     if (root / "val").is_dir():  # a torchvision ImageNet root: the paper samples the validation split

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import DataError, list_images, load_image_folder, load_npz, sample_indices
+from .images import DataError, list_images, load_image_folder, load_npz, resize_center_crop, sample_indices
 
 # usage info -> (default data path, the paper's selection from it)
 SHADOW_DEFAULTS = {
@@ -21,6 +21,10 @@ SHADOW_DEFAULTS = {
     "imagenet": ("data/imagenet", {"fraction": 0.2}),
     "CLIP": ("data/imagenet", {"fraction": 0.2}),
     "moco": ("data/imagenet", {"fraction": 0.2}),
+    # encoders from model hubs: an ImageNet folder, decoded at each model's own input size
+    "open_clip": ("data/imagenet", {"fraction": 0.2}),
+    "hf_clip": ("data/imagenet", {"fraction": 0.2}),
+    "timm": ("data/imagenet", {"fraction": 0.2}),
 }
 # a folder the user names is read whole up to this many images (the paper's ImageNet shadow set: 10,000)
 IMAGE_FOLDER_CAP = 10_000
@@ -117,9 +121,7 @@ def load_shadow_set(usage_info: str, input_size: int, path=None, size: int | Non
                     "--shadow_size/--shadow_fraction to choose")
         shadow = load_image_folder(path, size=input_size, seed=seed, progress=progress, **selection)
         rule = rule or _rule_text(selection, seed, False, paper is not None and not explicit)
-    if shadow.shape[1:3] != (input_size, input_size):
-        raise DataError(f"{path}: images are {shadow.shape[1]}x{shadow.shape[2]} px but {usage_info} encoders "
-                        f"take {input_size}x{input_size}; use shadow data of that size")
+    shadow = resize_center_crop(shadow, input_size)  # the encoder's input size, whatever the file's
     if len(shadow) < 2:
         raise DataError(f"{path}: the shadow set has {len(shadow)} image(s); DECREE needs at least 2: give more "
                         "images, --shadow_size or --shadow_fraction")

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import DataError
-from models import USAGE_INFOS, CheckpointError
+from models import FORMATS, USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
 from .inversion import InversionError
@@ -102,10 +102,16 @@ def run_id(text: str) -> str:
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS,
-                        help="fixes architecture family, input size, normalisation and default shadow data")
+                        help="fixes architecture family, input size, normalisation and default shadow data; "
+                             "open_clip, hf_clip, timm: encoders from model hubs, input size and normalisation "
+                             "from the model's config (docs/formats.md)")
     parser.add_argument("--arch", default=None,
                         help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP; "
-                             "the paper's sweep passes resnet50 for CLIP, read as RN50); default per usage info")
+                             "the paper's sweep passes resnet50 for CLIP, read as RN50), an open_clip or timm model "
+                             "name; default: inferred from the checkpoint or its config")
+    parser.add_argument("--encoder_format", default="auto", choices=FORMATS,
+                        help="how to read --encoder_path: auto (from the file/folder, docs/formats.md), torch "
+                             "(torch.load, weights only) or safetensors")
     parser.add_argument("--arch_module", action="append", default=[], metavar="MODULE",
                         help="import MODULE first; it may call models.register_arch to add your own --arch "
                              "(repeatable; also read from $DECREE_ARCH_MODULES)")
@@ -182,5 +188,5 @@ def inversion_kwargs(args) -> dict:
     """The DetectionJob fields that add_encoder_args/add_inversion_args define."""
     return {k: getattr(args, k) for k in (
         "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
-        "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
+        "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
         "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots")}

@@ -23,6 +23,7 @@ class DetectionJob:
     encoder_path: str
     encoder_usage_info: str = "cifar10"
     arch: str | None = None
+    encoder_format: str = "auto"          # auto | torch | safetensors (docs/formats.md)
     shadow_data: str | None = None        # npz or image folder; default per usage info (SPEC 2)
     shadow_size: int | None = None
     shadow_fraction: float | None = None
@@ -83,7 +84,10 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     atomic.check_writable(paths.out_dir)
     cfg = job.inversion_config()
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
-                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization)
+                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
+                               encoder_format=job.encoder_format)
+    if spec.arch_note:
+        print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
     shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
                                  job.shadow_fraction, seed=cfg.seed, progress=progress)
     shadow = shadow_set.images
@@ -107,6 +111,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
         raise
     target = analyse_target(target_setup, model, spec, shadow, result, device, paths.target)
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
+            "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
             "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),

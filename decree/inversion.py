@@ -52,8 +52,13 @@ class InversionConfig:
         return 2 * self.patience
 
 
+# encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
+HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
+
+
 def preset(usage_info: str, **overrides) -> InversionConfig:
     """The paper's per-usage-info settings, then any overrides (None values are ignored)."""
+    usage_info = HUB_PRESETS.get(usage_info, usage_info)
     large = usage_info in ("CLIP", "imagenet")
     base = InversionConfig(
         lambda_min=1e-5 if usage_info in ("cifar10", "stl10") else 1e-7,

@@ -1,18 +1,20 @@
 """Encoders: one factory (get_encoder) and one safe loader (load_encoder) for every script."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
 
-from .checkpoint import (CheckpointError, UnsafeCheckpointError, adapt_state_dict, extract_state_dict,
-                         load_into, read_checkpoint)
+from .checkpoint import CheckpointError, UnsafeCheckpointError, adapt_state_dict, load_into, read_checkpoint
 from .registry import CUSTOM_ARCHS, import_arch_modules, register_arch
+from .arch_inference import infer_arch
+from .formats import FORMATS, HUB_FAMILIES, locate, read_weights, save_safetensors
+from .hub import export_state_dict, hub_config_of, load_hub_encoder
 from .clip import clip_arch, clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
 from .simclr import SimCLR, SimCLRBackbone, embed_dim
 
-USAGE_INFOS = ("cifar10", "stl10", "imagenet", "CLIP", "moco")
+USAGE_INFOS = ("cifar10", "stl10", "imagenet", "CLIP", "moco") + HUB_FAMILIES
 DEFAULT_ARCH = {"cifar10": "resnet18", "stl10": "resnet18", "imagenet": "resnet50", "CLIP": "RN50",
                 "moco": "resnet18"}
 
@@ -26,9 +28,12 @@ class EncoderSpec:
     mean: tuple
     std: tuple
     embed_dim: int
+    arch_note: str = ""  # how --arch was inferred from the checkpoint; empty when given
 
     @property
     def family(self) -> str:
+        if self.usage_info in HUB_FAMILIES:
+            return self.usage_info
         if self.arch in CUSTOM_ARCHS:
             return "custom"
         return {"cifar10": "simclr", "stl10": "simclr", "CLIP": "clip"}.get(self.usage_info, "torchvision")
@@ -37,6 +42,9 @@ class EncoderSpec:
 def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: bool = False) -> EncoderSpec:
     if usage_info not in USAGE_INFOS:
         raise ValueError(f"unknown --encoder_usage_info {usage_info!r}; choose one of {', '.join(USAGE_INFOS)}")
+    if usage_info in HUB_FAMILIES:  # input size and normalisation are in the model's config
+        raise ValueError(f"--encoder_usage_info {usage_info}: the input size comes from the checkpoint; "
+                         "load it with load_encoder")
     arch = arch or DEFAULT_ARCH[usage_info]
     mean, std = CLIP_NORMALIZATION if (usage_info == "CLIP" and clip_normalization) else NORMALIZATION[usage_info]
     import_arch_modules()
@@ -71,10 +79,26 @@ def get_encoder(usage_info: str, arch: str | None = None) -> nn.Module:
 
 
 def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
-                 trust_checkpoint: bool = False, clip_normalization: bool = False):
-    """Load an encoder checkpoint of any SPEC 3 layout; returns (model in eval mode on device, EncoderSpec)."""
-    spec = encoder_spec(usage_info, arch, clip_normalization)
-    sd = extract_state_dict(read_checkpoint(path, trust_checkpoint), path)
+                 trust_checkpoint: bool = False, clip_normalization: bool = False, encoder_format: str = "auto"):
+    """Load an encoder (any SPEC 3 layout, safetensors, or a hub folder: docs/formats.md).
+
+    Returns (model in eval mode on device, EncoderSpec); its parameters are left as they are (trainable),
+    the callers that only run it (DECREE, validation) freeze them.
+    """
+    files = locate(path, encoder_format)
+    sd, embedded = read_weights(files, trust_checkpoint)
+    if usage_info in HUB_FAMILIES:
+        hub = load_hub_encoder(files, sd, embedded, usage_info, arch)
+        return hub.model.to(device).eval(), EncoderSpec(usage_info, hub.arch, hub.input_size, hub.mean, hub.std,
+                                                        hub.embed_dim)
+    if files.family is not None:
+        raise ValueError(f"{path}: is a {files.family} model ({files.config_path.name}); "
+                         f"pass --encoder_usage_info {files.family}")
+    path = files.weights
+    note = ""
+    if arch is None:
+        arch, note = infer_arch(sd, usage_info, path)
+    spec = replace(encoder_spec(usage_info, arch, clip_normalization), arch_note=note)
     model = get_encoder(usage_info, spec.arch)
     sd = adapt_state_dict(sd, spec.family)
     try:
@@ -107,4 +131,5 @@ def narrow_width_hint(sd: dict, spec: EncoderSpec) -> str:
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_spec", "get_encoder",
            "load_encoder", "NonFiniteEmbeddings", "check_finite", "SimCLR", "SimCLRBackbone", "clip_model",
            "clip_visual", "clip_tokenizer",
-           "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules"]
+           "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules",
+           "FORMATS", "HUB_FAMILIES", "export_state_dict", "hub_config_of", "save_safetensors"]

@@ -43,7 +43,7 @@ def zscore_job(args) -> ZScoreJob:
     return ZScoreJob(encoder_usage_info=args.encoder_usage_info, arch=args.arch, trigger_file=args.trigger_file,
                      data=args.data, out_dir=args.out_dir, res_file=args.res_file, csv_file=args.csv_file,
                      device=args.device, gpu=args.gpu, trust_checkpoint=args.trust_checkpoint,
-                     clip_normalization=args.clip_normalization, config=cfg)
+                     clip_normalization=args.clip_normalization, encoder_format=args.encoder_format, config=cfg)
 
 
 def print_result(path, result) -> None:

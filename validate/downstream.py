@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datasets import EVALUATION_NORMALIZATION, DataError, load_npz, load_trigger
 from common import io as atomic
 from common.device import resolve_device
-from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, load_encoder
 
 from .embed import embed_images
 from .record import new_run_name, write_run_record
@@ -199,6 +199,7 @@ class DownstreamJob:
     trust_checkpoint: bool = False
     clip_normalization: bool = False
     normalization: str = "evaluation"   # the original evaluation's inputs, or "detection" (DECREE's)
+    encoder_format: str = "auto"
     config: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def input_normalization(self, spec) -> tuple:
@@ -207,7 +208,8 @@ class DownstreamJob:
             return spec.mean, spec.std
         if self.normalization != "evaluation":
             raise ValueError(f"--normalization {self.normalization!r}: choose evaluation or detection")
-        return EVALUATION_NORMALIZATION[spec.usage_info]
+        # hub encoders have no original evaluation: their own config's constants
+        return EVALUATION_NORMALIZATION.get(spec.usage_info, (spec.mean, spec.std))
 
     def data_paths(self, size: int) -> tuple[Path, Path]:
         suffix = "" if size == 32 else f"_{size}"
@@ -238,10 +240,11 @@ def run_downstream(job: DownstreamJob, progress: bool = True, on_result=None, wa
         raise ValueError("give --encoder_path (backdoored encoder) and/or --clean_encoder")
     device = resolve_device(job.device, job.gpu)
     target = job.target()
-    spec = encoder_spec(job.encoder_usage_info, job.arch, job.clip_normalization)
+    loaded = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
+                                 job.clip_normalization, job.encoder_format) for role, path in roles}  # fail early
+    models = {role: model for role, (model, _) in loaded.items()}
+    spec = loaded[roles[0][0]][1]  # input size and normalisation: from the checkpoint for hub encoders
     mean, std = job.input_normalization(spec)
-    models = {role: load_encoder(path, job.encoder_usage_info, job.arch, device, job.trust_checkpoint,
-                                 job.clip_normalization)[0] for role, path in roles}  # fail before training
     trigger_file = job.trigger_file or PAPER_TRIGGERS.get(spec.input_size)
     if trigger_file is None:
         raise ValueError("give --trigger_file")

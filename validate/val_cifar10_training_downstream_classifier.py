@@ -64,7 +64,7 @@ def main(argv=None):
                         reference_label=args.reference_label, results_file=args.results_file,
                         classifier_file=args.result_dir, device=args.device, gpu=args.gpu,
                         trust_checkpoint=args.trust_checkpoint, clip_normalization=args.clip_normalization,
-                        normalization=args.normalization, config=cfg)
+                        normalization=args.normalization, encoder_format=args.encoder_format, config=cfg)
 
     def report(row):
         name = "CA" if row["role"] == "clean" else "BA"

@@ -23,7 +23,7 @@ from datasets import DataError, legacy_trigger_tensors, load_image_folder, load_
 from datasets.images import list_images
 from common import io as atomic
 from common.device import resolve_device
-from models import CheckpointError, NonFiniteEmbeddings, encoder_spec, load_encoder
+from models import CheckpointError, NonFiniteEmbeddings, load_encoder
 
 from .embed import embed_images
 from .record import new_run_name, write_run_record
@@ -205,6 +205,7 @@ class ZScoreJob:
     gpu: int | None = None
     trust_checkpoint: bool = False
     clip_normalization: bool = False
+    encoder_format: str = "auto"
     config: ZScoreConfig = field(default_factory=ZScoreConfig)
 
 
@@ -233,24 +234,24 @@ def run_zscore(encoder_paths, job: ZScoreJob, progress: bool = True, keep_going:
     """
     device = resolve_device(job.device, job.gpu)
     out_dir = atomic.check_writable(job.out_dir)
-    spec = encoder_spec(job.encoder_usage_info, job.arch, job.clip_normalization)
     trigger = load_trigger(job.trigger_file)
-    if trigger.size != spec.input_size:
-        raise DataError(f"{job.trigger_file}: the trigger is {trigger.size}x{trigger.size} px but "
-                        f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
     images, outcomes, run = None, [], new_run_name()
     for path in encoder_paths:
         started = time.time()
         try:
             model, spec = load_encoder(path, job.encoder_usage_info, job.arch, device,
                                        trust_checkpoint=job.trust_checkpoint,
-                                       clip_normalization=job.clip_normalization)
+                                       clip_normalization=job.clip_normalization,
+                                       encoder_format=job.encoder_format)
         except CheckpointError as err:
             if not keep_going:
                 raise
             outcomes.append((path, err))
             continue
         if images is None:  # after the first encoder loads, so a wrong path fails before minutes of decoding
+            if trigger.size != spec.input_size:
+                raise DataError(f"{job.trigger_file}: the trigger is {trigger.size}x{trigger.size} px but "
+                                f"{spec.usage_info} encoders take {spec.input_size}x{spec.input_size}")
             images = load_zscore_images(job.data, spec.input_size, job.config.num_images, job.config.seed,
                                         progress)
         try:

@@ -1,0 +1,237 @@
+"""Weight files and hub folders: which format a path is, and reading it without running anything from it.
+
+Detection rules (docs/formats.md), overridden by --encoder_format:
+- a folder is a hub snapshot: `open_clip_config.json` -> open_clip; `config.json` with a CLIP `model_type` or
+  `architectures` -> hf_clip; `config.json` with a timm `architecture` -> timm. Its weights file is the first
+  of WEIGHT_NAMES present (else the folder's only weights file).
+- a file ending in .safetensors, or starting with a safetensors header, is read as safetensors; anything else
+  (.pth, .pt, .bin) by read_checkpoint (torch.load with weights_only=True; TorchScript archives by their
+  tensors). A hub config file next to a weights file is used as that file's config.
+"""
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+
+FORMATS = ("auto", "torch", "safetensors")
+HUB_FAMILIES = ("open_clip", "hf_clip", "timm")
+WEIGHT_NAMES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CONFIG_NAMES = ("open_clip_config.json", "config.json")
+MAX_CONFIG_BYTES = 1 << 20      # hub configs are a few KiB; a bigger one is not a config
+MAX_HEADER_BYTES = 100 << 20    # the safetensors library's own cap on the JSON header
+# where our own checkpoints carry the encoder's hub config (see embed_config)
+CONFIG_METADATA_KEY = "decree_encoder_config"
+HF_CLIP_ARCHITECTURES = ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
+HF_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass
+class EncoderFiles:
+    """What a path points at: the weights file, its format, and the hub config (family + parsed JSON) if any."""
+    weights: Path
+    format: str                      # torch | safetensors
+    family: str | None = None        # open_clip | hf_clip | timm, from the config
+    config: dict | None = None
+    config_path: Path | None = None
+    extra: dict = field(default_factory=dict)  # preprocessor_config.json of an HF folder
+
+
+def read_json_config(path: Path) -> dict:
+    """A JSON object from a small file: hub configs are data, parsed by us, never code."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes is too large for a model config (limit {MAX_CONFIG_BYTES}); "
+                              "use the config.json that came with the weights")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); re-download the model's config") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: a model config must be a JSON object; re-download the model's config")
+    return obj
+
+
+def config_family(path: Path, config: dict) -> str | None:
+    """open_clip | hf_clip | timm for a hub config, None for any other JSON (e.g. a training run's config)."""
+    if path.name == "open_clip_config.json" or "model_cfg" in config:
+        return "open_clip"
+    if config.get("model_type") in HF_CLIP_MODEL_TYPES or \
+            set(config.get("architectures") or ()) & set(HF_CLIP_ARCHITECTURES):
+        return "hf_clip"
+    if isinstance(config.get("architecture"), str):
+        return "timm"
+    return None
+
+
+def _hub_config(folder: Path, beside_a_file: bool = False):
+    """(family, config, path) of the folder's hub config, or Nones.
+
+    Beside a weights file, a config.json that is not a readable hub config is someone else's file (e.g. the
+    config.json our attack scripts write next to their checkpoints) and is passed over.
+    """
+    for name in CONFIG_NAMES:
+        path = folder / name
+        if path.is_file():
+            try:
+                config = read_json_config(path)
+            except CheckpointError:
+                if beside_a_file and name == "config.json":
+                    continue
+                raise
+            family = config_family(path, config)
+            if family:
+                return family, config, path
+    return None, None, None
+
+
+def _weights_in(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if len(found) != 1:
+        what = "no weights file" if not found else f"{len(found)} weights files"
+        raise CheckpointError(f"{folder}: {what} ({', '.join(WEIGHT_NAMES)} or one *.safetensors/*.bin/*.pth); "
+                              "pass the weights file itself as --encoder_path")
+    return found[0]
+
+
+def sniff_format(path: Path) -> str:
+    """safetensors if the suffix says so or the file opens with a plausible safetensors header, else torch."""
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES:
+        return "safetensors"
+    return "torch"
+
+
+def locate(path, encoder_format: str = "auto") -> EncoderFiles:
+    """Resolve --encoder_path (file or hub folder) into its weights file, format and hub config."""
+    path = Path(path)
+    if encoder_format not in FORMATS:
+        raise ValueError(f"--encoder_format {encoder_format!r}: choose one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        family, config, config_path = _hub_config(path)
+        weights = _weights_in(path)
+    elif path.is_file():
+        weights = path
+        family, config, config_path = _hub_config(path.parent, beside_a_file=True)
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or folder; check --encoder_path")
+    fmt = sniff_format(weights) if encoder_format == "auto" else encoder_format
+    extra = {}
+    preprocessor = weights.parent / "preprocessor_config.json"
+    if family == "hf_clip" and preprocessor.is_file():
+        extra = read_json_config(preprocessor)
+    return EncoderFiles(weights, fmt, family, config, config_path, extra)
+
+
+# ---- safetensors ------------------------------------------------------------------------------------------
+
+def _bad_header(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt or forged safetensors header ({what}); re-download the file or "
+                           "re-create it with safetensors.torch.save_file")
+
+
+def read_safetensors_header(path) -> tuple[dict, dict]:
+    """Parse and check the header ourselves: (tensor entries, __metadata__), every offset inside the file.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON, then the data buffer, which the entries'
+    data_offsets [begin, end) must cover exactly, without overlap, with end - begin = numel * itemsize.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad_header(path, f"the file has {size} bytes, fewer than the 8-byte header length")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise _bad_header(path, f"header length {n} exceeds the file's {size} bytes or the 100 MiB cap")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _bad_header(path, f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _bad_header(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad_header(path, "__metadata__ must map strings to strings")
+    buffer, spans = size - 8 - n, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise _bad_header(path, f"tensor {name!r} has no known dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _bad_header(path, f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= buffer):
+            raise _bad_header(path, f"tensor {name!r} has offsets {offsets!r} outside the {buffer}-byte data buffer")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]]
+        if offsets[1] - offsets[0] != nbytes:
+            raise _bad_header(path, f"tensor {name!r} {entry['dtype']}{shape} needs {nbytes} bytes, "
+                                    f"its offsets span {offsets[1] - offsets[0]}")
+        spans.append(offsets)
+    spans.sort()
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise _bad_header(path, f"data buffer {'overlaps' if begin < end else 'has a hole'} at byte {begin}")
+        end = stop
+    if end != buffer:
+        raise _bad_header(path, f"tensors cover {end} of the {buffer} data bytes")
+    return header, metadata
+
+
+def load_safetensors(path) -> tuple[dict, dict]:
+    """(state dict of CPU tensors, metadata) of a checked safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    _, metadata = read_safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu"), metadata
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-download or re-create it") from err
+
+
+# ---- one reader for both formats --------------------------------------------------------------------------
+
+def read_weights(files: EncoderFiles, trust_checkpoint: bool = False) -> tuple[dict, dict | None]:
+    """(state dict, embedded encoder config or None) of the weights file, in its format."""
+    if files.format == "safetensors":
+        sd, metadata = load_safetensors(files.weights)
+        embedded = metadata.get(CONFIG_METADATA_KEY)
+        try:
+            return sd, json.loads(embedded) if embedded else None
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{files.weights}: metadata {CONFIG_METADATA_KEY} is not JSON; "
+                                  "re-create the file") from None
+    obj = read_checkpoint(files.weights, trust_checkpoint)
+    embedded = obj.get(CONFIG_METADATA_KEY) if isinstance(obj, dict) else None
+    return extract_state_dict(obj, files.weights), embedded if isinstance(embedded, dict) else None
+
+
+def embed_config(family: str, config: dict) -> dict:
+    """The value stored under CONFIG_METADATA_KEY, so a checkpoint we write (e.g. a backdoored twin of a hub
+    encoder) loads without its original folder."""
+    return {"family": family, "config": config}
+
+
+def save_safetensors(path, state_dict: dict, metadata: dict | None = None) -> None:
+    """Atomic safetensors file of CPU tensors; metadata values become JSON strings."""
+    from safetensors.torch import save
+    from common.io import write_bytes
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    write_bytes(path, save(tensors, metadata=text))
+
