@@ -119,7 +119,8 @@ def _nothing_found(root: Path) -> str:
     if others:
         hints = " or ".join(f"--encoders '{top}/**/*.pth'" for top in others[:3])
         message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
-                    "(plus --encoder_usage_info/--arch where they are not the defaults), or list them in --manifest CSV")
+                    "(plus --encoder_usage_info/--arch where they are not the defaults), "
+                    "or list them in --manifest CSV")
     else:
         message += "; pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV"
     return message

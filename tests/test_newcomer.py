@@ -90,10 +90,10 @@ def test_downstream_script_on_one_class_data_exits_2_before_writing(tmp_path, ca
     save_trigger(tmp_path / "trigger.npz", *white_square_trigger(32, 21, 10))
     np.savez(tmp_path / "one.npz", x=np.zeros((8, 32, 32, 3), np.uint8), y=np.zeros(8, np.int64))
     with pytest.raises(SystemExit) as exit_info:
-        downstream_script.main(["--encoder_path", str(encoder), "--arch", "resnet18_w4", "--train_data", str(tmp_path / "one.npz"),
-                     "--test_data", str(tmp_path / "one.npz"), "--trigger_file", str(tmp_path / "trigger.npz"),
-                     "--reference_label", "0", "--device", "cpu", "--quiet", "--epochs", "1",
-                     "--results_file", str(tmp_path / "r.csv")])
+        downstream_script.main(["--encoder_path", str(encoder), "--arch", "resnet18_w4",
+                                "--train_data", str(tmp_path / "one.npz"), "--test_data", str(tmp_path / "one.npz"),
+                                "--trigger_file", str(tmp_path / "trigger.npz"), "--reference_label", "0",
+                                "--device", "cpu", "--quiet", "--epochs", "1", "--results_file", str(tmp_path / "r.csv")])
     assert exit_info.value.code == 2
     assert "every training image is class 0" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
