@@ -7,7 +7,7 @@ from datasets import DataError
 from models import USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
-from .inversion import InversionError
+from .inversion import SPEED_PRESETS, InversionError
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
 USER_ERRORS = (CheckpointError, DataError, DeviceError, InversionError, PermissionError, FileNotFoundError,
@@ -47,7 +47,20 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
 def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
-    group.add_argument("--batch_size", type=int, default=32, help="shadow images per step (default 32)")
+    group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
+                       help="paper: the paper's settings (default); fast: float32 trigger, channels_last, bf16 "
+                            "autocast where the hardware has it, same verdicts on the benchmark populations; "
+                            "triage: fast + --stop_at_verdict (for sweeps). Flags given explicitly override it. "
+                            "See docs/speed.md")
+    group.add_argument("--stop_at_verdict", action="store_true",
+                       help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
+                            "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
+                            "bound). Clean encoders run to the usual early stop")
+    group.add_argument("--restarts", type=int, default=None,
+                       help="K independent inversions from different initial triggers and batch orders, run "
+                            "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
+                            "K (default 1 = the paper's single run)")
+    group.add_argument("--batch_size", type=int, default=None, help="shadow images per step (default 32)")
     group.add_argument("--lr", type=float, default=None, help="Adam lr on the trigger (main.py: 1e-3; sweeps: 0.5)")
     group.add_argument("--seed", type=int, default=80, help="seeds python, numpy and torch (default 80)")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"), help="initial mask (default rand)")
@@ -60,8 +73,14 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                             "each class), data/stl10/test.npz (800), data/imagenet (20%%) per usage info")
     group.add_argument("--shadow_size", type=int, default=None, help="use this many shadow images (seeded)")
     group.add_argument("--shadow_fraction", type=float, default=None, help="use this fraction (seeded)")
+    group.add_argument("--shadow_cache", default=None, metavar="DIR|off",
+                       help="image-folder shadow sets are decoded once and kept here, keyed by folder contents, "
+                            "selection, size and seed, so a sweep decodes them once (default <out_dir>/shadow_cache; "
+                            "off: no cache)")
     group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast of the encoder on CUDA")
+    group.add_argument("--amp", action="store_true",
+                       help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
+                            "on other CPUs, where it is slower; the JSON records amp_used)")
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
@@ -72,4 +91,5 @@ def inversion_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in (
         "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
         "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
-        "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots")}
+        "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots", "preset", "stop_at_verdict",
+        "restarts", "shadow_cache")}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import DataError, SHADOW_DEFAULTS, load_image_folder, load_npz, select_shadow
+from datasets import DataError, SHADOW_DEFAULTS, load_npz, select_shadow
 from models import load_encoder
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import InversionConfig, InversionError, invert_trigger, preset
+from .inversion import InversionConfig, InversionError, invert_trigger, preset, stop_message
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
+from .shadow_cache import load_image_folder_cached
 
 
 @dataclass
@@ -47,19 +48,29 @@ class DetectionJob:
     float32: bool = False
     amp: bool = False
     channels_last: bool = False
+    preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
+    stop_at_verdict: bool = False
+    restarts: int | None = None
+    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
 
     def inversion_config(self) -> InversionConfig:
-        return preset(self.encoder_usage_info, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+        return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
+                      restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       mask_init=self.mask_init, thres=self.thres, max_epochs=self.epochs,
                       pl1_threshold=self.pl1_threshold, param_dtype="float32" if self.float32 else None,
                       amp=self.amp or None, channels_last=self.channels_last or None)
+
+    def shadow_cache_dir(self) -> Path | None:
+        if self.shadow_cache == "off":
+            return None
+        return Path(self.shadow_cache) if self.shadow_cache else Path(self.out_dir) / "shadow_cache"
 
     def paths(self) -> RunPaths:
         return RunPaths(Path(self.out_dir), self.run_id or run_id_for(self.encoder_path))
 
 
 def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction=None, seed: int = 0,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, cache_dir=None) -> np.ndarray:
     """Shadow set uint8 (N,S,S,3): the paper's default selection unless a size/fraction is given."""
     default_path, default_selection = SHADOW_DEFAULTS[usage_info]
     path = Path(path or default_path)
@@ -73,7 +84,7 @@ def load_shadow(usage_info: str, input_size: int, path=None, size=None, fraction
     else:
         if "per_class_fraction" in selection:
             selection = {"fraction": selection["per_class_fraction"]}
-        shadow = load_image_folder(path, size=input_size, seed=seed, progress=progress, **selection)
+        shadow = load_image_folder_cached(cache_dir, path, input_size, seed, progress, **selection)
     if shadow.shape[1:3] != (input_size, input_size):
         raise DataError(f"{path}: images are {shadow.shape[1]}x{shadow.shape[2]} px but {usage_info} encoders "
                         f"take {input_size}x{input_size}; use shadow data of that size")
@@ -89,8 +100,21 @@ def _log_text(job: DetectionJob, meta: dict, result) -> str:
     for r in result.history:
         lines.append(f"e={r['epoch']} loss={r['loss']:.6f} cos={r['cos']:.6f} L1={r['l1']:.4f} "
                      f"lambda={r['lambda']:.3g} lr={r['lr']:g} best_L1={r['best_l1']:.4f} t={r['seconds']:.1f}s")
-    lines += ["", f"L1 {result.l1:.4f}, {result.summary()}, {result.epochs} epochs, {result.seconds:.1f} s"]
+    lines += ["", stop_message(result, job.inversion_config()),
+              f"L1 {result.l1:.4f}, {result.summary()}, {result.epochs} epochs, {result.seconds:.1f} s"]
+    lines += [f"restart {r['restart']} (seed {r['seed']}): PL1 {r['pl1']}, {r['epochs']} epochs, {r['stop_reason']}"
+              for r in result.restarts if len(result.restarts) > 1]
     return "\n".join(lines) + "\n"
+
+
+def speed_record(result) -> dict:
+    """JSON fields of the speed options: why the run stopped, whether PL1 is exact, every restart, amp."""
+    record = {"stop_reason": result.stop_reason, "pl1_upper_bound": result.pl1_upper_bound,
+              "amp_used": result.amp_used, "restarts": result.restarts}
+    if result.pl1_upper_bound:
+        record["pl1_note"] = ("--stop_at_verdict ended the run once the best PL1 fell below the threshold; the "
+                              "best PL1 can only fall, so the verdict is final and the PL1 an upper bound")
+    return record
 
 
 def run_detection(job: DetectionJob, progress: bool = True) -> dict:
@@ -103,7 +127,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
                                trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization)
     shadow = load_shadow(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
-                         job.shadow_fraction, seed=cfg.seed, progress=progress)
+                         job.shadow_fraction, seed=cfg.seed, progress=progress, cache_dir=job.shadow_cache_dir())
 
     def save_snapshot(record, best):
         if job.save_snapshots and best.improved_this_epoch:
@@ -121,7 +145,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
             "shadow_data": str(job.shadow_data or SHADOW_DEFAULTS[job.encoder_usage_info][0]),
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
-            "wall_seconds": time.time() - started}
+            "wall_seconds": time.time() - started, **speed_record(result)}
     record = write_run(paths, result, meta, _log_text(job, meta, result))
     if job.result_file:
         append_result_line(job.result_file, job.encoder_path, job.model_flag,

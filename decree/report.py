@@ -17,7 +17,7 @@ from common import io as atomic
 from .sweep import LABELS, failed_dir, infer_label
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
-                   "status", "error")
+                   "status", "error", "restarts", "pl1_min", "pl1_median", "pl1_max")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 8, 96
 
@@ -49,6 +49,15 @@ def verdict_at(pl1: float | None, threshold: float) -> str:
     return "trojaned" if pl1 is not None and pl1 < threshold else "clean"
 
 
+def restart_spread(record: dict) -> dict:
+    """Seed spread of a --restarts K > 1 run: K and the min/median/max PL1 over restarts (no trigger = inf)."""
+    restarts = record.get("restarts") or []
+    if len(restarts) < 2:
+        return {}
+    pl1 = [math.inf if r["pl1"] is None else r["pl1"] for r in restarts]
+    return {"restarts": len(pl1), "pl1_min": min(pl1), "pl1_median": float(np.median(pl1)), "pl1_max": max(pl1)}
+
+
 def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     """One summary row per encoder (finished, failed, or listed in `encoders` but not run), sorted by path."""
     norm = Path(out_dir) / "trigger_norm"
@@ -61,7 +70,7 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     for record in _records(norm):  # a finished run outranks an older failure of the same encoder
         rows[record["run_id"]] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
-                                  "seconds": record["seconds"], "status": "done"}
+                                  "seconds": record["seconds"], "status": "done", **restart_spread(record)}
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row} for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
 
