@@ -41,11 +41,12 @@ PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a sweep; label is 'clean' or 'backdoor'."""
+    """One encoder of a sweep; label is 'clean' or 'backdoor'; family: the manifest's free-text group (attack)."""
     path: str
     usage_info: str
     arch: str | None
     label: str
+    family: str = ""
 
     @property
     def run_id(self) -> str:
@@ -101,7 +102,7 @@ def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[E
 
 
 def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) -> list[Encoder]:
-    """CSV with columns path[,usage_info][,arch][,label]; empty cells take the command-line defaults.
+    """CSV with columns path[,usage_info][,arch][,label][,family]; empty cells take the command-line defaults.
 
     Relative paths are relative to the manifest's folder, so a manifest travels with its encoders.
     """
@@ -112,11 +113,11 @@ def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) ->
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns:
-            raise ValueError(f"{path}: needs a header with a 'path' column (optional: usage_info, arch, label); "
-                             f"found {columns or 'an empty file'}")
-        unknown = set(columns) - {"path", "usage_info", "arch", "label"}
+            raise ValueError(f"{path}: needs a header with a 'path' column (optional: usage_info, arch, label, "
+                             f"family); found {columns or 'an empty file'}")
+        unknown = set(columns) - {"path", "usage_info", "arch", "label", "family"}
         if unknown:
-            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use path, usage_info, arch, label")
+            raise ValueError(f"{path}: unknown column(s) {sorted(unknown)}; use path, usage_info, arch, label, family")
         encoders = [_manifest_row(path, line, {k.strip(): (v or "").strip() for k, v in row.items() if k},
                                   usage_info, arch)
                     for line, row in enumerate(reader, start=2)]
@@ -138,7 +139,7 @@ def _manifest_row(manifest: Path, line: int, row: dict, usage_info: str, arch: s
     label = row.get("label") or infer_label(row["path"])
     if label not in LABELS:
         raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor'")
-    return Encoder(str(encoder), usage, row.get("arch") or arch, label)
+    return Encoder(str(encoder), usage, row.get("arch") or arch, label, row.get("family", ""))
 
 
 def find_encoders(manifest=None, patterns=None, root="output", usage_info: str = "cifar10",
