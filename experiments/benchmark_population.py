@@ -78,7 +78,10 @@ def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict
         result, seconds = run_contender(name, encoder, shadow, spec, settings, device, k)
         runs[name] = {"seconds": seconds, "pl1": result.pl1 if result.found else None, "epochs": result.epochs,
                       "verdict": result.verdict, "stop_reason": result.stop_reason,
-                      "restart_pl1": [r["pl1"] for r in result.restarts]}
+                      "restart_pl1": [r["pl1"] for r in result.restarts],
+                      # best PL1 after each epoch: what any shorter budget or patience would have reported
+                      "best_pl1_by_epoch": [h["best_l1"] / shadow[0].size if h["best_l1"] != np.inf else None
+                                            for h in result.history]}
     paper_verdict = runs[contenders[0]]["verdict"]
     for run in runs.values():
         run["same_verdict"] = run["verdict"] == paper_verdict
