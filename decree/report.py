@@ -17,7 +17,7 @@ from common import io as atomic
 from .sweep import LABELS, failed_dir, infer_label
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
-                   "status", "error", "restarts", "pl1_min", "pl1_median", "pl1_max")
+                   "status", "error")
 LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 8, 96
 
@@ -47,6 +47,9 @@ def _identity(record: dict, labels: dict) -> dict:
 
 def verdict_at(pl1: float | None, threshold: float) -> str:
     return "trojaned" if pl1 is not None and pl1 < threshold else "clean"
+
+
+RESTART_COLUMNS = ("restarts", "pl1_min", "pl1_median", "pl1_max")  # in summary.csv when a run had --restarts > 1
 
 
 def restart_spread(record: dict) -> dict:
@@ -106,7 +109,8 @@ def detection_metrics(rows, threshold: float) -> dict:
 
 def summary_csv(rows) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    spread = RESTART_COLUMNS if any(row.get("restarts") for row in rows) else ()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS + spread, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

@@ -15,7 +15,7 @@ from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, cpu_support
                               preset)
 from decree import shadow_cache
 from decree.outputs import run_id_for
-from decree.report import restart_spread
+from decree.report import restart_spread, summary_csv
 
 FAST = dict(lr=0.5, batch_size=32, max_epochs=60)
 
@@ -181,3 +181,11 @@ def test_image_folder_shadow_set_is_decoded_once_and_rekeyed_when_the_folder_cha
     Image.fromarray(smooth_images(1, 40, seed=9)[0]).save(folder / "0.png")  # the folder changed
     load(count=3)
     assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+
+def test_summary_csv_has_spread_columns_only_when_a_run_had_restarts():
+    plain = {"path": "a.pth", "status": "done"}
+    assert "pl1_median" not in summary_csv([plain]).splitlines()[0]
+    spread = {"path": "b.pth", "status": "done", "restarts": 2, "pl1_min": 0.05, "pl1_median": 0.1, "pl1_max": 0.15}
+    head, *rows = summary_csv([plain, spread]).splitlines()
+    assert head.endswith("restarts,pl1_min,pl1_median,pl1_max") and rows[1].endswith("2,0.05,0.1,0.15")
