@@ -60,7 +60,7 @@ def parse_args(argv=None):
     pop.add_argument("--population", default=None, metavar="MANIFEST",
                      help="run every encoder of this sweep manifest (path,usage_info,arch,label[,family]) to a verdict")
     pop.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS,
-                     help="default: paper default fast triage (paper first: the reference)")
+                     help="default: paper default fast triage; the first is the reference of the ratios and agreement")
     pop.add_argument("--shadow_data", default=None, help="shadow set of every encoder (default per usage info)")
     pop.add_argument("--shadow_images", type=int, default=None,
                      help="use this many shadow images (default: all of --shadow_data, or the usage info's rule)")
