@@ -276,14 +276,18 @@ def restart_seed(seed: int, index: int) -> int:
     return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
 
 
 def amp_active(cfg: InversionConfig, device: torch.device) -> bool:

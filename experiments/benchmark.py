@@ -32,7 +32,7 @@ import torch
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
 
-from decree.inversion import cpu_supports_bf16, invert_trigger, preset
+from decree.inversion import cpu_flags, cpu_supports_bf16, invert_trigger, preset
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
@@ -214,14 +214,6 @@ def step_flops(encoder: torch.nn.Module, batch_size: int, input_size: int, devic
     return int(counter.get_total_flops())
 
 
-def _cpu_flags() -> set:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
-
 def _cpu_ghz() -> tuple[float, str]:
     """Highest clock the kernel reports: cpufreq's maximum if present, else /proc/cpuinfo's current MHz."""
     max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
@@ -254,7 +246,7 @@ def machine_peak(device: torch.device, threads: int) -> dict:
                 "derivation": f"{name}: {peaks['source']}, dense {'TF32 (cudnn.allow_tf32)' if tf32 else 'FP32'} "
                               f"{peaks['tf32' if tf32 else 'fp32'] / 1e12:.0f} TFLOP/s, bf16 "
                               f"{peaks['bf16'] / 1e12:.0f} TFLOP/s"}
-    flags = _cpu_flags()
+    flags = cpu_flags()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # float32 lanes of one vector FMA
     ghz, clock_source = _cpu_ghz()
     cores = min(threads, len(os.sched_getaffinity(0)))
