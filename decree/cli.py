@@ -49,7 +49,7 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
                        help="paper: the paper's settings (default); fast: float32 trigger, channels_last, bf16 "
-                            "autocast where the hardware has it, same verdicts on the benchmark populations; "
+                            "autocast where the hardware has it (same verdicts as paper on the populations of docs/speed.md); "
                             "triage: fast + --stop_at_verdict (for sweeps). Flags given explicitly override it. "
                             "See docs/speed.md")
     group.add_argument("--stop_at_verdict", action="store_true",

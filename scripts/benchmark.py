@@ -63,7 +63,7 @@ def parse_args(argv=None):
                      help="default: paper default fast triage; the first is the reference of the ratios and agreement")
     pop.add_argument("--shadow_data", default=None, help="shadow set of every encoder (default per usage info)")
     pop.add_argument("--shadow_images", type=int, default=None,
-                     help="use this many shadow images (default: all of --shadow_data, or the usage info's rule)")
+                     help="use this many shadow images (default: main.py's selection from --shadow_data)")
     pop.add_argument("--max_epochs", type=int, default=1000, help="epoch budget (default 1000, the paper's)")
     pop.add_argument("--pl1_threshold", type=float, default=0.1, help="default 0.1")
     pop.add_argument("--restarts", type=int, default=1,
