@@ -92,9 +92,11 @@ def _rule_text(selection: dict, seed: int, labelled: bool, paper: bool) -> str:
 
 
 def load_shadow_set(usage_info: str, input_size: int, path=None, size: int | None = None,
-                    fraction: float | None = None, seed: int = 0, progress: bool = True) -> ShadowSet:
+                    fraction: float | None = None, seed: int = 0, progress: bool = True,
+                    read_folder=load_image_folder) -> ShadowSet:
     """The shadow set of a run: the paper's rule on its default files, all of a file the user names (image
-    folders capped at IMAGE_FOLDER_CAP), or the --shadow_size/--shadow_fraction sample when one is given."""
+    folders capped at IMAGE_FOLDER_CAP), or the --shadow_size/--shadow_fraction sample when one is given.
+    `read_folder` decodes an image folder (same arguments as load_image_folder; e.g. through a cache)."""
     path = Path(path or default_shadow_path(usage_info))
     if not path.exists():
         raise DataError(f"{path}: shadow data not found; pass --shadow_data (an npz with x uint8 "
@@ -119,7 +121,7 @@ def load_shadow_set(usage_info: str, input_size: int, path=None, size: int | Non
             selection = {"count": IMAGE_FOLDER_CAP}
             rule = (f"capped at {IMAGE_FOLDER_CAP} images: a sample (Python's random.sample, seed {seed}); "
                     "--shadow_size/--shadow_fraction to choose")
-        shadow = load_image_folder(path, size=input_size, seed=seed, progress=progress, **selection)
+        shadow = read_folder(path, size=input_size, seed=seed, progress=progress, **selection)
         rule = rule or _rule_text(selection, seed, False, paper is not None and not explicit)
     shadow = resize_center_crop(shadow, input_size)  # the encoder's input size, whatever the file's
     if len(shadow) < 2:

@@ -10,7 +10,7 @@ from datasets import DataError
 from models import FORMATS, USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
-from .inversion import InversionError
+from .inversion import SPEED_PRESETS, InversionError
 from .target import TEMPLATE_SETS
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
@@ -126,8 +126,20 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
 def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
-    group.add_argument("--batch_size", type=at_least(2), default=32,
-                       help="shadow images per step, >= 2: the loss compares pairs (default %(default)s)")
+    group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
+                       help="paper: the paper's settings (default); fast: float32 trigger, channels_last, bf16 "
+                            "autocast where the hardware has it; triage: fast + --stop_at_verdict (for sweeps). "
+                            "Flags given explicitly override it. See docs/speed.md")
+    group.add_argument("--stop_at_verdict", action="store_true",
+                       help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
+                            "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
+                            "bound). Clean encoders run to the usual early stop")
+    group.add_argument("--restarts", type=at_least(1), default=None,
+                       help="K independent inversions from different initial triggers and batch orders, run "
+                            "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
+                            "K (default 1 = the paper's single run)")
+    group.add_argument("--batch_size", type=at_least(2), default=None,
+                       help="shadow images per step, >= 2: the loss compares pairs (default 32)")
     group.add_argument("--lr", type=positive, default=None,
                        help="Adam lr on the trigger (default %(default)s; the paper's experiments: 0.5, "
                             "its main.py: 1e-3)")
@@ -150,8 +162,14 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shadow_fraction", type=fraction, default=None,
                        help="use int(fraction * N) shadow images instead, fraction in (0,1] (Python's random.sample "
                             "with --seed)")
+    group.add_argument("--shadow_cache", default=None, metavar="DIR|off",
+                       help="image-folder shadow sets are decoded once and kept here, keyed by folder contents, "
+                            "selection, size and seed, so a sweep decodes them once (default <out_dir>/shadow_cache; "
+                            "off: no cache)")
     group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast of the encoder on CUDA")
+    group.add_argument("--amp", action="store_true",
+                       help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
+                            "on other CPUs, where it is slower; the JSON records amp_used)")
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
@@ -189,4 +207,5 @@ def inversion_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in (
         "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
         "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
-        "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots")}
+        "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots", "preset", "stop_at_verdict",
+        "restarts", "shadow_cache")}

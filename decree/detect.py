@@ -5,6 +5,7 @@ Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and w
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from datasets import load_shadow_set
@@ -12,8 +13,9 @@ from models import load_encoder
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, preset
+from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, preset, stop_message
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
+from .shadow_cache import load_image_folder_cached
 from .target import analyse_target, prepare_target, ranking_score
 
 
@@ -54,12 +56,22 @@ class DetectionJob:
     target_vocab: str | None = None
     target_templates: str = "paper"
     no_target_names: bool = False
+    preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
+    stop_at_verdict: bool = False
+    restarts: int | None = None
+    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
 
     def inversion_config(self) -> InversionConfig:
-        return preset(self.encoder_usage_info, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+        return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
+                      restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       mask_init=self.mask_init, thres=self.thres, max_epochs=self.epochs,
                       pl1_threshold=self.pl1_threshold, param_dtype="float32" if self.float32 else None,
                       amp=self.amp or None, channels_last=self.channels_last or None)
+
+    def shadow_cache_dir(self) -> Path | None:
+        if self.shadow_cache == "off":
+            return None
+        return Path(self.shadow_cache) if self.shadow_cache else Path(self.out_dir) / "shadow_cache"
 
     def paths(self) -> RunPaths:
         return RunPaths(Path(self.out_dir), self.run_id or run_id_for(self.encoder_path))
@@ -72,8 +84,21 @@ def _log_text(job: DetectionJob, meta: dict, result) -> str:
     for r in result.history:
         lines.append(f"e={r['epoch']} loss={r['loss']:.6f} cos={r['cos']:.6f} L1={r['l1']:.4f} "
                      f"lambda={r['lambda']:.3g} lr={r['lr']:g} best_L1={r['best_l1']:.4f} t={r['seconds']:.1f}s")
-    lines += ["", f"L1 {result.l1:.4f}, {result.summary()}, {result.epochs} epochs, {result.seconds:.1f} s"]
+    lines += ["", stop_message(result, job.inversion_config()),
+              f"L1 {result.l1:.4f}, {result.summary()}, {result.epochs} epochs, {result.seconds:.1f} s"]
+    lines += [f"restart {r['restart']} (seed {r['seed']}): PL1 {r['pl1']}, {r['epochs']} epochs, {r['stop_reason']}"
+              for r in result.restarts if len(result.restarts) > 1]
     return "\n".join(lines) + "\n"
+
+
+def speed_record(result) -> dict:
+    """JSON fields of the speed options: why the run stopped, whether PL1 is exact, every restart, amp."""
+    record = {"stop_reason": result.stop_reason, "pl1_upper_bound": result.pl1_upper_bound,
+              "amp_used": result.amp_used, "restarts": result.restarts}
+    if result.pl1_upper_bound:
+        record["pl1_note"] = ("--stop_at_verdict ended the run once the best PL1 fell below the threshold; the "
+                              "best PL1 can only fall, so the verdict is final and the PL1 an upper bound")
+    return record
 
 
 def run_detection(job: DetectionJob, progress: bool = True) -> dict:
@@ -89,7 +114,8 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     if spec.arch_note:
         print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
     shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
-                                 job.shadow_fraction, seed=cfg.seed, progress=progress)
+                                 job.shadow_fraction, seed=cfg.seed, progress=progress,
+                                 read_folder=partial(load_image_folder_cached, job.shadow_cache_dir()))
     shadow = shadow_set.images
     print(shadow_set.describe(), flush=True)
     target_setup = prepare_target(job, spec, device)
@@ -117,7 +143,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
             "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
             "score": ranking_score(result.pl1, result.pl1_threshold), "target": target,
-            "wall_seconds": time.time() - started}
+            "wall_seconds": time.time() - started, **speed_record(result)}
     record = write_run(paths, result, meta, _log_text(job, meta, result))
     if job.result_file:
         append_result_line(job.result_file, job.encoder_path, job.model_flag,

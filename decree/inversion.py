@@ -8,8 +8,10 @@ A backdoored encoder has such a trigger covering a small fraction of the image (
 """
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +20,8 @@ from tqdm import tqdm
 
 EPS = 1e-7
 NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached the threshold
+# why a run (or one restart) ended
+STOP_EARLY, STOP_BUDGET, STOP_VERDICT = "early stop", "epoch budget", "exact early exit"
 
 
 class InversionError(RuntimeError):
@@ -44,8 +48,11 @@ class InversionConfig:
     orc_square: tuple = (5, 22)         # (top-left, side) of the `orc` initial mask; (24, 176) at 224 px
     pl1_threshold: float = 0.1          # flag the encoder when PL1 < this
     param_dtype: str = "float64"        # the paper's trigger parameters; float32 behind a flag
-    amp: bool = False                   # bf16 autocast of the encoder forward on CUDA
+    amp: bool = False                   # bf16 autocast of the encoder forward (CUDA; CPUs with bf16 instructions)
     channels_last: bool = False
+    stop_at_verdict: bool = False       # exact early exit: end the run once the best PL1 is below the threshold
+    restarts: int = 1                   # independent inversions run together; the smallest L1 wins
+    speed_preset: str = "paper"         # which SPEED_PRESETS entry set the fields above (recorded in the JSON)
 
     @property
     def lambda_reset_patience(self) -> int:
@@ -54,10 +61,20 @@ class InversionConfig:
 
 # encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
 HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
+# Speed presets: changes to the paper's settings, frozen after checking them on the detection benchmark's
+# populations (docs/speed.md). `fast` keeps the method and the schedule and changes only how a step is computed;
+# `triage` adds the exact early exit, so a trojaned verdict comes as soon as it is certain.
+SPEED_PRESETS = {
+    "paper": {},
+    "fast": {"param_dtype": "float32", "channels_last": True, "amp": True},
+    "triage": {"param_dtype": "float32", "channels_last": True, "amp": True, "stop_at_verdict": True},
+}
 
 
-def preset(usage_info: str, **overrides) -> InversionConfig:
-    """The paper's per-usage-info settings, then any overrides (None values are ignored)."""
+def preset(usage_info: str, speed: str = "paper", **overrides) -> InversionConfig:
+    """The paper's per-usage-info settings, then a speed preset, then any overrides (None values are ignored)."""
+    if speed not in SPEED_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(SPEED_PRESETS)}, not {speed!r}")
     usage_info = HUB_PRESETS.get(usage_info, usage_info)
     large = usage_info in ("CLIP", "imagenet")
     base = InversionConfig(
@@ -65,6 +82,7 @@ def preset(usage_info: str, **overrides) -> InversionConfig:
         early_stop_patience=10 if usage_info in ("cifar10", "stl10") else 35,
         lr_milestones=(200, 500) if large else (30, 50),  # moco keeps the cifar thresholds, as in the paper
         orc_square=(24, 176) if usage_info in ("CLIP", "imagenet", "moco") else (5, 22),
+        speed_preset=speed, **SPEED_PRESETS[speed],
     )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -80,6 +98,14 @@ class InversionResult:
     epochs: int
     seconds: float
     history: list = field(default_factory=list)
+    stop_reason: str | None = None      # STOP_EARLY, STOP_BUDGET or STOP_VERDICT
+    restarts: list = field(default_factory=list)  # per restart: seed, l1, pl1, epochs, stop_reason
+    amp_used: bool = False
+
+    @property
+    def pl1_upper_bound(self) -> bool:
+        """After an exact early exit the run could have shrunk the trigger further: PL1 is an upper bound."""
+        return self.stop_reason == STOP_VERDICT
 
     @property
     def found(self) -> bool:
@@ -139,16 +165,16 @@ def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.T
 
 
 def mean_pairwise_cos(embeddings: torch.Tensor) -> torch.Tensor:
-    """Mean off-diagonal cosine similarity of (B,D) embeddings."""
+    """Mean off-diagonal cosine similarity of (B,D) embeddings; of each (B,D) slice of (K,B,D) -> (K,)."""
     e = F.normalize(embeddings.float(), dim=-1)
-    sim = e @ e.T
-    b = e.shape[0]
-    return (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
+    sim = e @ e.transpose(-1, -2)
+    b = e.shape[-2]
+    return (sim.sum((-2, -1)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)) / (b * (b - 1))
 
 
 def l1_norm(mask: torch.Tensor) -> torch.Tensor:
-    """L1 of the mask repeated on 3 channels."""
-    return 3 * mask.abs().sum()
+    """L1 of the mask (H,W) repeated on 3 channels; of each mask of (K,H,W) -> (K,)."""
+    return 3 * mask.abs().sum((-2, -1))
 
 
 def pl1_norm(l1: float, size: int) -> float:
@@ -228,13 +254,16 @@ def epoch_record(epoch: int, sums: np.ndarray, steps: int, lr: float, lambdas: L
             "best_l1": best.l1 if best.mask is not None else math.inf, "seconds": time.time() - start}
 
 
-def final_result(best: BestTrigger, size: int, cfg: InversionConfig, history: list, seconds: float):
-    """The InversionResult of a finished run: the best trigger, or "no trigger found" (L1 = inf)."""
+def final_result(best: BestTrigger, size: int, cfg: InversionConfig, history: list, seconds: float, **extra):
+    """The InversionResult of a finished run: the best trigger, or "no trigger found" (L1 = inf).
+
+    `extra`: the optional InversionResult fields (stop_reason, restarts, amp_used)."""
     if best.mask is None:
-        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history)
+        return InversionResult(None, None, math.inf, math.inf, cfg.pl1_threshold, len(history), seconds, history,
+                               **extra)
     return InversionResult(mask=best.mask.float().cpu().numpy(), pattern=best.pattern.float().cpu().numpy(),
                            l1=best.l1, pl1=pl1_norm(best.l1, size), pl1_threshold=cfg.pl1_threshold,
-                           epochs=len(history), seconds=seconds, history=history)
+                           epochs=len(history), seconds=seconds, history=history, **extra)
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -245,89 +274,221 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def restart_seed(seed: int, index: int) -> int:
+    """Restart 0 draws exactly what a single run draws; the others get independent streams of the same seed."""
+    return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
+
+
+def amp_active(cfg: InversionConfig, device: torch.device) -> bool:
+    """bf16 autocast is used on CUDA, and on CPUs with bf16 instructions (elsewhere it would be slower)."""
+    return cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()))
+
+
+class Restart:
+    """One of the K independent inversions of a run: its random stream, lambda schedule, best trigger, history."""
+
+    def __init__(self, index: int, cfg: InversionConfig, size: int, dtype, device):
+        self.index, self.cfg, self.seed = index, cfg, restart_seed(cfg.seed, index)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.w, self.v = (p.detach() for p in initial_params(size, cfg, self.generator, dtype, device))
+        self.lambdas, self.best = LambdaSchedule(cfg), BestTrigger()
+        self.history, self.stop_reason = [], None
+        self.sums, self.steps = np.zeros(3), 0
+
+    def start_epoch(self, n: int) -> torch.Tensor:
+        """This epoch's shuffled order of the n shadow images (drawn from the restart's own stream)."""
+        self.best.improved_this_epoch = False
+        self.sums, self.steps = np.zeros(3), 0
+        return torch.randperm(n, generator=self.generator)
+
+    def after_step(self, cos: float, l1: float, loss: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
+        success = abs(cos) > self.cfg.thres
+        self.best.update(success, l1, mask, pattern)
+        self.lambdas.step(success)
+        self.sums += (loss, cos, l1)
+        self.steps += 1
+
+    def end_epoch(self, epoch: int, lr: float, start: float) -> dict:
+        record = epoch_record(epoch, self.sums, self.steps, lr, self.lambdas, self.best, start)
+        self.history.append(record)
+        if self.stop_reason is None and self.best.should_stop(record["cos"], self.cfg):
+            self.stop_reason = STOP_EARLY
+        return record
+
+    def summary(self, size: int) -> dict:
+        found = self.best.mask is not None
+        return {"restart": self.index, "seed": self.seed, "l1": self.best.l1 if found else None,
+                "pl1": pl1_norm(self.best.l1, size) if found else None, "epochs": len(self.history),
+                "stop_reason": self.stop_reason}
+
+
+def drop_rows(optimizer: torch.optim.Optimizer, keep: list[int]) -> list[torch.Tensor]:
+    """Keep rows `keep` of every stacked parameter and of its Adam moments; returns the new parameters.
+
+    Adam is elementwise (moments per entry, one shared step count), so the rows of one stacked Adam are K
+    independent Adams, and a finished restart can leave the stack without changing the others."""
+    group = optimizer.param_groups[0]
+    rows = torch.tensor(keep, device=group["params"][0].device)
+    params = []
+    for old in group["params"]:
+        new = old.detach()[rows].requires_grad_(True)
+        state = optimizer.state.pop(old, {})
+        optimizer.state[new] = {k: s[rows] if torch.is_tensor(s) and s.dim() > 0 else s for k, s in state.items()}
+        params.append(new)
+    group["params"] = params
+    return params
+
+
+PROGRESS_LEGEND = ("best_PL1: smallest trigger so far that reached |cos| > thres (the result; it only falls), "
+                   "against the threshold; since_best: steps since it last improved, against the early-stop "
+                   "patience; cos, PL1: the current trigger (this epoch's means)")
+
+
+def progress_postfix(restarts: list, active: list, size: int, cfg: InversionConfig) -> dict:
+    """What the run waits for: best PL1 vs the threshold, early-stop count vs its patience (leading restart)."""
+    lead = min(active, key=lambda r: (r.best.l1, r.index))
+    record = lead.history[-1]
+    if lead.best.mask is None:
+        status = {"best": f"none yet (needs |cos|>{cfg.thres})"}
+    else:
+        status = {"best_PL1": f"{pl1_norm(lead.best.l1, size):.4f} (thr {cfg.pl1_threshold})",
+                  "since_best": f"{lead.best.stale_steps}/{cfg.early_stop_patience} steps"}
+    status.update(cos=f"{record['cos']:.4f}", PL1=f"{pl1_norm(record['l1'], size):.4f}", lam=f"{record['lambda']:.0e}")
+    if len(restarts) > 1:
+        status["running"] = f"{len(active)}/{len(restarts)}"
+    return status
+
+
+def stop_message(result: "InversionResult", cfg: InversionConfig) -> str:
+    """One line: why the run ended (the reason of the restart that gave the result)."""
+    why = {STOP_EARLY: f"early stop: the best L1 did not improve for more than {cfg.early_stop_patience} steps "
+                       f"while the epoch's mean |cos| was above {cfg.thres}",
+           STOP_BUDGET: f"epoch budget: --epochs {cfg.max_epochs} reached",
+           STOP_VERDICT: f"exact early exit: PL1 fell below the threshold {cfg.pl1_threshold} and can only fall "
+                         "further, so the verdict is final (the PL1 is an upper bound)"}[result.stop_reason]
+    return f"DECREE stopped after {result.epochs} epochs ({result.seconds:.1f} s): {why}"
+
+
 def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, mean, std,
                    cfg: InversionConfig = None, device="cpu", progress: bool = True,
                    on_epoch=None) -> InversionResult:
     """Run DECREE on `encoder` (normalised float (N,3,S,S) -> (N,D)) with shadow images uint8 (N,S,S,3).
 
-    `on_epoch(record, best)` is called after every epoch (for logs and snapshots).
+    cfg.restarts > 1 runs that many independent inversions together, their stamped batches stacked into one
+    encoder batch; the result is the restart with the smallest L1. `on_epoch(record, best)` is called after
+    every epoch with the leading restart's record and best trigger (for logs and snapshots).
     """
     cfg = cfg or InversionConfig()
     device = torch.device(device)
     seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.param_dtype)
 
     shadow = torch.as_tensor(shadow).to(device)  # the whole shadow set lives on the device, as uint8
     n, size = shadow.shape[0], shadow.shape[1]
     if n < 2:
         raise InversionError(f"the shadow set has {n} image(s); DECREE needs at least 2 per batch")
+    if cfg.restarts < 1:
+        raise ValueError(f"--restarts must be at least 1, not {cfg.restarts}")
     batch_size = min(cfg.batch_size, n)
     # normalise((x / 255)) folded into one multiply-add, in the trigger's dtype
     scale = (1 / (255 * torch.tensor(std, dtype=dtype, device=device))).view(1, 3, 1, 1)
     shift = (torch.tensor(mean, dtype=dtype, device=device) / torch.tensor(std, dtype=dtype, device=device)
              ).view(1, 3, 1, 1)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    use_amp = amp_active(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     encoder.eval().requires_grad_(False)
     if cfg.channels_last:  # weights too: with channels_last inputs alone every conv re-lays out its weight per call
         encoder.to(memory_format=torch.channels_last)
-    w, v = initial_params(size, cfg, generator, dtype, device)
+    restarts = [Restart(k, cfg, size, dtype, device) for k in range(cfg.restarts)]
+    active = list(restarts)
+    # one stacked (K,S,S) / (K,S,S,3) parameter pair: one encoder call per step serves every restart
+    w = torch.stack([r.w for r in restarts]).requires_grad_(True)
+    v = torch.stack([r.v for r in restarts]).requires_grad_(True)
     optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
-    lambdas, best = LambdaSchedule(cfg), BestTrigger()
-    history, start, total_steps = [], time.time(), 0
+    start, total_steps = time.time(), 0
 
-    bar = tqdm(range(cfg.max_epochs), desc="DECREE", unit="epoch", disable=not progress, dynamic_ncols=True)
-    for epoch in bar:
+    if progress:
+        tqdm.write(PROGRESS_LEGEND, file=sys.stderr)
+    bar = tqdm(desc=f"DECREE (up to {cfg.max_epochs} epochs)", unit="epoch", disable=not progress,
+               dynamic_ncols=True)  # no total: the run usually ends at its early stop, long before the budget
+    for epoch in range(cfg.max_epochs):
         lr = learning_rate(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        order = torch.randperm(n, generator=generator).to(device)
-        best.improved_this_epoch = False
-        sums = np.zeros(3)  # loss, cos, L1 over the epoch's steps
-        steps = 0
+        orders = torch.stack([r.start_epoch(n) for r in active]).to(device)  # (K, n)
         for first in range(0, n, batch_size):
-            batch = shadow[order[first:first + batch_size]]
-            if len(batch) < 2:  # a last batch of one image has no pairs
+            index = orders[:, first:first + batch_size]
+            if index.shape[1] < 2:  # a last batch of one image has no pairs
                 continue
-            mask, pattern = trigger_from_params(w, v)
-            stamped = stamp(batch, mask, pattern).permute(0, 3, 1, 2)
-            inputs = (stamped * scale - shift).float().contiguous(memory_format=memory_format)
+            mask, pattern = trigger_from_params(w, v)  # (K,S,S), (K,S,S,3)
+            stamped = stamp(shadow[index], mask.unsqueeze(1), pattern.unsqueeze(1))  # (K,B,S,S,3)
+            inputs = (stamped.flatten(0, 1).permute(0, 3, 1, 2) * scale - shift).float().contiguous(
+                memory_format=memory_format)
             with autocast:
                 embeddings = encoder(inputs)
-            cos = mean_pairwise_cos(embeddings)
+            cos = mean_pairwise_cos(embeddings.view(len(active), index.shape[1], -1))  # (K,)
             l1 = l1_norm(mask)
-            loss = -cos + lambdas.lambda_ * l1
+            lambda_ = torch.tensor([r.lambdas.lambda_ for r in active], dtype=l1.dtype, device=device)
+            loss = -cos + lambda_ * l1
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()  # each restart's loss depends on its own rows only
             optimizer.step()
 
-            cos_value, l1_value, loss_value = torch.stack([cos.detach().double(), l1.detach().double(),
-                                                           loss.detach().double()]).tolist()  # one sync a step
-            if not math.isfinite(cos_value):
+            cos_values, l1_values, loss_values = torch.stack([cos.detach().double(), l1.detach().double(),
+                                                              loss.detach().double()]).tolist()  # one sync a step
+            if not all(math.isfinite(c) for c in cos_values):
                 raise InversionError("the encoder returned NaN/inf embeddings; the checkpoint is broken or "
                                      "does not match --encoder_usage_info/--arch (try without --amp)")
-            success = abs(cos_value) > cfg.thres
-            best.update(success, l1_value, mask, pattern)
-            lambdas.step(success)
-            sums += (loss_value, cos_value, l1_value)
-            steps += 1
-        total_steps += steps
+            total_steps += 1
+            for k, r in enumerate(active):
+                r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k], pattern[k])
+            if cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
+                                           for r in active):
+                for r in active:
+                    r.stop_reason = STOP_VERDICT
+                break
 
-        record = epoch_record(epoch, sums, steps, lr, lambdas, best, start)
-        history.append(record)
-        bar.set_postfix(cos=f"{record['cos']:.4f}", L1=f"{record['l1']:.1f}", lam=f"{lambdas.lambda_:.1e}",
-                        best=f"{record['best_l1']:.1f}")
+        records = [r.end_epoch(epoch, lr, start) for r in active]
+        lead = min(active, key=lambda r: (r.best.l1, r.index))
+        bar.update()
+        bar.set_postfix(progress_postfix(restarts, active, size, cfg))
         if on_epoch is not None:
-            on_epoch(record, best)
-        if best.should_stop(record["cos"], cfg):
-            break
+            on_epoch(records[active.index(lead)], lead.best)
+        keep = [k for k, r in enumerate(active) if r.stop_reason is None]
+        if len(keep) < len(active):
+            if not keep:
+                break
+            w, v = drop_rows(optimizer, keep)
+            active = [active[k] for k in keep]
+    for r in active:
+        r.stop_reason = r.stop_reason or STOP_BUDGET
     bar.close()
     if total_steps == 0:  # a result without a single optimisation step would be a verdict about nothing
         raise InversionError(f"no optimisation step ran ({cfg.max_epochs} epochs, batch size {batch_size}); "
                              "use --epochs >= 1 and --batch_size >= 2")
-    return final_result(best, size, cfg, history, time.time() - start)
+
+    chosen = min(restarts, key=lambda r: (r.best.l1, r.index))
+    result = final_result(chosen.best, size, cfg, chosen.history, time.time() - start, stop_reason=chosen.stop_reason,
+                          restarts=[r.summary(size) for r in restarts], amp_used=use_amp)
+    if progress:
+        tqdm.write(stop_message(result, cfg), file=sys.stderr)  # beside the bar
+    return result
 
 
 def config_dict(cfg: InversionConfig) -> dict:

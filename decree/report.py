@@ -61,6 +61,18 @@ def verdict_at(pl1: float | None, threshold: float) -> str:
     return "trojaned" if pl1 is not None and pl1 < threshold else "clean"
 
 
+RESTART_COLUMNS = ("restarts", "pl1_min", "pl1_median", "pl1_max")  # in summary.csv when a run had --restarts > 1
+
+
+def restart_spread(record: dict) -> dict:
+    """Seed spread of a --restarts K > 1 run: K and the min/median/max PL1 over restarts (no trigger = inf)."""
+    restarts = record.get("restarts") or []
+    if len(restarts) < 2:
+        return {}
+    pl1 = [math.inf if r["pl1"] is None else r["pl1"] for r in restarts]
+    return {"restarts": len(pl1), "pl1_min": min(pl1), "pl1_median": float(np.median(pl1)), "pl1_max": max(pl1)}
+
+
 def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     """One summary row per encoder (finished, failed, or listed in `encoders` but not run), sorted by path."""
     norm = Path(out_dir) / "trigger_norm"
@@ -75,7 +87,8 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
         rows[record["run_id"]] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
                                   "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
-                                  "seconds": record["seconds"], **_target_columns(record), "status": "done"}
+                                  "seconds": record["seconds"], **_target_columns(record), "status": "done",
+                                  **restart_spread(record)}
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row, "family": families.get(row["run_id"])}
                    for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
@@ -146,7 +159,8 @@ def target_recovery(done, threshold: float) -> dict | None:
 
 def summary_csv(rows) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    spread = RESTART_COLUMNS if any(row.get("restarts") for row in rows) else ()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS + spread, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

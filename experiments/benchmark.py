@@ -11,6 +11,10 @@ Ratios are paper time / contender time (above 1: faster than the paper), for wal
 process's CPU time: on a shared CPU the wall time also counts other programs' load, the CPU time much less
 (on CUDA the CPU time is the host's, waits included, so the wall ratios are the ones that count there).
 A contender reaches "the same L1" when its last-epoch L1 and its best L1 match the paper's within `rtol`.
+
+How close to the hardware: the convolution/matmul FLOPs of one step (encoder forward + input-gradient backward,
+counted by torch's FlopCounterMode) over its median time, beside the machine's peak (machine_peak, with its
+derivation). Restart cost: the step time of K stacked restarts against K single steps.
 """
 import copy
 import math
@@ -20,6 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ import torch
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
 
-from decree.inversion import invert_trigger, preset
+from decree.inversion import cpu_flags, cpu_supports_bf16, invert_trigger, preset
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
@@ -168,9 +173,10 @@ def bench_case(encoder_name: str, batch_size: int, variants: list[str], device: 
         log(f"  {encoder_name} b{batch_size}: repeat {r + 1}/{repeats} done")
 
     paper = contenders[0]
-    rows = [contender_record(c, paper, rtol) for c in contenders]
+    flops = step_flops(encoder, min(batch_size, len(step_shadow)), spec.input_size, device)
+    rows = [contender_record(c, paper, rtol, flops) for c in contenders]
     return {"encoder": encoder_name, "usage_info": usage_info, "arch": arch, "input_size": spec.input_size,
-            "batch_size": batch_size, "shadow_size": shadow_size, "effective_epoch_batch": min(batch_size, shadow_size),
+            "batch_size": batch_size, "step_flops": flops, "shadow_size": shadow_size, "effective_epoch_batch": min(batch_size, shadow_size),
             "steps": steps, "epochs": epochs, "repeats": repeats, "contenders": rows}
 
 
@@ -178,7 +184,7 @@ def close(a: float, b: float, rtol: float) -> bool:
     return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)  # inf == inf: neither reached the threshold
 
 
-def contender_record(c: Contender, paper: Contender, rtol: float) -> dict:
+def contender_record(c: Contender, paper: Contender, rtol: float, flops: int) -> dict:
     record = {"name": c.name, "options": sorted(c.options), "warmup_s": c.warmup_s, "error": c.error}
     if c.error is not None:
         return record
@@ -191,11 +197,105 @@ def contender_record(c: Contender, paper: Contender, rtol: float) -> dict:
         step_cpu_s=c.step_cpu_s, step_cpu_median_s=median["step_cpu_s"], step_cpu_ratio=ratio["step_cpu_s"],
         epochs_s=c.epochs_s, epochs_median_s=median["epochs_s"], epochs_ratio=ratio["epochs_s"],
         epochs_cpu_s=c.epochs_cpu_s, epochs_cpu_median_s=median["epochs_cpu_s"],
-        epochs_cpu_ratio=ratio["epochs_cpu_s"],
+        epochs_cpu_ratio=ratio["epochs_cpu_s"], achieved_flops=flops / median["step_s"],
         l1=c.l1, best_l1=c.best_l1 if math.isfinite(c.best_l1) else None,
         l1_abs_diff=l1_diff, best_l1_abs_diff=best_diff if math.isfinite(best_diff) else None,
         same_l1=close(c.l1, paper.l1, rtol) and close(c.best_l1, paper.best_l1, rtol))
     return record
+
+
+def step_flops(encoder: torch.nn.Module, batch_size: int, input_size: int, device: torch.device) -> int:
+    """Conv/matmul FLOPs of one inversion step's encoder work: forward + backward to the input (weights frozen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    encoder.eval().requires_grad_(False)
+    x = torch.zeros(batch_size, 3, input_size, input_size, device=device, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        encoder(x).float().sum().backward()
+    return int(counter.get_total_flops())
+
+
+def _cpu_ghz() -> tuple[float, str]:
+    """Highest clock the kernel reports: cpufreq's maximum if present, else /proc/cpuinfo's current MHz."""
+    max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if max_freq.is_file():
+        return int(max_freq.read_text()) / 1e6, "cpufreq cpuinfo_max_freq"
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+    except OSError:
+        mhz = []
+    return (max(mhz) / 1e3, "/proc/cpuinfo 'cpu MHz' (current clock; turbo may be higher)") if mhz else (
+        math.nan, "unknown")
+
+
+# dense datasheet peaks (FLOP/s) of GPUs we ran on: float32 (CUDA cores), TF32 and bf16 tensor cores
+GPU_PEAKS = {"H100": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "source": "NVIDIA H100 SXM datasheet"},
+             "H200": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "source": "NVIDIA H200 SXM datasheet"},
+             "A100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "source": "NVIDIA A100 datasheet"}}
+
+
+def machine_peak(device: torch.device, threads: int) -> dict:
+    """Peak float32 FLOP/s of the cores this process uses (or the GPU's datasheet figures), with the derivation."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+        if peaks is None:
+            return {"flops": math.nan, "derivation": f"{name}: no datasheet figure known"}
+        tf32 = torch.backends.cudnn.allow_tf32  # float32 convolutions run on TF32 tensor cores by default
+        return {"flops": peaks["tf32" if tf32 else "fp32"], "bf16_flops": peaks["bf16"],
+                "derivation": f"{name}: {peaks['source']}, dense {'TF32 (cudnn.allow_tf32)' if tf32 else 'FP32'} "
+                              f"{peaks['tf32' if tf32 else 'fp32'] / 1e12:.0f} TFLOP/s, bf16 "
+                              f"{peaks['bf16'] / 1e12:.0f} TFLOP/s"}
+    flags = cpu_flags()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # float32 lanes of one vector FMA
+    ghz, clock_source = _cpu_ghz()
+    cores = min(threads, len(os.sched_getaffinity(0)))
+    fma_units = 2  # two FMA pipes per core: AMD Zen 2-4 and Intel server cores since Skylake-SP Gold
+    flops = cores * ghz * 1e9 * lanes * fma_units * 2
+    return {"flops": flops, "bf16": cpu_supports_bf16(),
+            "derivation": f"{cores} cores x {ghz:.2f} GHz ({clock_source}) x {lanes} float32 lanes "
+                          f"({'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'}) x {fma_units} FMA "
+                          f"units (assumed) x 2 FLOP per FMA = {flops / 1e9:.0f} GFLOP/s"}
+
+
+def bench_restarts(encoder_name: str, batch_size: int, ks: list[int], device: torch.device, variant: str = "project",
+                   shadow_size: int = 64, steps: int = 4, repeats: int = 3, data: str = "photos", seed: int = 80,
+                   lr: float = 0.5, log=print) -> dict:
+    """Median step time of K restarts stacked in one encoder batch, against K times the single run's step."""
+    usage_info, arch = ENCODERS[encoder_name]
+    spec = encoder_spec(usage_info, arch)
+    torch.manual_seed(seed)
+    encoder = get_encoder(usage_info, arch).to(device).eval()
+    options = parse_variant(variant, device)
+    contender = make_contenders(encoder, [variant], device)[1]
+    shadow = make_shadow(batch_size, spec.input_size, data, seed)
+    base = contender.config(preset(usage_info, lr=lr, batch_size=batch_size, seed=seed,
+                                   early_stop_patience=NO_EARLY_STOP))
+    step_s = {k: [] for k in ks}
+    for k in ks:  # warm-up of every shape
+        timed_run(contender, shadow, spec.mean, spec.std, replace(base, max_epochs=1, restarts=k), device)
+    for r in range(repeats):
+        for k in ks if r % 2 == 0 else ks[::-1]:
+            _, per_epoch, _ = timed_run(contender, shadow, spec.mean, spec.std,
+                                        replace(base, max_epochs=steps, restarts=k), device)
+            step_s[k].append(float(np.median(per_epoch[1:, 0])))
+        log(f"  {encoder_name} b{batch_size} restarts: repeat {r + 1}/{repeats} done")
+    single = statistics.median(step_s[ks[0]]) / ks[0]
+    rows = [{"restarts": k, "step_s": step_s[k], "step_median_s": statistics.median(step_s[k]),
+             "vs_k_single_runs": statistics.median(step_s[k]) / (k * single)} for k in ks]
+    return {"encoder": encoder_name, "batch_size": batch_size, "variant": variant, "options": sorted(options),
+            "rows": rows}
+
+
+def restarts_table(cases: list[dict]) -> str:
+    """K stacked restarts: step time, and its ratio to K separate runs (below 1: stacking pays)."""
+    head = f"{'encoder':<10} {'batch':>5} {'variant':<28} {'K':>3} {'step ms':>9} {'vs K runs':>9}"
+    lines = [head, "-" * len(head)]
+    for case in cases:
+        for row in case["rows"]:
+            lines.append(f"{case['encoder']:<10} {case['batch_size']:>5} {case['variant']:<28} {row['restarts']:>3} "
+                         f"{1000 * row['step_median_s']:>9.2f} {row['vs_k_single_runs']:>9.2f}")
+    return "\n".join(lines)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -208,9 +308,11 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def table(cases: list[dict]) -> str:
-    """Plain-text table, one line per contender and case; "x" = paper time / contender time (wall, CPU)."""
-    head = (f"{'encoder':<10} {'batch':>5} {'contender':<36} {'step ms':>9} {'x wall':>7} {'x cpu':>6} "
+def table(cases: list[dict], peak_flops: float = math.nan) -> str:
+    """Plain-text table, one line per contender and case; "x" = paper time / contender time (wall, CPU);
+    GFLOP/s = the step's counted FLOPs / its median time, % peak against `peak_flops`."""
+    head = (f"{'encoder':<10} {'batch':>5} {'contender':<36} {'step ms':>9} {'GFLOP/s':>8} {'%peak':>6} "
+            f"{'x wall':>7} {'x cpu':>6} "
             f"{'epochs s':>9} {'x wall':>7} {'x cpu':>6} {'L1':>12} {'|dL1|':>9} same")
     lines = [head, "-" * len(head)]
     for case in cases:
@@ -219,7 +321,8 @@ def table(cases: list[dict]) -> str:
             if row["error"] is not None:
                 lines.append(f"{prefix} skipped: {row['error']}")
                 continue
-            lines.append(f"{prefix} {1000 * row['step_median_s']:>9.2f} {row['step_ratio']:>7.2f} "
+            lines.append(f"{prefix} {1000 * row['step_median_s']:>9.2f} {row['achieved_flops'] / 1e9:>8.1f} "
+                         f"{100 * row['achieved_flops'] / peak_flops:>6.1f} {row['step_ratio']:>7.2f} "
                          f"{row['step_cpu_ratio']:>6.2f} {row['epochs_median_s']:>9.3f} {row['epochs_ratio']:>7.2f} "
                          f"{row['epochs_cpu_ratio']:>6.2f} {row['l1']:>12.6f} {row['l1_abs_diff']:>9.2e} "
                          f"{'yes' if row['same_l1'] else 'NO'}")
@@ -240,5 +343,5 @@ def run_benchmark(encoders: list[str], batch_sizes: list[int], variants: list[st
         for batch_size in batch_sizes:
             log(f"benchmarking {encoder_name} at batch {batch_size} on {device}")
             cases.append(bench_case(encoder_name, batch_size, variants, device, log=log, **case_kwargs))
-    return {"machine": machine_info(device), "settings": {"threads": threads, "variants": variants, **case_kwargs},
+    return {"machine": {**machine_info(device), "peak": machine_peak(device, threads)}, "settings": {"threads": threads, "variants": variants, **case_kwargs},
             "cases": cases}

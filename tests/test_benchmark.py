@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder
-from experiments.benchmark import parse_variant
+from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
+from experiments.benchmark import machine_peak, parse_variant, step_flops
+from models import get_encoder
 from decree.inversion import invert_trigger, preset
 from experiments.paper_path import paper_invert_trigger
 
@@ -99,3 +100,54 @@ def test_benchmark_rejects_a_cuda_only_variant_on_cpu_before_timing(tmp_path, ca
         run_script(["--device", "cpu", "--variants", "project", "amp", "--json", str(tmp_path / "b.json")])
     assert exit_info.value.code == 2
     assert "needs --device cuda" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+
+
+def test_step_flops_count_forward_and_the_input_gradient_only():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    forward = 2 * (2 * 8 * 8) * 4 * (3 * 3 * 3)  # 2 FLOP per multiply-add, per output pixel and channel
+    assert step_flops(conv, 2, 8, torch.device("cpu")) == 2 * forward  # frozen weights: no weight gradient
+
+
+def test_cpu_peak_is_derived_from_cores_clock_and_vector_width():
+    peak = machine_peak(torch.device("cpu"), threads=1)
+    assert peak["flops"] > 0 and "1 cores x" in peak["derivation"] and "FMA" in peak["derivation"]
+
+
+def test_benchmark_reports_flops_and_restart_cost(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    run_script(["--device", "cpu", "--encoders", "tiny", "--batch_sizes", "4", "--shadow_size", "4", "--steps", "2",
+                "--epochs", "1", "--repeats", "1", "--threads", "1", "--variants", "project", "--restart_cost", "1",
+                "2", "--json", str(out)])
+    results = json.loads(out.read_text())
+    (case,) = results["cases"]
+    assert case["step_flops"] > 0 and all(row["achieved_flops"] > 0 for row in case["contenders"])
+    (cost,) = results["restart_cost"]
+    assert [row["restarts"] for row in cost["rows"]] == [1, 2] and cost["rows"][0]["vs_k_single_runs"] == 1.0
+    printed = capsys.readouterr().out
+    assert "GFLOP/s" in printed and "peak:" in printed and "vs K runs" in printed
+
+
+def test_population_mode_compares_verdicts_and_times_per_encoder(tmp_path, capsys):
+    torch.manual_seed(0)
+    lines = ["path,usage_info,arch,label"]
+    for name, label in (("clean_encoder", "clean"), ("bad_encoder", "backdoor")):
+        path = tmp_path / name / "model_1.pth"
+        path.parent.mkdir()
+        torch.save({"state_dict": get_encoder("cifar10", "resnet18_w8").state_dict()}, path)
+        lines.append(f"{name}/model_1.pth,cifar10,resnet18_w8,{label}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    np.savez(tmp_path / "shadow.npz", x=smooth_images(6, 32, seed=4), y=np.zeros(6, np.int64))
+    out = tmp_path / "population.json"
+    run_script(["--population", str(tmp_path / "manifest.csv"), "--shadow_data", str(tmp_path / "shadow.npz"),
+                "--shadow_images", "6", "--max_epochs", "1", "--restarts", "2", "--threads", "1", "--device", "cpu",
+                "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["contenders"] == ["paper", "default", "fast", "triage", "restarts2"]
+    assert len(doc["rows"]) == 2 and all(r["shadow_images"] == 6 for r in doc["rows"])
+    for row in doc["rows"]:
+        assert row["runs"]["default"]["same_verdict"]  # the same math as the paper's path
+        assert len(row["runs"]["restarts2"]["restart_pl1"]) == 2
+    assert doc["summary"]["paper"]["speedup"] == 1.0 and doc["summary"]["default"]["encoders"] == 2
+    assert [r["restarts"] for r in doc["restart_rates"]] == [1, 2]
+    assert doc["overheads"]["process_start_s"] > 0 and "peak" in doc["machine"]
+    assert "x paper" in capsys.readouterr().out
