@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
+from datasets import load_shadow_set
 from models import load_encoder
 
-from decree.detect import load_shadow
 from decree.inversion import invert_trigger, preset
 from decree.report import auroc
 from decree.sweep import read_manifest
@@ -68,8 +68,8 @@ def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict
     encoder, spec = load_encoder(enc.path, enc.usage_info, enc.arch, device)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    shadow = load_shadow(enc.usage_info, spec.input_size, shadow_data, shadow_size, None, seed=settings["seed"],
-                         progress=False)
+    shadow = load_shadow_set(enc.usage_info, spec.input_size, shadow_data, shadow_size, None, seed=settings["seed"],
+                             progress=False).images
     shadow_s = time.perf_counter() - start
     order = contenders[index % len(contenders):] + contenders[:index % len(contenders)]
     runs = {}
