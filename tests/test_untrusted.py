@@ -613,8 +613,9 @@ def test_sigterm_ends_main_cleanly(good, tmp_path):
     try:
         seen = ""
         while "DECREE" not in seen:  # the progress bar: the inversion is running
-            seen += proc.stderr.read(1)
-            assert seen or proc.poll() is None
+            char = proc.stderr.read(1)
+            assert char, f"main.py ended before its inversion started: {seen}"
+            seen += char
         time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
