@@ -201,7 +201,7 @@ def plot_pl1(rows, threshold: float, path: Path) -> None:
     ax.set_xlabel("encoder number (sorted by PL1; names in the table)" if table else
                   "encoder rank by PL1 (names: summary.csv)", fontsize=10)
     if table:
-        ax.set_xticks(range(1, len(done) + 1, math.ceil(len(done) / 15)))
+        ax.set_xticks(range(1, len(done) + 1, max(1, math.ceil(len(done) / 15))))
         ax.set_xlim(0.5, len(done) + 0.5)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"DECREE PL1-norm of {len(done)} encoders (lower = more suspicious)", fontsize=11)

@@ -72,13 +72,13 @@ def parse_args(argv=None):
 
 
 def main_population(args, device, log):
-    torch.set_num_threads(args.threads)
+    threads = configure_threads(args.threads, log=log)
     doc = run_population(args.population, device, args.contenders, args.shadow_data, args.shadow_images, args.lr,
                          args.seed, args.max_epochs, args.pl1_threshold, args.restarts, args.limit, log=log)
-    doc["machine"] = {**machine_info(device), "peak": machine_peak(device, args.threads)}
+    doc["machine"] = {**machine_info(device), "peak": machine_peak(device, threads)}
     atomic.write_json(args.json, doc)
     print(population_table(doc))
-    print(f"machine: {doc['machine'].get('gpu', doc['machine']['processor'])}, {args.threads} torch threads; "
+    print(f"machine: {doc['machine'].get('gpu', doc['machine']['processor'])}, {threads} torch threads; "
           f"results: {args.json}")
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
             main_population(args, resolve_device(args.device, args.gpu), log)
         return
     with user_errors("benchmark.py"):
-        threads = configure_threads(args.threads, log=lambda line: print(line, file=sys.stderr))
+        threads = configure_threads(args.threads, log=log)
         device = resolve_device(args.device, args.gpu)
         results = run_benchmark(args.encoders, args.batch_sizes, args.variants or default_variants(device), device,
                                 threads, log=log,
