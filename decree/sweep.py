@@ -424,10 +424,13 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: 
 
 
 def last_error_line(output: str, returncode: int) -> str:
-    """The reason shown for a failed run: the last non-empty line the process wrote, or how it died."""
+    """The reason shown for a failed run: the script's last one-line error, else the last non-empty line the
+    process wrote (stdout and stderr share the pipe, so a buffered stdout line can come after the error), or
+    how it died."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    if lines:
-        return lines[-1]
+    errors = [line for line in lines if ".py: error: " in line]
+    if errors or lines:
+        return (errors or lines)[-1]
     if returncode < 0:
         return f"killed by signal {signal.Signals(-returncode).name}"
     return f"exited with status {returncode} and no message"
