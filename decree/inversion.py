@@ -427,58 +427,60 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
         tqdm.write(PROGRESS_LEGEND, file=sys.stderr)
     bar = tqdm(desc=f"DECREE (up to {cfg.max_epochs} epochs)", unit="epoch", disable=not progress,
                dynamic_ncols=True)  # no total: the run usually ends at its early stop, long before the budget
-    for epoch in range(cfg.max_epochs):
-        lr = learning_rate(epoch, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        orders = torch.stack([r.start_epoch(n) for r in active]).to(device)  # (K, n)
-        for first in range(0, n, batch_size):
-            index = orders[:, first:first + batch_size]
-            if index.shape[1] < 2:  # a last batch of one image has no pairs
-                continue
-            mask, pattern = trigger_from_params(w, v)  # (K,S,S), (K,S,S,3)
-            stamped = stamp(shadow[index], mask.unsqueeze(1), pattern.unsqueeze(1))  # (K,B,S,S,3)
-            inputs = (stamped.flatten(0, 1).permute(0, 3, 1, 2) * scale - shift).float().contiguous(
-                memory_format=memory_format)
-            with autocast:
-                embeddings = encoder(inputs)
-            cos = mean_pairwise_cos(embeddings.view(len(active), index.shape[1], -1))  # (K,)
-            l1 = l1_norm(mask)
-            lambda_ = torch.tensor([r.lambdas.lambda_ for r in active], dtype=l1.dtype, device=device)
-            loss = -cos + lambda_ * l1
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()  # each restart's loss depends on its own rows only
-            optimizer.step()
+    try:  # closed before any message of an interrupted run, so the message is the last line
+        for epoch in range(cfg.max_epochs):
+            lr = learning_rate(epoch, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            orders = torch.stack([r.start_epoch(n) for r in active]).to(device)  # (K, n)
+            for first in range(0, n, batch_size):
+                index = orders[:, first:first + batch_size]
+                if index.shape[1] < 2:  # a last batch of one image has no pairs
+                    continue
+                mask, pattern = trigger_from_params(w, v)  # (K,S,S), (K,S,S,3)
+                stamped = stamp(shadow[index], mask.unsqueeze(1), pattern.unsqueeze(1))  # (K,B,S,S,3)
+                inputs = (stamped.flatten(0, 1).permute(0, 3, 1, 2) * scale - shift).float().contiguous(
+                    memory_format=memory_format)
+                with autocast:
+                    embeddings = encoder(inputs)
+                cos = mean_pairwise_cos(embeddings.view(len(active), index.shape[1], -1))  # (K,)
+                l1 = l1_norm(mask)
+                lambda_ = torch.tensor([r.lambdas.lambda_ for r in active], dtype=l1.dtype, device=device)
+                loss = -cos + lambda_ * l1
+                optimizer.zero_grad(set_to_none=True)
+                loss.sum().backward()  # each restart's loss depends on its own rows only
+                optimizer.step()
 
-            cos_values, l1_values, loss_values = torch.stack([cos.detach().double(), l1.detach().double(),
-                                                              loss.detach().double()]).tolist()  # one sync a step
-            if not all(math.isfinite(c) for c in cos_values):
-                raise InversionError("the encoder returned NaN/inf embeddings; the checkpoint is broken or "
-                                     "does not match --encoder_usage_info/--arch (try without --amp)")
-            total_steps += 1
-            for k, r in enumerate(active):
-                r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k], pattern[k])
-            if cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
-                                           for r in active):
-                for r in active:
-                    r.stop_reason = STOP_VERDICT
-                break
+                cos_values, l1_values, loss_values = torch.stack([cos.detach().double(), l1.detach().double(),
+                                                                  loss.detach().double()]).tolist()  # one sync a step
+                if not all(math.isfinite(c) for c in cos_values):
+                    raise InversionError("the encoder returned NaN/inf embeddings; the checkpoint is broken or "
+                                         "does not match --encoder_usage_info/--arch (try without --amp)")
+                total_steps += 1
+                for k, r in enumerate(active):
+                    r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k], pattern[k])
+                if cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
+                                               for r in active):
+                    for r in active:
+                        r.stop_reason = STOP_VERDICT
+                    break
 
-        records = [r.end_epoch(epoch, lr, start) for r in active]
-        lead = min(active, key=lambda r: (r.best.l1, r.index))
-        bar.update()
-        bar.set_postfix(progress_postfix(restarts, active, size, cfg))
-        if on_epoch is not None:
-            on_epoch(records[active.index(lead)], lead.best)
-        keep = [k for k, r in enumerate(active) if r.stop_reason is None]
-        if len(keep) < len(active):
-            if not keep:
-                break
-            w, v = drop_rows(optimizer, keep)
-            active = [active[k] for k in keep]
-    for r in active:
-        r.stop_reason = r.stop_reason or STOP_BUDGET
-    bar.close()
+            records = [r.end_epoch(epoch, lr, start) for r in active]
+            lead = min(active, key=lambda r: (r.best.l1, r.index))
+            bar.update()
+            bar.set_postfix(progress_postfix(restarts, active, size, cfg))
+            if on_epoch is not None:
+                on_epoch(records[active.index(lead)], lead.best)
+            keep = [k for k, r in enumerate(active) if r.stop_reason is None]
+            if len(keep) < len(active):
+                if not keep:
+                    break
+                w, v = drop_rows(optimizer, keep)
+                active = [active[k] for k in keep]
+        for r in active:
+            r.stop_reason = r.stop_reason or STOP_BUDGET
+    finally:
+        bar.close()
     if total_steps == 0:  # a result without a single optimisation step would be a verdict about nothing
         raise InversionError(f"no optimisation step ran ({cfg.max_epochs} epochs, batch size {batch_size}); "
                              "use --epochs >= 1 and --batch_size >= 2")

@@ -1,4 +1,6 @@
 """Tiny encoders and data shared by the tests: everything is built here, nothing is downloaded."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +56,13 @@ class PlantedBackdoorEncoder(RandomFeatureEncoder):
 @pytest.fixture(scope="session")
 def shadow_images():
     return smooth_images(128, 32, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Scripts called in-process set variables for the workers they would start (DECREE_ARCH_MODULES,
+    OMP_NUM_THREADS); no test may see another test's."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

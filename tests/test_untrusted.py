@@ -184,7 +184,7 @@ def bad_npz(row: str, folder: Path) -> Path:
     elif row == "truncated npz":
         np.savez(path, x=images, y=np.zeros(4))
         path.write_bytes(path.read_bytes()[:3000])
-    elif row == "2 images, default selection":
+    elif row == "2 images, a tenth of them":
         np.savez(path, x=images[:2])
     elif row == "decompression bomb image":
         path = folder / "bomb_images"
@@ -360,7 +360,7 @@ DATA_CASES = [(script, row) for script in DATA_FLAGS for row in DATA_ROWS
               if not (row in NPZ_ONLY and script in ("pretrain_encoder.py",
                                                      "val_cifar10_training_downstream_classifier.py"))
 ]
-DATA_CASES += [("main.py", "2 images, default selection")]
+DATA_CASES += [("main.py", "2 images, a tenth of them")]
 
 
 @pytest.mark.parametrize("script,row", DATA_CASES)
@@ -369,6 +369,8 @@ def test_bad_images(script, row, good, tmp_path, monkeypatch, capsys):
     argv = argv_for(script, good, tmp_path / "out", data=path)
     if script == "main.py" and path.is_dir():  # the default 10% of a 4-image folder would be no image at all
         argv += ["--shadow_fraction", "1"]
+    if row == "2 images, a tenth of them":  # a file the user names is used whole unless a share is asked for
+        argv += ["--shadow_fraction", "0.1"]
     status, out, err = run_main(script, argv, monkeypatch, capsys, tmp_path)
     says = DATA_ROWS.get(row, "--shadow_size")
     names = "a.png" if row in ("decompression bomb image", "corrupt image") else path.name
@@ -561,7 +563,7 @@ def test_result_line_is_csv_quoted_and_run_ids_are_valid(tmp_path):
     hostile_name = 'enc,clean\n/evil.pth,backdoor,0.0001,1.00\n"x'
     append_result_line(tmp_path / "r.csv", hostile_name, "clean", 12.5, 3.0)
     rows = list(csv.reader((tmp_path / "r.csv").open(newline="")))
-    assert rows == [[hostile_name, "clean", "12.5000", "3.00"]]
+    assert rows == [[hostile_name, "clean", "12.5000", "3.0000"]]
     for path in ("/données/модель/模型.pth", "/-/--/-x.pth", "/tmp/-evil.pth"):
         run_id = run_id_for(path)
         assert not run_id.startswith("-") and "/" not in run_id and run_id.isascii(), run_id
