@@ -61,8 +61,9 @@ def shadow_images():
 @pytest.fixture(autouse=True)
 def restore_environment():
     """Scripts called in-process set variables for the workers they would start (DECREE_ARCH_MODULES,
-    OMP_NUM_THREADS); no test may see another test's."""
+    OMP_NUM_THREADS); no test may see another test's, nor what a module-scoped fixture's run exported."""
     saved = dict(os.environ)
+    os.environ.pop("DECREE_ARCH_MODULES", None)
     yield
     os.environ.clear()
     os.environ.update(saved)
