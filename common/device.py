@@ -1,5 +1,8 @@
 """One device helper for every script: --device auto|cpu|cuda|cuda:N, and the paper's --gpu N."""
 import argparse
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -38,3 +41,35 @@ def resolve_device(device: str = "auto", gpu: int | None = None) -> torch.device
     elif dev.type != "cpu":
         raise DeviceError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    return set(_cpuinfo_field(cpuinfo, "flags").split())
+
+
+def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
+
+
+def describe_machine(device, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The hardware a timing was taken on, e.g. 'AMD EPYC (AVX2), 2 cores': CPU models of one kind of cloud
+    machine differ (AVX-512 or not) and moved our CPU timings threefold, so every reported time names one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    flags = cpu_flags(cpuinfo)
+    isa = ("AVX-512" + (", bf16" if cpu_supports_bf16(cpuinfo) else "") if "avx512f" in flags
+           else "AVX2" if "avx2" in flags else "no AVX2")
+    model = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine()
+    return f"{model} ({isa}), {len(os.sched_getaffinity(0))} cores"
+
+
+def _cpuinfo_field(cpuinfo: str, name: str) -> str:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() == name), "")

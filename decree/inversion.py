@@ -11,12 +11,13 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from common.device import cpu_supports_bf16
 
 EPS = 1e-7
 NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached the threshold
@@ -277,20 +278,6 @@ def seed_everything(seed: int) -> None:
 def restart_seed(seed: int, index: int) -> int:
     """Restart 0 draws exactly what a single run draws; the others get independent streams of the same seed."""
     return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
-
-def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
 
 
 def amp_active(cfg: InversionConfig, device: torch.device) -> bool:

@@ -20,8 +20,6 @@ config.json, success_<key>.json), manifest.csv, population.json, detect/<key>/, 
 import hashlib
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,8 +33,9 @@ from attacks.families import FAMILIES, make_trigger
 from attacks.simclr import PretrainConfig, pretrain_simclr
 from attacks.training import unit_embeddings
 from common import io as atomic
-from common.device import resolve_device
+from common.device import describe_machine, resolve_device
 from common.provenance import versions
+from common.threads import threads_per_worker, usable_cores
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.report import auroc, collect_rows, verdict_at, write_report
@@ -60,8 +59,8 @@ class BenchConfig:
     pretrain_batch: int = 128
     parents: int = 3
     families: tuple = FAMILIES
-    attack_images: int = 2000                # BadEncoder's shadow set: the first images of the pre-training set
-    attack_epochs: int = 20
+    attack_images: int = 1000                # BadEncoder's shadow set: the first images of the pre-training set
+    attack_epochs: int = 12                  # with 1000 images: the population in 90 min on 2 AVX2 cores
     attack_batch: int = 64
     attack_lr: float = 0.01
     drupe_weight: float = 1.0                # weight of DRUPE's alignment term
@@ -309,28 +308,53 @@ def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: 
         atomic.write_json(record, measure_success(cfg, member, parent, data, device, progress))
 
 
-def _build_all(cfg, jobs: list, data: dict, device, probe_key: str, workers: int, progress: bool, log) -> None:
-    """build_member over (member, parent) pairs: in this process, or in `workers` processes (GPU boxes)."""
+def default_jobs(device) -> int:
+    """Encoders trained at once: one single-threaded process per usable core on a CPU (on 2 cores, two
+    1-thread processes train 1.5x the images per second of one 2-thread process), one on a GPU."""
+    return usable_cores() if torch.device(device).type == "cpu" else 1
+
+
+def _build_all(cfg, members: list, parents: dict, data: dict, device, probe_key: str, workers: int,
+               progress: bool, log) -> None:
+    """build_member over the population, parents before their children: in this process, or in `workers`
+    processes, where a parent's children start as soon as that parent is done."""
+    done = 0
+
+    def finished(member):
+        nonlocal done
+        done += 1
+        log(f"  [{done}/{len(members)}] {member.path.parent.name}")
+
+    children = {p: [m for m in members if m.parent == p and m.family != "clean-parent"] for p in parents}
     if workers <= 1:
-        for i, (member, parent) in enumerate(jobs, 1):
-            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
-            build_member(cfg, member, parent, data, device, probe_key, progress)
+        for parent in parents.values():
+            for member in (parent, *children[parent.parent]):
+                build_member(cfg, member, None if member is parent else parent, data, device, probe_key, progress)
+                finished(member)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(build_member, cfg, m, p, data, str(device), probe_key) for m, p in jobs]
-        for i, ((member, _), future) in enumerate(zip(jobs, futures), 1):
-            future.result()
-            log(f"  [{i}/{len(jobs)}] {member.path.parent.name}")
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    # the usable cores split between the processes: more threads than cores slows a CPU tenfold
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(threads_per_worker(workers),)) as pool:
+        running = {pool.submit(build_member, cfg, p, None, data, str(device), probe_key): p for p in parents.values()}
+        while running:
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                member = running.pop(future)
+                future.result()
+                finished(member)
+                if member.family == "clean-parent":
+                    running.update({pool.submit(build_member, cfg, child, member, data, str(device), probe_key): child
+                                    for child in children[member.parent]})
 
 
 def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", progress: bool = True,
-                     log=print, jobs: int = 1) -> Path:
+                     log=print, jobs: int | None = None) -> Path:
     """Build (or reuse from the cache) every encoder and its attack-success record; returns manifest.csv.
 
     This is the yardstick population: later changes (speed presets, detector extensions) run on its manifest.
-    jobs > 1 trains that many encoders at once in separate processes (a GPU has room; 2 CPU cores do not).
+    jobs > 1 trains that many encoders at once in separate processes (default: default_jobs(device)).
     """
     start = time.time()
     root = atomic.check_writable(out_dir)
@@ -343,11 +367,10 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     todo = [m for m in members if not is_built(m)]
     log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, "
         f"{len(cfg.families)} families)), {len(todo)} to train")
-    # parents first, then their children (and attack-success probes), each group in parallel with jobs > 1
-    _build_all(cfg, [(m, None) for m in members if m.family == "clean-parent"], data, device, probe_key,
-               jobs, progress, log)
-    _build_all(cfg, [(m, parents[m.parent]) for m in members if m.family != "clean-parent"], data, device,
-               probe_key, jobs, progress, log)
+    jobs = jobs or default_jobs(device)
+    log(f"population: {jobs} encoder(s) trained at once{' (one per core)' if jobs > 1 and device.type == 'cpu' else ''}"
+        "; change with --jobs N")
+    _build_all(cfg, members, parents, data, device, probe_key, jobs, progress, log)
     for member in members:
         if member.label == "backdoor":
             success = json.loads((member.path.parent / f"success_{probe_key}.json").read_text())
@@ -553,14 +576,6 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def machine(device) -> str:
-    """The hardware a stage ran on, for the report."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA), {platform.machine()}"
-    return f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} core(s) available"
-
-
 def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict | None = None, log=print) -> dict:
     """The per-family report under out_dir/report; returns its JSON content."""
     import matplotlib
@@ -616,7 +631,7 @@ def markdown_text(result: dict) -> str:
 # ---- all stages ---------------------------------------------------------------------------------------------
 
 def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="cpu", stages=STAGES,
-              progress: bool = True, log=print, jobs: int = 1) -> dict:
+              progress: bool = True, log=print, jobs: int | None = None) -> dict:
     """Run the given stages in order (each reuses its cache); returns {'timings', 'report' (if run)}."""
     root = atomic.check_writable(out_dir)
     atomic.write_json(root / "config.json", {"config": asdict(cfg), "stages": list(stages), "device": str(device),
@@ -634,7 +649,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="
             outcome["detect_dir"] = run_detect(cfg, root, device, progress, log)
         else:
             outcome["report"] = write_bench_report(cfg, root, timings, log)
-        timings[stage] = {"seconds": time.time() - started, "machine": machine(device)}
+        timings[stage] = {"seconds": time.time() - started, "machine": describe_machine(device)}
         atomic.write_json(timings_file, timings)
     outcome["timings"] = timings
     return outcome

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.device import cpu_flags, cpu_supports_bf16, describe_machine
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
-
-from decree.inversion import cpu_flags, cpu_supports_bf16, invert_trigger, preset
+from decree.inversion import invert_trigger, preset
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
@@ -301,7 +301,7 @@ def restarts_table(cases: list[dict]) -> str:
 def machine_info(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": str(device)}
+            "torch": torch.__version__, "device": str(device), "machine": describe_machine(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

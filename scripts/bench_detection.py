@@ -19,14 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds the packages
 
+# first: OpenMP reads OMP_WAIT_POLICY when torch is loaded (common/threads.py)
+from common.threads import configure_threads  # noqa: E402
 from attacks.families import FAMILIES  # noqa: E402
-from common.device import add_device_args, resolve_device  # noqa: E402
-from decree.cli import user_errors  # noqa: E402
+from common.device import add_device_args, describe_machine, resolve_device  # noqa: E402
+from decree.cli import OneLineParser, at_least, in_range, user_errors  # noqa: E402
 from experiments.bench_detection import SCALES, STAGES, config_with, run_bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=None, help="cache and report folder (default output/bench, "
                                                         "output/bench_quick with --quick)")
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run one stage (default all)")
@@ -38,23 +40,31 @@ def parse_args(argv=None):
     pop.add_argument("--pretraining_data", default=None, help="npz x uint8 (N,32,32,3) to pre-train the parents on "
                                                               "(default: scikit-image photo patches)")
     pop.add_argument("--arch", default=None, help="resnet18, resnet18_wN (toy: resnet18_w16)")
-    pop.add_argument("--parents", type=int, default=None, help="clean parents (seeds seed..seed+P-1; toy 3)")
+    pop.add_argument("--parents", type=at_least(1), default=None, help="clean parents (seeds seed..seed+P-1; toy 3)")
     pop.add_argument("--families", nargs="+", choices=FAMILIES, default=None, help="attack families (default all)")
-    pop.add_argument("--pretrain_epochs", type=int, default=None)
-    pop.add_argument("--attack_epochs", type=int, default=None)
+    pop.add_argument("--pretrain_images", type=at_least(1), default=None,
+                     help="photo patches the parents are pre-trained on (toy 4000)")
+    pop.add_argument("--pretrain_epochs", type=at_least(1), default=None, help="SimCLR epochs of a parent (toy 12)")
+    pop.add_argument("--attack_images", type=at_least(1), default=None,
+                     help="BadEncoder's shadow set: the first images of the pre-training set (toy 1000)")
+    pop.add_argument("--attack_epochs", type=at_least(1), default=None,
+                     help="BadEncoder epochs of every child, the clean control included (toy 10)")
     pop.add_argument("--downstream_train", default=None, help="labelled npz for the ASR probe (default: photo "
                                                               "patches labelled by photo)")
     pop.add_argument("--downstream_test", default=None)
-    pop.add_argument("--target_label", type=int, default=None, help="the attack's target class in the probe data")
-    pop.add_argument("--seed", type=int, default=None)
-    pop.add_argument("--jobs", type=int, default=1, help="train this many encoders at once in separate processes "
-                                                         "(a GPU has room for several; default 1)")
+    pop.add_argument("--target_label", type=at_least(0), default=None, help="the attack's target class in the probe data")
+    pop.add_argument("--seed", type=at_least(0), default=None,
+                     help="population seed: parents seed..seed+P-1, trigger draws from it (default 0; a second "
+                          "population for checking a setting is not tuned to one draw: --seed 1000)")
+    pop.add_argument("--jobs", type=at_least(1), default=None,
+                     help="train this many encoders at once in separate processes (default: one single-threaded "
+                          "process per usable core on a CPU, 1 on a GPU, where several also fit: e.g. --jobs 10)")
     det = parser.add_argument_group("detection")
     det.add_argument("--shadow_data", default=None, help="DECREE's shadow set (default: held-out photo patches)")
-    det.add_argument("--pl1_threshold", type=float, default=None, help="PL1-norm threshold (default 0.1); the "
+    det.add_argument("--pl1_threshold", type=in_range(0.0, 1.0), default=None, help="PL1-norm threshold (default 0.1); the "
                                                                        "report alone can be redone with another")
-    det.add_argument("--decree_epochs", type=int, default=None, help="DECREE's maximum epochs (default 1000)")
-    det.add_argument("--workers", type=int, default=None, help="parallel DECREE runs (toy 2)")
+    det.add_argument("--decree_epochs", type=at_least(1), default=None, help="DECREE's maximum epochs (default 1000)")
+    det.add_argument("--workers", type=at_least(1), default=None, help="parallel DECREE runs (toy 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_args(parser)
     return parser.parse_args(argv)
@@ -66,12 +76,13 @@ def main(argv=None):
     out_dir = args.out_dir or {"quick": "output/bench_quick", "paper": "output/bench_paper"}.get(scale, "output/bench")
     started = time.time()
     with user_errors("bench_detection.py"):
+        configure_threads(args.threads)
         cfg = config_with(SCALES[scale], **{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()})
         device = resolve_device(args.device, args.gpu)
         stages = STAGES if args.stage == "all" else (args.stage,)
         outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet, jobs=args.jobs)
     timings = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in outcome["timings"].items() if k in stages)
-    print(f"done in {time.time() - started:.0f} s on {device} ({timings}); cache and report: {out_dir}/")
+    print(f"done in {time.time() - started:.0f} s on {describe_machine(device)} ({timings}); cache and report: {out_dir}/")
     if "report" in outcome:
         print(f"report: {out_dir}/report/bench.md, bench.json, roc.png, pl1_by_family.png, gallery.png")
     if scale == "quick":

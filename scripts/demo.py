@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.threads import configure_threads  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
 from experiments.demo import QUICK, DemoConfig, result_table, run_demo  # noqa: E402
-from common.device import add_device_args, resolve_device  # noqa: E402
+from common.device import add_device_args, describe_machine, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,7 +44,7 @@ def main(argv=None):
     print(result_table(outcome["rows"]))
     print(outcome["report"])
     print(f"report: {Path(args.out_dir) / 'trigger_norm'} (summary.csv, pl1.png, gallery.png); "
-          f"wall time {outcome['seconds']:.0f} s on {device}")
+          f"wall time {outcome['seconds']:.0f} s on {describe_machine(device)}")
     if args.quick:
         print("(--quick: tiny encoders; run without --quick for meaningful verdicts)")
 

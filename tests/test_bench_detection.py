@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from common.device import describe_machine
 from decree.report import write_report
 from decree.sweep import read_manifest
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, family_metrics, markdown_table, roc_curve,
@@ -49,7 +50,7 @@ def test_quick_bench_writes_every_output(quick):
     assert {r["run_id"] for r in report["not_taken"]} == {r["run_id"] for r in report["encoders"]
                                                           if r["label"] == "backdoor" and not r["took"]}
     md = (out / "report" / "bench.md").read_text()
-    assert report["table"] in md and "| blend |" in md and " CPU, " in md  # stage times with the machine
+    assert report["table"] in md and "| blend |" in md and describe_machine("cpu") in md  # stage times, machine
     for name in ("roc.png", "pl1_by_family.png", "gallery.png"):
         assert (out / "report" / name).stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["config"]["families"] == list(QUICK.families)

@@ -11,7 +11,8 @@ from PIL import Image
 import main
 import models
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
-from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, cpu_supports_bf16, drop_rows, invert_trigger,
+from common.device import cpu_supports_bf16
+from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, drop_rows, invert_trigger,
                               preset)
 from decree import shadow_cache
 from decree.outputs import run_id_for
