@@ -43,8 +43,8 @@ class DemoConfig:
     pretrain_images: int = 4000
     pretrain_epochs: int = 12
     pretrain_batch: int = 128
-    attack_images: int = 2000        # BadEncoder's shadow set: the first images of the pre-training set
-    attack_epochs: int = 20
+    attack_images: int = 1000        # BadEncoder's shadow set: the first images of the pre-training set
+    attack_epochs: int = 12          # as the detection benchmark's toy population: a third of 2000 x 20
     attack_batch: int = 64
     attack_lr: float = 0.01          # BadEncoder's 1e-3 needs its 200 epochs; 10x for the 20 here
     trigger_side: int = 6            # black-and-white checkerboard at the bottom-right corner

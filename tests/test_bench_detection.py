@@ -8,8 +8,9 @@ import pytest
 from common.device import describe_machine
 from decree.report import write_report
 from decree.sweep import read_manifest
-from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, family_metrics, markdown_table, roc_curve,
-                                         run_bench, settings_key)
+from common.threads import usable_cores
+from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
+                                         roc_curve, run_bench, settings_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
@@ -88,6 +89,19 @@ def test_a_stage_without_its_inputs_is_a_one_line_error(tmp_path, capsys, monkey
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "run --stage population first" in error[0]
+
+
+def test_cpu_trains_one_single_threaded_encoder_per_core_and_bad_sizes_are_refused(tmp_path, capsys, monkeypatch):
+    import runpy
+    import sys
+    assert default_jobs("cpu") == usable_cores() and default_jobs("cuda") == 1
+    for flag in ("--jobs", "--attack_images", "--parents"):
+        monkeypatch.setattr(sys, "argv", ["bench_detection.py", flag, "0", "--out_dir", str(tmp_path / "never")])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(ROOT / "scripts" / "bench_detection.py"), run_name="__main__")
+        error = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(error) == 1 and flag in error[0]
+    assert not (tmp_path / "never").exists()
 
 
 def test_settings_key_is_stable_and_order_free():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import io
-from common.device import DeviceError, resolve_device
+from common.device import DeviceError, describe_machine, resolve_device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
 
@@ -26,6 +26,15 @@ def test_cuda_without_cuda_fails_in_one_line_suggesting_cpu(device, gpu):
     message = str(info.value)
     assert "no CUDA device" in message and "--device cpu" in message and "\n" not in message
     assert f"cuda:{gpu}" in message if gpu is not None else device in message
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse avx2 fma", "AVX2"), ("avx2 avx512f avx512bw", "AVX-512"),
+                                        ("avx2 avx512f avx512_bf16 amx_tile", "AVX-512, bf16"), ("sse sse2", "no AVX2")])
+def test_timings_name_the_cpu_model_and_its_vector_instructions(tmp_path, flags, isa):
+    # one cloud machine kind came with AVX-512 one day and AVX2 the next: a 3x difference in our timings
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: {flags}\n")
+    assert describe_machine("cpu", str(cpuinfo)) == f"AMD EPYC 9R14 ({isa}), {len(os.sched_getaffinity(0))} cores"
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu0", "", "cuda:x", "cuda:-1", "mps", "meta", "cpu,cuda"])
