@@ -48,9 +48,12 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
     return set(_cpuinfo_field(cpuinfo, "flags").split())
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
 def cpu_supports_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
+    return bool(BF16_FLAGS & cpu_flags(cpuinfo))
 
 
 def describe_machine(device, cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -60,7 +63,7 @@ def describe_machine(device, cpuinfo: str = "/proc/cpuinfo") -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
     flags = cpu_flags(cpuinfo)
-    isa = ("AVX-512" + (", bf16" if cpu_supports_bf16(cpuinfo) else "") if "avx512f" in flags
+    isa = ("AVX-512" + (", bf16" if BF16_FLAGS & flags else "") if "avx512f" in flags
            else "AVX2" if "avx2" in flags else "no AVX2")
     model = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine()
     return f"{model} ({isa}), {len(os.sched_getaffinity(0))} cores"

@@ -335,8 +335,8 @@ def _build_all(cfg, members: list, parents: dict, data: dict, device, probe_key:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     # the usable cores split between the processes: more threads than cores slows a CPU tenfold
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(threads_per_worker(workers),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads_per_worker(workers),)) as pool:
         running = {pool.submit(build_member, cfg, p, None, data, str(device), probe_key): p for p in parents.values()}
         while running:
             finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -368,8 +368,8 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, "
         f"{len(cfg.families)} families)), {len(todo)} to train")
     jobs = jobs or default_jobs(device)
-    log(f"population: {jobs} encoder(s) trained at once{' (one per core)' if jobs > 1 and device.type == 'cpu' else ''}"
-        "; change with --jobs N")
+    per_core = " (one per core)" if jobs > 1 and device.type == "cpu" else ""
+    log(f"population: {jobs} encoder(s) trained at once{per_core}; change with --jobs N")
     _build_all(cfg, members, parents, data, device, probe_key, jobs, progress, log)
     for member in members:
         if member.label == "backdoor":

@@ -48,11 +48,12 @@ def parse_args(argv=None):
     pop.add_argument("--attack_images", type=at_least(1), default=None,
                      help="BadEncoder's shadow set: the first images of the pre-training set (toy 1000)")
     pop.add_argument("--attack_epochs", type=at_least(1), default=None,
-                     help="BadEncoder epochs of every child, the clean control included (toy 10)")
+                     help="BadEncoder epochs of every child, the clean control included (toy 12)")
     pop.add_argument("--downstream_train", default=None, help="labelled npz for the ASR probe (default: photo "
                                                               "patches labelled by photo)")
     pop.add_argument("--downstream_test", default=None)
-    pop.add_argument("--target_label", type=at_least(0), default=None, help="the attack's target class in the probe data")
+    pop.add_argument("--target_label", type=at_least(0), default=None,
+                     help="the attack's target class in the probe data")
     pop.add_argument("--seed", type=at_least(0), default=None,
                      help="population seed: parents seed..seed+P-1, trigger draws from it (default 0; a second "
                           "population for checking a setting is not tuned to one draw: --seed 1000)")
@@ -61,8 +62,8 @@ def parse_args(argv=None):
                           "process per usable core on a CPU, 1 on a GPU, where several also fit: e.g. --jobs 10)")
     det = parser.add_argument_group("detection")
     det.add_argument("--shadow_data", default=None, help="DECREE's shadow set (default: held-out photo patches)")
-    det.add_argument("--pl1_threshold", type=in_range(0.0, 1.0), default=None, help="PL1-norm threshold (default 0.1); the "
-                                                                       "report alone can be redone with another")
+    det.add_argument("--pl1_threshold", type=in_range(0.0, 1.0), default=None,
+                     help="PL1-norm threshold (default 0.1); the report alone can be redone with another")
     det.add_argument("--decree_epochs", type=at_least(1), default=None, help="DECREE's maximum epochs (default 1000)")
     det.add_argument("--workers", type=at_least(1), default=None, help="parallel DECREE runs (toy 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,7 +83,8 @@ def main(argv=None):
         stages = STAGES if args.stage == "all" else (args.stage,)
         outcome = run_bench(cfg, out_dir, device, stages, progress=not args.quiet, jobs=args.jobs)
     timings = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in outcome["timings"].items() if k in stages)
-    print(f"done in {time.time() - started:.0f} s on {describe_machine(device)} ({timings}); cache and report: {out_dir}/")
+    print(f"done in {time.time() - started:.0f} s on {describe_machine(device)} ({timings}); "
+          f"cache and report: {out_dir}/")
     if "report" in outcome:
         print(f"report: {out_dir}/report/bench.md, bench.json, roc.png, pl1_by_family.png, gallery.png")
     if scale == "quick":

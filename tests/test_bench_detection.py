@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from common.device import describe_machine
+from common.threads import usable_cores
 from decree.report import write_report
 from decree.sweep import read_manifest
-from common.threads import usable_cores
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
                                          roc_curve, run_bench, settings_key)
 
