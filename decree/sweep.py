@@ -7,7 +7,9 @@ line of its error output, and the sweep goes on. A finished encoder is recognise
 
 Workers are hardened against what they inspect (docs/sweeps.md): each runs under `python -I` with an explicit
 list of what it may import (common/isolated.py), in its own process group, dies with the sweep, and is
-killed after --timeout seconds. Before starting an encoder a sweep claims it with an exclusively created
+killed after --timeout seconds. Each worker slot keeps one fork server (a `WorkerServer`) that has imported
+main.py's modules once; every encoder runs in a fresh child forked from it, so a sweep does not pay the
+interpreter's start and torch's imports (seconds) for every encoder. Before starting an encoder a sweep claims it with an exclusively created
 `trigger_norm/claims/<run_id>.claim`, so two sweeps on one --out_dir never run the same encoder at once.
 """
 import contextlib
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -411,7 +414,13 @@ def worker_imports(out_dir) -> tuple[dict, list[str]]:
 
 
 def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: tuple[dict, list]) -> list[str]:
-    """main.py for one encoder, run isolated (common/isolated.py); imports = worker_imports(out_dir)."""
+    """main.py for one encoder, run isolated (common/isolated.py); imports = worker_imports(out_dir). What a
+    sweep's worker server runs for the encoder, written out as one command (the worker log's first line)."""
+    return isolated_command(MAIN_PY, main_py_args(enc, device, out_dir, options), *imports, parent=os.getpid())
+
+
+def main_py_args(enc: Encoder, device: str, out_dir, options: dict) -> list[str]:
+    """main.py's arguments for one encoder of a sweep."""
     args = ["--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info, "--device", device,
             "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
     if enc.arch:
@@ -420,7 +429,7 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: 
         args += ["--reference_file", enc.reference]
     if enc.reference_text:
         args += ["--reference_text", enc.reference_text]
-    return isolated_command(MAIN_PY, args + passthrough_argv(options), *imports, parent=os.getpid())
+    return args + passthrough_argv(options)
 
 
 def last_error_line(output: str, returncode: int) -> str:
@@ -454,6 +463,64 @@ def _write_record(write, path: Path, content) -> str | None:
     return None
 
 
+# what main.py imports: a worker server imports these once, before it forks the first encoder's process
+MAIN_PY_IMPORTS = ("common.threads", "common.determinism", "decree.cli", "decree.detect", "decree.sweep",
+                   "decree.target", "models")
+
+
+class WorkerDied(RuntimeError):
+    """A worker server ended (killed, or out of memory) while it should have run an encoder."""
+
+
+class WorkerServer:
+    """One worker slot's fork server (common/isolated.py, `serve`): isolated like any worker, in its own session,
+    dies with the sweep; start() forks one run of `script` (main.py) from it, wait() waits for its end."""
+
+    def __init__(self, env: dict, imports: tuple[dict, list], script=MAIN_PY, preload=MAIN_PY_IMPORTS):
+        command = isolated_command(script, [], *imports, parent=os.getpid(), serve=preload)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_replies, daemon=True).start()
+
+    def _read_replies(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                self.replies.put(json.loads(line))
+        except ValueError:  # not an answer of the server's: treat it as a dead server
+            self.close()
+        self.replies.put(None)  # the server has ended
+
+    def _reply(self, key: str, timeout: float | None = None):
+        reply = self.replies.get(timeout=timeout)
+        if reply is None:
+            raise WorkerDied(f"the worker process ended (exit status {self.proc.wait()})")
+        return reply[key]
+
+    def start(self, args: list[str], output: Path) -> int:
+        """Fork main.py with `args` (its output into `output`); returns the child's pid."""
+        try:
+            self.proc.stdin.write(json.dumps({"args": args, "output": str(output)}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerDied(f"the worker process ended (exit status {self.proc.wait()})") from None
+        return self._reply("pid")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The child's exit status (negative: killed by that signal); raises queue.Empty after `timeout` s."""
+        return self._reply("returncode", timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
 class Sweep:
     """A pool of device workers running main.py per encoder; stop() ends the running children."""
 
@@ -462,14 +529,16 @@ class Sweep:
         self.out_dir, self.slots, self.options = Path(out_dir), slots, options
         self.timeout, self.force, self.started = timeout, force, time.time()
         self.imports = worker_imports(out_dir)
-        self._running: set[subprocess.Popen] = set()
+        self._servers: dict[int, WorkerServer] = {}
+        self._running: set[int] = set()  # pids (= process groups) of the encoders' processes
         self._lock = threading.Lock()
         self._stopping = False
         self._cpu_workers = sum(slot == "cpu" for slot in slots)
 
-    def run_one(self, enc: Encoder, device: str) -> dict:
-        """Claim and run one encoder: {'status': 'done', 'record'}, {'status': 'failed', 'error'}, 'stopped', or
-        'elsewhere' (another sweep holds its claim, or finished it after this sweep started)."""
+    def run_one(self, enc: Encoder, slot: int) -> dict:
+        """Claim and run one encoder on worker slot `slot`: {'status': 'done', 'record'}, {'status': 'failed',
+        'error'}, 'stopped', or 'elsewhere' (another sweep holds its claim, or finished it after this sweep
+        started)."""
         try:
             claimed, claim = claim_encoder(self.out_dir, enc.run_id, self.timeout)
         except OSError as err:  # e.g. a full disk: this encoder cannot run, the others may
@@ -481,43 +550,69 @@ class Sweep:
             json_path = RunPaths(self.out_dir, enc.run_id).json
             if json_path.is_file() and (not self.force or json_path.stat().st_mtime >= self.started):
                 return {"status": "elsewhere", "holder": None}  # finished since this sweep listed it
-            return self._run_claimed(enc, device)
+            return self._run_claimed(enc, slot)
         finally:
             with contextlib.suppress(OSError):
                 release_claim(self.out_dir, enc.run_id, claim)
 
-    def _run_claimed(self, enc: Encoder, device: str) -> dict:
-        command = main_py_command(enc, device, self.out_dir, self.options, self.imports)
-        started = time.time()
+    def _server(self, slot: int) -> WorkerServer:
+        """This slot's worker server, started on first use and again if it has died."""
+        server = self._servers.get(slot)
+        if server is None or not server.alive():
+            server = WorkerServer(_child_env(self.slots[slot], self._cpu_workers), self.imports)
+            self._servers[slot] = server
+        return server
+
+    def _execute(self, slot: int, args: list[str], output: Path) -> tuple[int | None, bool, str | None]:
+        """Run main.py `args` on the slot's server: (exit status, timed out, why the worker died or None)."""
         with self._lock:
             if self._stopping:
-                return {"status": "stopped"}
-            # own session: a timeout or stop() ends the worker's whole process group, never the sweep's
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=_child_env(device, self._cpu_workers), start_new_session=True)
-            self._running.add(proc)
+                return None, False, None
+            server = self._server(slot)
         try:
-            output, _ = proc.communicate(timeout=self.timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            timed_out = True
+            pid = server.start(args, output)
+        except WorkerDied as died:
+            return None, False, str(died)
         with self._lock:
-            self._running.discard(proc)
+            self._running.add(pid)
+        try:
+            try:
+                return server.wait(self.timeout), False, None
+            except queue.Empty:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # the encoder's whole process group, never the server
+                return server.wait(), True, None
+        except WorkerDied as died:
+            return None, False, str(died)
+        finally:
+            with self._lock:
+                self._running.discard(pid)
+
+    def _run_claimed(self, enc: Encoder, slot: int) -> dict:
+        device = self.slots[slot]
+        args = main_py_args(enc, device, self.out_dir, self.options)
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="decree-worker-") as scratch:
+            output_file = Path(scratch) / "output.log"
+            returncode, timed_out, died = self._execute(slot, args, output_file)
+            output = output_file.read_text(errors="replace") if output_file.is_file() else ""
+        if returncode is None and died is None:
+            return {"status": "stopped"}
         log = worker_log_path(self.out_dir, enc.run_id)
+        command = main_py_command(enc, device, self.out_dir, self.options, self.imports)
         warnings = [_write_record(atomic.write_text, log, f"$ {' '.join(command)}\n{output}")]
         paths = RunPaths(self.out_dir, enc.run_id)
         # a stopped sweep ended its children itself; Ctrl-C in a terminal reaches only the sweep
-        if self._stopping or proc.returncode in INTERRUPTED:
+        if self._stopping or returncode in INTERRUPTED:
             return {"status": "stopped"}
-        if proc.returncode == 0 and paths.finished():
+        if returncode == 0 and paths.finished():
             failure_path(self.out_dir, enc.run_id).unlink(missing_ok=True)
             return {"status": "done", "record": read_run(paths.json), "warnings": list(filter(None, warnings))}
-        error = f"timeout after {self.timeout:g} s" if timed_out else last_error_line(output, proc.returncode)
+        error = (f"timeout after {self.timeout:g} s" if timed_out else died if died
+                 else last_error_line(output, returncode))
         warnings.append(_write_record(atomic.write_json, failure_path(self.out_dir, enc.run_id), {
             "encoder_path": enc.path, "run_id": enc.run_id, "usage_info": enc.usage_info, "arch": enc.arch,
-            "model_flag": enc.label, "status": "failed", "error": error, "returncode": proc.returncode,
+            "model_flag": enc.label, "status": "failed", "error": error, "returncode": returncode,
             "device": device, "seconds": time.time() - started, "worker_log": str(log),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         return {"status": "failed", "error": error, "warnings": list(filter(None, warnings))}
@@ -525,36 +620,40 @@ class Sweep:
     def run(self, encoders, on_result=None) -> None:
         """Run every encoder, one per free worker slot; on_result(enc, outcome) after each."""
         free = queue.Queue()
-        for slot in self.slots:
+        for slot in range(len(self.slots)):
             free.put(slot)
 
         def task(enc):
-            device = free.get()  # never waits: the pool has exactly one thread per slot
+            slot = free.get()  # never waits: the pool has exactly one thread per slot
             try:
-                return self.run_one(enc, device)
+                return self.run_one(enc, slot)
             finally:
-                free.put(device)
+                free.put(slot)
 
-        with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
-            futures = {pool.submit(task, enc): enc for enc in encoders}
-            try:
-                for future in as_completed(futures):
-                    outcome = future.result()
-                    if outcome["status"] != "stopped" and on_result:
-                        on_result(futures[future], outcome)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                self.stop()
-                raise
+        try:
+            with ThreadPoolExecutor(max_workers=len(self.slots)) as pool:
+                futures = {pool.submit(task, enc): enc for enc in encoders}
+                try:
+                    for future in as_completed(futures):
+                        outcome = future.result()
+                        if outcome["status"] != "stopped" and on_result:
+                            on_result(futures[future], outcome)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    self.stop()
+                    raise
+        finally:
+            for server in self._servers.values():
+                server.close()
 
     def stop(self) -> None:
         """End the running main.py processes (their partial outputs are never written: files are atomic)."""
         with self._lock:
             self._stopping = True
-            for proc in self._running:
+            for pid in self._running:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.killpg(pid, signal.SIGTERM)
 
 
 def outcome_line(enc: Encoder, outcome: dict) -> str:

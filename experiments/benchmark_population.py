@@ -14,22 +14,32 @@ process start and imports (a fresh interpreter, once), checkpoint load and shado
 
 `restarts=K` adds a contender that runs K restarts together (default preset); since restart k of a K-run is the
 run a K'-run (K' > k) would also make, its per-restart PL1s give the verdicts of every K' <= K from one run.
+
+Attacks that did not take are not backdoors in TPR and AUROC (as in the detection benchmark's report): when a
+population.json of experiments.bench_detection lies beside the manifest, its per-encoder `took` is read from it.
+Every run records its best PL1 and wall seconds after each epoch, so the verdict and time of any shorter epoch
+budget are read off the same runs (`budget_rates`): a shorter run's best PL1 is the longer run's at that epoch.
 """
 import copy
+import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import io as atomic
 from datasets import load_shadow_set
 from models import load_encoder
 
 from decree.inversion import invert_trigger, preset
 from decree.report import auroc
-from decree.sweep import read_manifest
+from decree.sweep import WorkerServer, read_manifest, worker_imports
 from .paper_path import paper_invert_trigger
 
 CONTENDERS = ("paper", "default", "fast", "triage")
@@ -37,14 +47,33 @@ SPEED_OF = {"paper": "paper", "default": "paper", "fast": "fast", "triage": "tri
 
 
 def startup_seconds(python: str = sys.executable) -> dict:
-    """Wall seconds of a bare interpreter and of one that imports what main.py imports (a sweep pays both for
-    every encoder, since each runs in its own main.py process)."""
+    """Wall seconds of a bare interpreter and of one that imports what main.py imports (what a sweep pays once
+    per worker), and of an encoder's process forked from a sweep's warm worker server (once per encoder)."""
     def timed(code):
         start = time.perf_counter()
         subprocess.run([python, "-c", code], check=True, capture_output=True)
         return time.perf_counter() - start
     bare = timed("pass")
-    return {"process_start_s": bare, "imports_s": timed("import decree.detect, decree.cli, models") - bare}
+    return {"process_start_s": bare, "imports_s": timed("import decree.detect, decree.cli, models") - bare,
+            "forked_start_s": forked_start_seconds()}
+
+
+def forked_start_seconds() -> float:
+    """Wall seconds of one run of an empty script forked from a worker server that has imported main.py's
+    modules (decree.sweep.WorkerServer), from the request to its exit status."""
+    with tempfile.TemporaryDirectory(prefix="decree-bench-") as scratch:
+        script = Path(scratch) / "empty.py"
+        script.write_text("")
+        server = WorkerServer(dict(os.environ), worker_imports(scratch), script=script)
+        try:
+            server.start([], Path(scratch) / "first.log")
+            server.wait()  # the first answer waits for the server's imports
+            start = time.perf_counter()
+            server.start([], Path(scratch) / "second.log")
+            server.wait()
+            return time.perf_counter() - start
+        finally:
+            server.close()
 
 
 def run_contender(name: str, encoder, shadow, spec, settings: dict, device, restarts: int = 1):
@@ -61,8 +90,17 @@ def run_contender(name: str, encoder, shadow, spec, settings: dict, device, rest
     return result, time.perf_counter() - start
 
 
+def attack_success(manifest) -> dict:
+    """{resolved encoder path: took (bool)} from the population.json beside `manifest`; {} when there is none."""
+    record = Path(manifest).parent / "population.json"
+    if not record.is_file():
+        return {}
+    encoders = json.loads(record.read_text()).get("encoders", [])
+    return {str((record.parent / e["path"]).resolve()): bool(e["took"]) for e in encoders if "took" in e}
+
+
 def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict, shadow_data, shadow_size,
-                  restarts: int, log=print) -> dict:
+                  restarts: int, log=print, took: bool | None = None) -> dict:
     """Every contender on one encoder; returns its record."""
     start = time.perf_counter()
     encoder, spec = load_encoder(enc.path, enc.usage_info, enc.arch, device)
@@ -79,14 +117,16 @@ def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict
         runs[name] = {"seconds": seconds, "pl1": result.pl1 if result.found else None, "epochs": result.epochs,
                       "verdict": result.verdict, "stop_reason": result.stop_reason,
                       "restart_pl1": [r["pl1"] for r in result.restarts],
-                      # best PL1 after each epoch: what any shorter budget or patience would have reported
+                      "restart_epochs": [r["epochs"] for r in result.restarts],
+                      # best PL1 and wall seconds after each epoch: what any shorter budget would have reported
                       "best_pl1_by_epoch": [h["best_l1"] / shadow[0].size if h["best_l1"] != np.inf else None
-                                            for h in result.history]}
+                                            for h in result.history],
+                      "seconds_by_epoch": [h["seconds"] for h in result.history]}
     paper_verdict = runs[contenders[0]]["verdict"]
     for run in runs.values():
         run["same_verdict"] = run["verdict"] == paper_verdict
     log(f"  {enc.path}: " + ", ".join(f"{n} {r['seconds']:.1f}s {r['verdict']}" for n, r in runs.items()))
-    return {"path": enc.path, "label": enc.label, "family": getattr(enc, "family", "") or enc.label,
+    return {"path": enc.path, "label": enc.label, "family": getattr(enc, "family", "") or enc.label, "took": took,
             "checkpoint_load_s": load_s, "shadow_s": shadow_s, "shadow_images": int(len(shadow)),
             "runs": {name: runs[name] for name in contenders}}
 
@@ -95,21 +135,30 @@ def _pl1(value):
     return np.inf if value is None else value
 
 
+def is_backdoor(row: dict) -> bool:
+    """A backdoored encoder whose attack took (or whose success was not measured)."""
+    return row["label"] == "backdoor" and row.get("took") is not False
+
+
 def detection_rates(rows: list[dict], pl1s: list, threshold: float) -> dict:
-    """TPR over backdoored, FPR over clean encoders, at `threshold` (PL1 None = no trigger = clean)."""
+    """TPR over backdoored encoders whose attack took, FPR over clean ones, at `threshold` (PL1 None = no trigger =
+    clean); plus how many encoders whose attack did not take were flagged (counted in neither rate)."""
     flagged = [_pl1(p) < threshold for p in pl1s]
-    bad = [f for f, r in zip(flagged, rows) if r["label"] == "backdoor"]
+    bad = [f for f, r in zip(flagged, rows) if is_backdoor(r)]
     good = [f for f, r in zip(flagged, rows) if r["label"] == "clean"]
-    return {"tpr": sum(bad) / len(bad) if bad else None, "fpr": sum(good) / len(good) if good else None}
+    untaken = [f for f, r in zip(flagged, rows) if r["label"] == "backdoor" and not is_backdoor(r)]
+    return {"tpr": sum(bad) / len(bad) if bad else None, "fpr": sum(good) / len(good) if good else None,
+            "detected": sum(bad), "backdoors": len(bad), "false_positives": sum(good), "cleans": len(good),
+            "untaken_flagged": sum(untaken), "untaken": len(untaken)}
 
 
 def family_auroc(rows: list[dict], pl1s: list) -> dict:
-    """AUROC of each backdoor family against every clean encoder of the population."""
+    """AUROC of each backdoor family (attacks that took) against every clean encoder of the population."""
     clean = [p for p, r in zip(pl1s, rows) if r["label"] == "clean"]
-    families = sorted({r["family"] for r in rows if r["label"] == "backdoor"})
+    families = sorted({r["family"] for r in rows if is_backdoor(r)})
     if not clean:
         return {}
-    return {f: auroc([p for p, r in zip(pl1s, rows) if r["family"] == f and r["label"] == "backdoor"], clean)
+    return {f: auroc([p for p, r in zip(pl1s, rows) if r["family"] == f and is_backdoor(r)], clean)
             for f in families}
 
 
@@ -127,28 +176,72 @@ def summarise(rows: list[dict], contenders: list[str], threshold: float) -> dict
 
 
 def restart_rates(rows: list[dict], name: str, ks: list[int], threshold: float) -> list[dict]:
-    """From one K-restart run per encoder: TPR/FPR when only the first K' restarts had run, for each K' in ks."""
+    """From one K-restart run per encoder: TPR/FPR when only the first K' restarts had run, for each K' in ks.
+
+    `seconds_est`: the K-run's seconds times the share of its restart-epochs that the first K' restarts ran (the
+    cost of a stacked restart-epoch is about constant on a CPU, where a step costs what it computes)."""
     out = []
     for k in ks:
         pl1s = [min((_pl1(p) for p in r["runs"][name]["restart_pl1"][:k]), default=np.inf) for r in rows]
-        out.append({"restarts": k, **detection_rates(rows, pl1s, threshold)})
+        seconds = sum(r["runs"][name]["seconds"] * sum(r["runs"][name]["restart_epochs"][:k])
+                      / max(sum(r["runs"][name]["restart_epochs"]), 1) for r in rows)
+        out.append({"restarts": k, "seconds_est": seconds, **detection_rates(rows, pl1s, threshold)})
+    return out
+
+
+BUDGETS = (2, 3, 4, 5, 6, 8, 10, 15, 20, 30)  # epoch budgets read off the runs by budget_rates
+
+
+def budget_rates(rows: list[dict], name: str, budgets, threshold: float, reference: str) -> list[dict]:
+    """Verdicts and seconds of contender `name` had its epoch budget been each of `budgets`, read off its runs: the
+    best PL1 and the wall seconds after that epoch (or the run's own end, if it ended sooner); `same_verdict`
+    counts agreement with the full runs of contender `reference`."""
+    out = []
+    for budget in budgets:
+        pl1s, seconds, same = [], 0.0, 0
+        for r in rows:
+            run = r["runs"][name]
+            last = min(budget, len(run["best_pl1_by_epoch"])) - 1
+            pl1 = run["best_pl1_by_epoch"][last] if last >= 0 else None
+            pl1s.append(pl1)
+            seconds += run["seconds_by_epoch"][last] if last >= 0 else 0.0
+            same += (_pl1(pl1) < threshold) == (r["runs"][reference]["verdict"] == "trojaned")
+        out.append({"max_epochs": budget, "seconds": seconds, "same_verdict": same, "encoders": len(rows),
+                    **detection_rates(rows, pl1s, threshold), "auroc": family_auroc(rows, pl1s)})
     return out
 
 
 def run_population(manifest, device, contenders=CONTENDERS, shadow_data=None, shadow_size=None, lr: float = 0.5,
                    seed: int = 80, max_epochs: int = 1000, threshold: float = 0.1, restarts: int = 1,
-                   limit: int | None = None, log=print) -> dict:
-    """The whole population benchmark; returns the JSON document (rows, per-contender summary, overheads)."""
+                   limit: int | None = None, log=print, partial=None) -> dict:
+    """The whole population benchmark; returns the JSON document (rows, per-contender summary, overheads).
+
+    `partial`: a JSON file that holds the rows finished so far (rewritten atomically after every encoder); a
+    rerun with the same settings takes its rows instead of running those encoders again."""
     contenders = list(contenders) + ([f"restarts{restarts}"] if restarts > 1 else [])
     unknown = [c for c in contenders if c not in CONTENDERS and not c.startswith("restarts")]
     if unknown:
         raise ValueError(f"contenders must come from {', '.join(CONTENDERS)}; got {contenders}")
     encoders = read_manifest(manifest)[:limit]
+    took = attack_success(manifest)
+    if took:
+        log(f"attack success from {Path(manifest).parent / 'population.json'}: "
+            f"{sum(took.values())} took, {len(took) - sum(took.values())} did not (not counted in TPR/AUROC)")
     settings = {"lr": lr, "seed": seed, "max_epochs": max_epochs, "pl1_threshold": threshold}
+    run_settings = {**settings, "contenders": contenders, "manifest": str(manifest), "restarts": restarts,
+                    "shadow_data": None if shadow_data is None else str(shadow_data), "shadow_size": shadow_size}
+    done = finished_rows(partial, run_settings, log)
     overheads = startup_seconds()
-    rows = [bench_encoder(enc, i, contenders, device, settings, shadow_data, shadow_size, restarts, log)
-            for i, enc in enumerate(encoders)]
-    doc = {"settings": {**settings, "contenders": contenders, "manifest": str(manifest), "restarts": restarts},
+    rows = []
+    for i, enc in enumerate(encoders):
+        row = done.get(enc.path) or bench_encoder(enc, i, contenders, device, settings, shadow_data, shadow_size,
+                                                  restarts, log,
+                                                  took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor"
+                                                  else None)
+        rows.append(row)
+        if partial is not None:
+            atomic.write_json(partial, {"settings": run_settings, "rows": rows})
+    doc = {"settings": run_settings,
            "overheads": {**overheads,
                          "checkpoint_load_s": statistics.median(r["checkpoint_load_s"] for r in rows),
                          "shadow_s": statistics.median(r["shadow_s"] for r in rows)},
@@ -156,7 +249,25 @@ def run_population(manifest, device, contenders=CONTENDERS, shadow_data=None, sh
     if restarts > 1:
         ks = [k for k in (1, 2, 4, 8, 16) if k <= restarts]
         doc["restart_rates"] = restart_rates(rows, contenders[-1], ks, threshold)
+    doc["budget_rates"] = {name: budget_rates(rows, name, [b for b in BUDGETS if b < max_epochs], threshold,
+                                              contenders[0])
+                           for name in contenders if not name.startswith("restarts")}
     return doc
+
+
+def finished_rows(partial, settings: dict, log=print) -> dict:
+    """{encoder path: row} of an interrupted run with the same settings in `partial`; {} otherwise."""
+    if partial is None or not Path(partial).is_file():
+        return {}
+    try:
+        earlier = json.loads(Path(partial).read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("settings") != json.loads(json.dumps(settings)):
+        log(f"{partial}: from a run with other settings; starting over")
+        return {}
+    log(f"{partial}: reusing {len(earlier['rows'])} finished encoder(s)")
+    return {row["path"]: row for row in earlier["rows"]}
 
 
 def population_table(doc: dict) -> str:
@@ -176,9 +287,21 @@ def population_table(doc: dict) -> str:
         lines.append(f"{name:<12} {s['total_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6} "
                      f"{rate(s['tpr']):>6} {rate(s['fpr']):>6}  {aurocs}")
     o = doc["overheads"]
-    lines.append(f"\noutside the inversion, per encoder: process start {o['process_start_s']:.2f} s, imports "
-                 f"{o['imports_s']:.2f} s, checkpoint load {o['checkpoint_load_s']:.2f} s, shadow set "
-                 f"{o['shadow_s']:.2f} s (medians)")
+    lines.append(f"\noutside the inversion: process start {o['process_start_s']:.2f} s and imports "
+                 f"{o['imports_s']:.2f} s once per sweep worker; per encoder: its process forked from the worker "
+                 f"{o.get('forked_start_s', float('nan')):.2f} s, checkpoint load {o['checkpoint_load_s']:.2f} s, "
+                 f"shadow set {o['shadow_s']:.2f} s (medians)")
     for row in doc.get("restart_rates", []):
-        lines.append(f"restarts K={row['restarts']}: TPR {row['tpr']}, FPR {row['fpr']}")
+        lines.append(f"restarts K={row['restarts']}: {_rates(row)}, about {row['seconds_est']:.0f} s")
+    for name, budgets in doc.get("budget_rates", {}).items():
+        lines.append(f"\n{name} with a shorter epoch budget (read off its runs; same verdict: vs {contenders[0]}):")
+        lines += [f"  max {b['max_epochs']:>3} epochs: {b['seconds']:>8.1f} s, same verdict {b['same_verdict']}/"
+                  f"{b['encoders']}, {_rates(b)}" for b in budgets]
     return "\n".join(lines)
+
+
+def _rates(rates: dict) -> str:
+    """'TPR 5/6, FPR 0/2' (+ flagged attacks that did not take), from detection_rates."""
+    text = f"TPR {rates['detected']}/{rates['backdoors']}, FPR {rates['false_positives']}/{rates['cleans']}"
+    return text + (f", flagged {rates['untaken_flagged']}/{rates['untaken']} attacks that did not take"
+                   if rates["untaken"] else "")

@@ -10,7 +10,9 @@ the input, over its time, % of the machine's peak, whose derivation is printed) 
 encoder weights, seeded; nothing is downloaded. --restart_cost K...: step time of K stacked restarts.
 Population mode (--population): every manifest encoder to its verdict with (a) the paper's settings on its data
 path, (b) our default, (c) --preset fast, (d) --preset triage, in turn; total and per-encoder wall time, ratios,
-verdict agreement, per-family AUROC, and the overheads outside the inversion.
+verdict agreement, per-family AUROC, the overheads outside the inversion, and what shorter epoch budgets would
+have given (read off the same runs). Finished encoders are kept in <json>.partial: an interrupted run, started
+again with the same flags, goes on where it stopped.
 """
 import argparse
 import sys
@@ -73,10 +75,18 @@ def parse_args(argv=None):
 
 def main_population(args, device, log):
     threads = configure_threads(args.threads, log=log)
-    doc = run_population(args.population, device, args.contenders, args.shadow_data, args.shadow_images, args.lr,
-                         args.seed, args.max_epochs, args.pl1_threshold, args.restarts, args.limit, log=log)
+    partial = Path(f"{args.json}.partial")
+    try:
+        doc = run_population(args.population, device, args.contenders, args.shadow_data, args.shadow_images, args.lr,
+                             args.seed, args.max_epochs, args.pl1_threshold, args.restarts, args.limit, log=log,
+                             partial=partial)
+    except KeyboardInterrupt:
+        if partial.is_file():
+            log(f"benchmark.py: the encoders finished so far are in {partial}; the same command goes on from there")
+        raise
     doc["machine"] = {**machine_info(device), "peak": machine_peak(device, threads)}
     atomic.write_json(args.json, doc)
+    partial.unlink(missing_ok=True)
     print(population_table(doc))
     print(f"machine: {doc['machine'].get('gpu', doc['machine']['processor'])}, {threads} torch threads; "
           f"results: {args.json}")

@@ -127,27 +127,94 @@ def test_benchmark_reports_flops_and_restart_cost(tmp_path, capsys):
     assert "GFLOP/s" in printed and "peak:" in printed and "vs K runs" in printed
 
 
-def test_population_mode_compares_verdicts_and_times_per_encoder(tmp_path, capsys):
+def write_population(tmp_path, members) -> Path:
+    """A manifest of tiny random encoders (name, label, took) and the population.json beside it."""
     torch.manual_seed(0)
-    lines = ["path,usage_info,arch,label"]
-    for name, label in (("clean_encoder", "clean"), ("bad_encoder", "backdoor")):
+    lines, encoders = ["path,usage_info,arch,label,family"], []
+    for name, label, took in members:
         path = tmp_path / name / "model_1.pth"
         path.parent.mkdir()
         torch.save({"state_dict": get_encoder("cifar10", "resnet18_w8").state_dict()}, path)
-        lines.append(f"{name}/model_1.pth,cifar10,resnet18_w8,{label}")
+        lines.append(f"{name}/model_1.pth,cifar10,resnet18_w8,{label},{name}")
+        encoders.append({"path": f"{name}/model_1.pth", "label": label, **({} if took is None else {"took": took})})
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "population.json").write_text(json.dumps({"encoders": encoders}))
     np.savez(tmp_path / "shadow.npz", x=smooth_images(6, 32, seed=4), y=np.zeros(6, np.int64))
-    out = tmp_path / "population.json"
-    run_script(["--population", str(tmp_path / "manifest.csv"), "--shadow_data", str(tmp_path / "shadow.npz"),
-                "--shadow_images", "6", "--max_epochs", "1", "--restarts", "2", "--threads", "1", "--device", "cpu",
-                "--json", str(out)])
+    return tmp_path / "manifest.csv"
+
+
+def population_args(tmp_path, *extra):
+    return ["--population", str(tmp_path / "manifest.csv"), "--shadow_data", str(tmp_path / "shadow.npz"),
+            "--shadow_images", "6", "--threads", "1", "--device", "cpu", *extra]
+
+
+def test_population_mode_compares_verdicts_and_times_per_encoder(tmp_path, capsys):
+    write_population(tmp_path, [("clean_encoder", "clean", None), ("bad_encoder", "backdoor", True)])
+    out = tmp_path / "population.json.out"
+    run_script(population_args(tmp_path, "--max_epochs", "3", "--restarts", "2", "--json", str(out)))
     doc = json.loads(out.read_text())
     assert doc["settings"]["contenders"] == ["paper", "default", "fast", "triage", "restarts2"]
     assert len(doc["rows"]) == 2 and all(r["shadow_images"] == 6 for r in doc["rows"])
     for row in doc["rows"]:
         assert row["runs"]["default"]["same_verdict"]  # the same math as the paper's path
         assert len(row["runs"]["restarts2"]["restart_pl1"]) == 2
+        assert len(row["runs"]["restarts2"]["restart_epochs"]) == 2
     assert doc["summary"]["paper"]["speedup"] == 1.0 and doc["summary"]["default"]["encoders"] == 2
     assert [r["restarts"] for r in doc["restart_rates"]] == [1, 2]
-    assert doc["overheads"]["process_start_s"] > 0 and "peak" in doc["machine"]
-    assert "x paper" in capsys.readouterr().out
+    overheads = doc["overheads"]
+    assert overheads["process_start_s"] > 0 and overheads["forked_start_s"] > 0 and "peak" in doc["machine"]
+    printed = capsys.readouterr().out
+    assert "x paper" in printed and "shorter epoch budget" in printed
+    assert not Path(f"{out}.partial").exists()  # the finished run leaves only its result
+
+
+def test_population_rates_leave_out_attacks_that_did_not_take(tmp_path, capsys):
+    """As in the detection benchmark's report: an attack that did not take is no backdoor to detect."""
+    write_population(tmp_path, [("clean_encoder", "clean", None), ("bad_encoder", "backdoor", True),
+                                ("untaken_encoder", "backdoor", False)])
+    out = tmp_path / "pop.json"
+    run_script(population_args(tmp_path, "--max_epochs", "1", "--contenders", "default", "--json", str(out)))
+    doc = json.loads(out.read_text())
+    took = {Path(r["path"]).parent.name: r["took"] for r in doc["rows"]}
+    assert took == {"clean_encoder": None, "bad_encoder": True, "untaken_encoder": False}
+    summary = doc["summary"]["default"]
+    assert (summary["backdoors"], summary["cleans"], summary["untaken"]) == (1, 1, 1)
+    assert set(summary["auroc"]) == {"bad_encoder"}
+    assert "1 took, 1 did not" in capsys.readouterr().err
+
+
+def test_epoch_budgets_are_read_off_the_recorded_runs():
+    """A budget of E epochs reports the best PL1 and seconds after epoch E, or the run's end if sooner."""
+    from experiments.benchmark_population import budget_rates
+    run = lambda pl1s, verdict: {"best_pl1_by_epoch": pl1s, "seconds_by_epoch": [1.0 * (i + 1) for i in range(len(pl1s))],  # noqa: E731
+                                 "verdict": verdict}
+    rows = [{"label": "backdoor", "family": "patch", "took": True,
+             "runs": {"paper": run([None, 0.3, 0.05], "trojaned"), "triage": run([None, 0.3, 0.05], "trojaned")}},
+            {"label": "clean", "family": "clean", "took": None,
+             "runs": {"paper": run([0.4, 0.2], "clean"), "triage": run([0.4, 0.2], "clean")}}]
+    two, three = budget_rates(rows, "triage", [2, 3], 0.1, "paper")
+    assert (two["same_verdict"], two["detected"], two["seconds"]) == (1, 0, 4.0)  # the trojaned run not yet below
+    assert (three["same_verdict"], three["detected"], three["seconds"]) == (2, 1, 5.0)  # the clean run ended at 2
+
+
+def test_interrupted_population_run_goes_on_where_it_stopped(tmp_path, capsys, monkeypatch):
+    import experiments.benchmark_population as population
+    write_population(tmp_path, [("a_encoder", "clean", None), ("b_encoder", "backdoor", True)])
+    out = tmp_path / "pop.json"
+    args = population_args(tmp_path, "--max_epochs", "1", "--contenders", "default", "--json", str(out))
+    real = population.bench_encoder
+
+    def dies_on_second(enc, index, *rest, **kw):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(enc, index, *rest, **kw)
+    monkeypatch.setattr(population, "bench_encoder", dies_on_second)
+    with pytest.raises(SystemExit) as stopped:
+        run_script(args)
+    assert stopped.value.code == 130 and "goes on from there" in capsys.readouterr().err
+    assert not out.exists() and len(json.loads(Path(f"{out}.partial").read_text())["rows"]) == 1
+    ran = []
+    monkeypatch.setattr(population, "bench_encoder", lambda enc, *rest, **kw: ran.append(enc.path) or real(enc, *rest, **kw))
+    run_script(args)
+    assert [Path(p).parent.name for p in ran] == ["b_encoder"]  # the first encoder's row was reused
+    assert len(json.loads(out.read_text())["rows"]) == 2 and "reusing 1 finished" in capsys.readouterr().err

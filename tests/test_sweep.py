@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +19,8 @@ from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from datasets import save_npz_dataset
 from decree.outputs import run_id_for
 from common.isolated import PROJECT_PACKAGES, ROOT as ISOLATION_ROOT, isolated_command
-from decree.sweep import (Encoder, claim_encoder, claim_path, discover_output_folder, infer_label, read_manifest,
-                          release_claim, select_shard, shard_from_slurm)
+from decree.sweep import (Encoder, WorkerDied, WorkerServer, claim_encoder, claim_path, discover_output_folder,
+                          infer_label, read_manifest, release_claim, select_shard, shard_from_slurm)
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the same floating-point sums for any --workers, and polite on a shared machine
@@ -73,6 +75,16 @@ def children(pid: int) -> list[int]:
             continue
         if int(parent) == pid and state != "Z":
             found.append(int(stat.parent.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid`: a sweep's worker servers and the encoders' processes forked from them."""
+    found, todo = [], [pid]
+    while todo:
+        below = children(todo.pop())
+        found += below
+        todo += below
     return found
 
 
@@ -136,7 +148,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_encoders(sweep, encod
     deadline = time.time() + 120
     while not list((tmp_path / "trigger_norm").glob("*.json")) and time.time() < deadline:
         time.sleep(0.05)
-    workers = children(first.pid)
+    workers = descendants(first.pid)  # the worker server and the running encoder's process
     first.kill()  # SIGKILL: no chance to clean up or to end its workers
     first.wait()
     assert wait_until_gone(workers) == []
@@ -291,7 +303,7 @@ def test_a_hanging_encoder_outlives_neither_a_killed_sweep_nor_its_timeout(encod
     while not pid_file.is_file() and time.time() < deadline:
         time.sleep(0.05)
     worker = int(pid_file.read_text())
-    assert running(worker) and worker in children(first.pid)
+    assert running(worker) and worker in descendants(first.pid)
     first.kill()
     first.wait()
     assert wait_until_gone([worker]) == []
@@ -397,3 +409,69 @@ def test_a_timeout_must_be_positive(capsys):
         run_decree.main(["--timeout", "0", "--list"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--timeout 0" in err
+
+
+PROBE = """import json, os, sys
+import probe_state
+print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "seen": probe_state.touched,
+                  "args": sys.argv[1:]}))
+probe_state.touched = True  # a later run must not see what this one changed
+action = sys.argv[1]
+if action == "exit":
+    sys.exit(int(sys.argv[2]))
+if action == "raise":
+    raise RuntimeError("boom")
+if action == "hang":
+    import time
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def probe_server(tmp_path):
+    """A worker server for a probe script that preloads a module it then modifies."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "probe_state.py").write_text("print('imported')  # a stray print at import\ntouched = False\n")
+    (tmp_path / "probe.py").write_text(PROBE)
+    server = WorkerServer(dict(os.environ), ({"probe_state": str(tmp_path / "lib")}, []), script=tmp_path / "probe.py",
+                          preload=["probe_state"])
+    yield server
+    server.close()
+
+
+def run_probe(server, tmp_path, *args, timeout=60):
+    output = tmp_path / f"out_{'_'.join(args)}.log"
+    pid = server.start(list(args), output)
+    returncode = server.wait(timeout)
+    return pid, returncode, output.read_text()
+
+
+def test_every_run_of_a_worker_server_is_a_fresh_process_of_its_own(probe_server, tmp_path):
+    runs = [run_probe(probe_server, tmp_path, "ok", str(i)) for i in range(3)]
+    probes = [json.loads(output.splitlines()[0]) for _, _, output in runs]
+    assert [code for _, code, _ in runs] == [0, 0, 0]
+    assert len({p["pid"] for p in probes}) == 3 and all(p["pid"] == pid for p, (pid, _, _) in zip(probes, runs))
+    assert {p["ppid"] for p in probes} == {probe_server.proc.pid}  # forked from the one server, started once
+    assert all(p["sid"] == p["pid"] for p in probes)  # its own session: a timeout kills it and what it started
+    assert [p["seen"] for p in probes] == [False, False, False]  # nothing one run changes reaches the next
+    assert [p["args"] for p in probes] == [["ok", "0"], ["ok", "1"], ["ok", "2"]]
+
+
+def test_a_worker_server_reports_exit_status_errors_and_kills(probe_server, tmp_path):
+    assert run_probe(probe_server, tmp_path, "exit", "3")[1] == 3
+    _, code, output = run_probe(probe_server, tmp_path, "raise")
+    assert code == 1 and "RuntimeError: boom" in output
+    pid = probe_server.start(["hang"], tmp_path / "hang.log")
+    with pytest.raises(queue.Empty):
+        probe_server.wait(timeout=1)
+    os.killpg(pid, signal.SIGKILL)
+    assert probe_server.wait(timeout=30) == -signal.SIGKILL
+    assert run_probe(probe_server, tmp_path, "exit", "0")[1] == 0  # the server goes on serving
+
+
+def test_a_dead_worker_server_is_reported_not_waited_for(probe_server, tmp_path):
+    pid = probe_server.start(["hang"], tmp_path / "hang.log")
+    os.killpg(probe_server.proc.pid, signal.SIGKILL)
+    with pytest.raises(WorkerDied):
+        probe_server.wait(timeout=30)
+    assert wait_until_gone([pid]) == []  # its running child dies with it
