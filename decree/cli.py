@@ -127,9 +127,10 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
-                       help="paper: the paper's settings (default); fast: float32 trigger, channels_last, bf16 "
-                            "autocast where the hardware has it; triage: fast + --stop_at_verdict (for sweeps). "
-                            "Flags given explicitly override it. See docs/speed.md")
+                       help="paper: the paper's settings (default); triage: the paper's run with "
+                            "--stop_at_verdict, the same verdicts, sooner (for sweeps); fast: float32 trigger "
+                            "parameters and channels_last, shorter runs whose verdicts can differ near the "
+                            "threshold. Flags given explicitly override it. See docs/speed.md")
     group.add_argument("--stop_at_verdict", action="store_true",
                        help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
                             "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
@@ -169,7 +170,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
     group.add_argument("--amp", action="store_true",
                        help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
-                            "on other CPUs, where it is slower; the JSON records amp_used)")
+                            "on other CPUs, where it is slower; the JSON records amp_used). Not in any preset: on "
+                            "the benchmark population it ended runs early and changed verdicts (docs/speed.md)")
     group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")

@@ -62,13 +62,16 @@ class InversionConfig:
 
 # encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
 HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
-# Speed presets: changes to the paper's settings, frozen after checking them on the detection benchmark's
-# populations (docs/speed.md). `fast` keeps the method and the schedule and changes only how a step is computed;
-# `triage` adds the exact early exit, so a trojaned verdict comes as soon as it is certain.
+# Speed presets: changes to the paper's settings, checked on the detection benchmark's populations
+# (docs/speed.md). `triage` is the paper's run with the exact early exit: the same trajectory, stopped once the
+# TROJANED verdict is final, so every verdict is the paper's. `fast` computes the trigger in float32 with
+# channels_last: cheaper steps, but float32 stops registering the tiny L1 decreases that keep the paper's
+# float64 run going, so its runs end sooner, with larger PL1s (verdicts can differ near the threshold).
+# bf16 autocast (--amp) is in neither: with it the runs ended as early as with float32 alone.
 SPEED_PRESETS = {
     "paper": {},
-    "fast": {"param_dtype": "float32", "channels_last": True, "amp": True},
-    "triage": {"param_dtype": "float32", "channels_last": True, "amp": True, "stop_at_verdict": True},
+    "fast": {"param_dtype": "float32", "channels_last": True},
+    "triage": {"stop_at_verdict": True},
 }
 
 

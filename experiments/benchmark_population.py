@@ -7,6 +7,7 @@ drifting machine load hits all of them alike:
     default  this project's main.py/sweep defaults (--preset paper): the same math on the vectorised path
     fast     --preset fast
     triage   --preset triage (fast + exact early exit)
+    fast_amp --preset fast --amp (bf16 autocast where the hardware has it; not run unless asked for)
 Per encoder: wall seconds of each inversion, its PL1, epochs and verdict, and whether the verdict is the first
 contender's (the reference: paper by default); per contender: total time, ratio to the reference, verdict agreement, detection and false-positive rates, AUROC per
 family (each attack family against all clean encoders). Overheads outside the inversion are measured too:
@@ -42,8 +43,10 @@ from decree.report import auroc
 from decree.sweep import WorkerServer, read_manifest, worker_imports
 from .paper_path import paper_invert_trigger
 
-CONTENDERS = ("paper", "default", "fast", "triage")
-SPEED_OF = {"paper": "paper", "default": "paper", "fast": "fast", "triage": "triage"}
+CONTENDERS = ("paper", "default", "fast", "triage", "fast_amp")
+DEFAULT_CONTENDERS = CONTENDERS[:4]
+SPEED_OF = {"paper": "paper", "default": "paper", "fast": "fast", "triage": "triage", "fast_amp": "fast"}
+OVERRIDES_OF = {"fast_amp": {"amp": True}}  # --preset fast --amp: bf16 autocast where the hardware has it
 
 
 def startup_seconds(python: str = sys.executable) -> dict:
@@ -78,7 +81,8 @@ def forked_start_seconds() -> float:
 
 def run_contender(name: str, encoder, shadow, spec, settings: dict, device, restarts: int = 1):
     """One inversion of `name` on a fresh copy of the encoder (channels_last converts weights in place)."""
-    cfg = preset(spec.usage_info, SPEED_OF.get(name, "paper"), restarts=restarts, **settings)
+    cfg = preset(spec.usage_info, SPEED_OF.get(name, "paper"), restarts=restarts, **settings,
+                 **OVERRIDES_OF.get(name, {}))
     model = copy.deepcopy(encoder)
     start = time.perf_counter()
     if name == "paper":
@@ -211,7 +215,19 @@ def budget_rates(rows: list[dict], name: str, budgets, threshold: float, referen
     return out
 
 
-def run_population(manifest, device, contenders=CONTENDERS, shadow_data=None, shadow_size=None, lr: float = 0.5,
+def exit_at_verdict(rows: list[dict], name: str, threshold: float) -> dict:
+    """Seconds of contender `name` had it stopped at the end of the first epoch whose best PL1 was below the
+    threshold (the exact early exit, at epoch granularity: an upper bound of --stop_at_verdict's time on the
+    same trajectory); its verdicts stay those of the full runs."""
+    seconds = 0.0
+    for r in rows:
+        run = r["runs"][name]
+        crossed = [i for i, p in enumerate(run["best_pl1_by_epoch"]) if p is not None and p < threshold]
+        seconds += run["seconds_by_epoch"][crossed[0]] if crossed else run["seconds"]
+    return {"seconds": seconds}
+
+
+def run_population(manifest, device, contenders=DEFAULT_CONTENDERS, shadow_data=None, shadow_size=None, lr: float = 0.5,
                    seed: int = 80, max_epochs: int = 1000, threshold: float = 0.1, restarts: int = 1,
                    limit: int | None = None, log=print, partial=None) -> dict:
     """The whole population benchmark; returns the JSON document (rows, per-contender summary, overheads).
@@ -252,7 +268,21 @@ def run_population(manifest, device, contenders=CONTENDERS, shadow_data=None, sh
     doc["budget_rates"] = {name: budget_rates(rows, name, [b for b in BUDGETS if b < max_epochs], threshold,
                                               contenders[0])
                            for name in contenders if not name.startswith("restarts")}
+    doc["exit_at_verdict"] = {name: exit_at_verdict(rows, name, threshold) for name in contenders
+                              if not name.startswith("restarts") and name != "triage"}
+    doc["sweep_totals"] = sweep_totals(doc, contenders)
     return doc
+
+
+def sweep_totals(doc: dict, contenders: list[str]) -> dict:
+    """Seconds of a whole sweep per contender, per-encoder overheads included: the reference (the paper's code)
+    starts a fresh interpreter with its imports for every encoder, as the paper's run_decree.py does; ours forks
+    each encoder's process from a warm worker server. Both load the checkpoint and the shadow set."""
+    rows, o = doc["rows"], doc["overheads"]
+    load = sum(r["checkpoint_load_s"] + r["shadow_s"] for r in rows)
+    start = {name: len(rows) * (o["process_start_s"] + o["imports_s"] if name == contenders[0] else
+                                o["forked_start_s"]) for name in contenders}
+    return {name: doc["summary"][name]["total_s"] + start[name] + load for name in contenders}
 
 
 def finished_rows(partial, settings: dict, log=print) -> dict:
@@ -293,6 +323,15 @@ def population_table(doc: dict) -> str:
                  f"shadow set {o['shadow_s']:.2f} s (medians)")
     for row in doc.get("restart_rates", []):
         lines.append(f"restarts K={row['restarts']}: {_rates(row)}, about {row['seconds_est']:.0f} s")
+    totals = doc.get("sweep_totals", {})
+    if totals:
+        lines.append(f"whole sweep, per-encoder overheads included ({contenders[0]}: a fresh interpreter per encoder; "
+                     "the others: forked from a worker server): " + ", ".join(
+                         f"{name} {total:.1f} s (x {totals[contenders[0]] / total:.2f})" for name, total in totals.items()))
+    base = doc["summary"][contenders[0]]["total_s"]
+    for name, cut in doc.get("exit_at_verdict", {}).items():
+        lines.append(f"{name} stopped at the epoch its verdict became final (read off its runs, same verdicts): "
+                     f"{cut['seconds']:.1f} s, x {contenders[0]} {base / cut['seconds']:.2f}")
     for name, budgets in doc.get("budget_rates", {}).items():
         lines.append(f"\n{name} with a shorter epoch budget (read off its runs; same verdict: vs {contenders[0]}):")
         lines += [f"  max {b['max_epochs']:>3} epochs: {b['seconds']:>8.1f} s, same verdict {b['same_verdict']}/"

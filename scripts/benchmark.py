@@ -25,7 +25,7 @@ from common.threads import configure_threads  # noqa: E402
 from common import io as atomic  # noqa: E402
 from experiments.benchmark import (ENCODERS, OPTIONS, bench_restarts, default_variants, machine_info,  # noqa: E402
                                    machine_peak, restarts_table, run_benchmark, table)
-from experiments.benchmark_population import CONTENDERS, population_table, run_population  # noqa: E402
+from experiments.benchmark_population import CONTENDERS, DEFAULT_CONTENDERS, population_table, run_population  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
 
@@ -59,8 +59,9 @@ def parse_args(argv=None):
     pop = parser.add_argument_group("population mode")
     pop.add_argument("--population", default=None, metavar="MANIFEST",
                      help="run every encoder of this sweep manifest (path,usage_info,arch,label[,family]) to a verdict")
-    pop.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS,
-                     help="default: paper default fast triage; the first is the reference of the ratios and agreement")
+    pop.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
+                     help="default: paper default fast triage (fast_amp: fast with bf16 autocast); the first is the "
+                          "reference of the ratios and agreement")
     pop.add_argument("--shadow_data", default=None, help="shadow set of every encoder (default per usage info)")
     pop.add_argument("--shadow_images", type=int, default=None,
                      help="use this many shadow images (default: main.py's selection from --shadow_data)")

@@ -163,6 +163,8 @@ def test_population_mode_compares_verdicts_and_times_per_encoder(tmp_path, capsy
     assert [r["restarts"] for r in doc["restart_rates"]] == [1, 2]
     overheads = doc["overheads"]
     assert overheads["process_start_s"] > 0 and overheads["forked_start_s"] > 0 and "peak" in doc["machine"]
+    fresh = 2 * (overheads["process_start_s"] + overheads["imports_s"])  # the paper's: an interpreter per encoder
+    assert doc["sweep_totals"]["paper"] > doc["summary"]["paper"]["total_s"] + fresh
     printed = capsys.readouterr().out
     assert "x paper" in printed and "shorter epoch budget" in printed
     assert not Path(f"{out}.partial").exists()  # the finished run leaves only its result
@@ -218,3 +220,11 @@ def test_interrupted_population_run_goes_on_where_it_stopped(tmp_path, capsys, m
     run_script(args)
     assert [Path(p).parent.name for p in ran] == ["b_encoder"]  # the first encoder's row was reused
     assert len(json.loads(out.read_text())["rows"]) == 2 and "reusing 1 finished" in capsys.readouterr().err
+
+
+def test_exit_at_verdict_is_read_off_at_the_first_epoch_below_the_threshold():
+    from experiments.benchmark_population import exit_at_verdict
+    rows = [{"runs": {"paper": {"best_pl1_by_epoch": [None, 0.3, 0.05, 0.04], "seconds_by_epoch": [1, 2, 3, 4],
+                                "seconds": 4.5}}},
+            {"runs": {"paper": {"best_pl1_by_epoch": [0.4, 0.2], "seconds_by_epoch": [1, 2], "seconds": 2.5}}}]
+    assert exit_at_verdict(rows, "paper", 0.1)["seconds"] == 3 + 2.5  # a clean run keeps its full time

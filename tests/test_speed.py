@@ -118,6 +118,8 @@ def test_presets_set_their_fields_and_explicit_values_win():
     paper, fast, triage = (preset("cifar10", name) for name in ("paper", "fast", "triage"))
     assert not paper.stop_at_verdict and paper.param_dtype == "float64" and paper.speed_preset == "paper"
     assert triage.stop_at_verdict and not fast.stop_at_verdict and fast.speed_preset == "fast"
+    assert not (paper.amp or fast.amp or triage.amp)  # bf16 ended runs early on the benchmark population
+    assert triage.param_dtype == paper.param_dtype == "float64"  # triage is the paper's run, cut at its verdict
     assert preset("cifar10", "triage", param_dtype="float64").param_dtype == "float64"
     assert preset("CLIP", "fast").early_stop_patience == 35  # the usage info's settings stay
     with pytest.raises(ValueError, match="--preset"):
@@ -155,7 +157,7 @@ def test_main_writes_restarts_stop_reason_and_upper_bound(tmp_path):
                "--preset", "triage", "--restarts", "2"])
     record = json.loads((tmp_path / "trigger_norm" / f"{run_id_for(path)}.json").read_text())
     assert record["config"]["speed_preset"] == "triage" and record["config"]["stop_at_verdict"]
-    assert record["config"]["param_dtype"] == "float32" and len(record["restarts"]) == 2
+    assert record["config"]["param_dtype"] == "float64" and len(record["restarts"]) == 2  # the paper's run, cut
     assert record["stop_reason"] in (STOP_BUDGET, STOP_EARLY, STOP_VERDICT)
     assert record["pl1_upper_bound"] == (record["stop_reason"] == STOP_VERDICT)
     assert "stopped after" in (tmp_path / "detect_log" / f"{run_id_for(path)}.log").read_text()
