@@ -9,8 +9,9 @@ Workers are hardened against what they inspect (docs/sweeps.md): each runs under
 list of what it may import (common/isolated.py), in its own process group, dies with the sweep, and is
 killed after --timeout seconds. Each worker slot keeps one fork server (a `WorkerServer`) that has imported
 main.py's modules once; every encoder runs in a fresh child forked from it, so a sweep does not pay the
-interpreter's start and torch's imports (seconds) for every encoder. Before starting an encoder a sweep claims it with an exclusively created
-`trigger_norm/claims/<run_id>.claim`, so two sweeps on one --out_dir never run the same encoder at once.
+interpreter's start and torch's imports (seconds) for every encoder. Before starting an encoder a sweep
+claims it with an exclusively created `trigger_norm/claims/<run_id>.claim`, so two sweeps on one --out_dir
+never run the same encoder at once.
 """
 import contextlib
 import csv

@@ -325,9 +325,10 @@ def population_table(doc: dict) -> str:
         lines.append(f"restarts K={row['restarts']}: {_rates(row)}, about {row['seconds_est']:.0f} s")
     totals = doc.get("sweep_totals", {})
     if totals:
-        lines.append(f"whole sweep, per-encoder overheads included ({contenders[0]}: a fresh interpreter per encoder; "
-                     "the others: forked from a worker server): " + ", ".join(
-                         f"{name} {total:.1f} s (x {totals[contenders[0]] / total:.2f})" for name, total in totals.items()))
+        cells = ", ".join(f"{name} {total:.1f} s (x {totals[contenders[0]] / total:.2f})"
+                          for name, total in totals.items())
+        lines.append(f"whole sweep, per-encoder overheads included ({contenders[0]}: a fresh interpreter per "
+                     f"encoder; the others: forked from a worker server): {cells}")
     base = doc["summary"][contenders[0]]["total_s"]
     for name, cut in doc.get("exit_at_verdict", {}).items():
         lines.append(f"{name} stopped at the epoch its verdict became final (read off its runs, same verdicts): "

@@ -25,7 +25,8 @@ from common.threads import configure_threads  # noqa: E402
 from common import io as atomic  # noqa: E402
 from experiments.benchmark import (ENCODERS, OPTIONS, bench_restarts, default_variants, machine_info,  # noqa: E402
                                    machine_peak, restarts_table, run_benchmark, table)
-from experiments.benchmark_population import CONTENDERS, DEFAULT_CONTENDERS, population_table, run_population  # noqa: E402
+from experiments.benchmark_population import (CONTENDERS, DEFAULT_CONTENDERS, population_table,  # noqa: E402
+                                              run_population)
 from decree.cli import user_errors  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
 

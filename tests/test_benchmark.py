@@ -188,8 +188,9 @@ def test_population_rates_leave_out_attacks_that_did_not_take(tmp_path, capsys):
 def test_epoch_budgets_are_read_off_the_recorded_runs():
     """A budget of E epochs reports the best PL1 and seconds after epoch E, or the run's end if sooner."""
     from experiments.benchmark_population import budget_rates
-    run = lambda pl1s, verdict: {"best_pl1_by_epoch": pl1s, "seconds_by_epoch": [1.0 * (i + 1) for i in range(len(pl1s))],  # noqa: E731
-                                 "verdict": verdict}
+    def run(pl1s, verdict):
+        return {"best_pl1_by_epoch": pl1s, "seconds_by_epoch": [1.0 * (i + 1) for i in range(len(pl1s))],
+                "verdict": verdict}
     rows = [{"label": "backdoor", "family": "patch", "took": True,
              "runs": {"paper": run([None, 0.3, 0.05], "trojaned"), "triage": run([None, 0.3, 0.05], "trojaned")}},
             {"label": "clean", "family": "clean", "took": None,
@@ -216,7 +217,8 @@ def test_interrupted_population_run_goes_on_where_it_stopped(tmp_path, capsys, m
     assert stopped.value.code == 130 and "goes on from there" in capsys.readouterr().err
     assert not out.exists() and len(json.loads(Path(f"{out}.partial").read_text())["rows"]) == 1
     ran = []
-    monkeypatch.setattr(population, "bench_encoder", lambda enc, *rest, **kw: ran.append(enc.path) or real(enc, *rest, **kw))
+    monkeypatch.setattr(population, "bench_encoder",
+                        lambda enc, *rest, **kw: ran.append(enc.path) or real(enc, *rest, **kw))
     run_script(args)
     assert [Path(p).parent.name for p in ran] == ["b_encoder"]  # the first encoder's row was reused
     assert len(json.loads(out.read_text())["rows"]) == 2 and "reusing 1 finished" in capsys.readouterr().err
