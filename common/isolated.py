@@ -18,11 +18,11 @@ besides the standard library and site-packages is spelled out in SETUP (JSON):
     that cannot touch the server or the other encoders' processes.
 """
 import ctypes
+import importlib
 import importlib.abc
 import importlib.machinery
 import json
 import os
-import importlib
 import runpy
 import signal
 import sys
@@ -91,8 +91,11 @@ def serve(script: str, preload: list[str]) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            replies.close()  # the child's code cannot forge the server's answers
-            run_forked(script, request["args"], request["output"], server)
+            try:  # whatever happens, the child never returns into this loop
+                replies.close()  # the child's code cannot forge the server's answers
+                run_forked(script, request["args"], request["output"], server)
+            finally:
+                os._exit(1)
         print(json.dumps({"pid": pid}), file=replies, flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies, flush=True)

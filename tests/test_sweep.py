@@ -475,3 +475,9 @@ def test_a_dead_worker_server_is_reported_not_waited_for(probe_server, tmp_path)
     with pytest.raises(WorkerDied):
         probe_server.wait(timeout=30)
     assert wait_until_gone([pid]) == []  # its running child dies with it
+
+
+def test_a_run_whose_output_cannot_be_opened_fails_alone(probe_server, tmp_path):
+    probe_server.start(["ok"], tmp_path / "no_such_folder" / "out.log")
+    assert probe_server.wait(timeout=30) == 1
+    assert run_probe(probe_server, tmp_path, "exit", "0")[1] == 0  # the server still answers, once per request
