@@ -492,10 +492,13 @@ class WorkerServer:
             self.close()
         self.replies.put(None)  # the server has ended
 
+    def _died(self) -> WorkerDied:
+        return WorkerDied(f"the worker process ended (exit status {self.proc.wait()})")
+
     def _reply(self, key: str, timeout: float | None = None):
         reply = self.replies.get(timeout=timeout)
         if reply is None:
-            raise WorkerDied(f"the worker process ended (exit status {self.proc.wait()})")
+            raise self._died()
         return reply[key]
 
     def start(self, args: list[str], output: Path) -> int:
@@ -503,8 +506,8 @@ class WorkerServer:
         try:
             self.proc.stdin.write(json.dumps({"args": args, "output": str(output)}) + "\n")
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise WorkerDied(f"the worker process ended (exit status {self.proc.wait()})") from None
+        except OSError:  # BrokenPipeError included
+            raise self._died() from None
         return self._reply("pid")
 
     def wait(self, timeout: float | None = None) -> int:

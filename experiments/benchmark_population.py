@@ -222,13 +222,13 @@ def exit_at_verdict(rows: list[dict], name: str, threshold: float) -> dict:
     seconds = 0.0
     for r in rows:
         run = r["runs"][name]
-        crossed = [i for i, p in enumerate(run["best_pl1_by_epoch"]) if p is not None and p < threshold]
+        crossed = [i for i, p in enumerate(run["best_pl1_by_epoch"]) if _pl1(p) < threshold]
         seconds += run["seconds_by_epoch"][crossed[0]] if crossed else run["seconds"]
     return {"seconds": seconds}
 
 
-def run_population(manifest, device, contenders=DEFAULT_CONTENDERS, shadow_data=None, shadow_size=None, lr: float = 0.5,
-                   seed: int = 80, max_epochs: int = 1000, threshold: float = 0.1, restarts: int = 1,
+def run_population(manifest, device, contenders=DEFAULT_CONTENDERS, shadow_data=None, shadow_size=None,
+                   lr: float = 0.5, seed: int = 80, max_epochs: int = 1000, threshold: float = 0.1, restarts: int = 1,
                    limit: int | None = None, log=print, partial=None) -> dict:
     """The whole population benchmark; returns the JSON document (rows, per-contender summary, overheads).
 
@@ -250,11 +250,9 @@ def run_population(manifest, device, contenders=DEFAULT_CONTENDERS, shadow_data=
     overheads = startup_seconds()
     rows = []
     for i, enc in enumerate(encoders):
-        row = done.get(enc.path) or bench_encoder(enc, i, contenders, device, settings, shadow_data, shadow_size,
-                                                  restarts, log,
-                                                  took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor"
-                                                  else None)
-        rows.append(row)
+        enc_took = took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor" else None
+        rows.append(done.get(enc.path) or bench_encoder(enc, i, contenders, device, settings, shadow_data,
+                                                        shadow_size, restarts, log, enc_took))
         if partial is not None:
             atomic.write_json(partial, {"settings": run_settings, "rows": rows})
     doc = {"settings": run_settings,
