@@ -28,8 +28,8 @@ from common.io import check_writable
 from decree.export import export_predictions
 from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
-                          parse_shard, pending, run_sweep, select_shard, shard_from_slurm, worker_devices,
-                          write_sweep_config)
+                          cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
+                          worker_devices, write_sweep_config)
 from models import encoder_spec, import_arch_modules
 
 PROG = "run_decree.py"
@@ -57,7 +57,8 @@ def parse_args(argv=None):
                      help="CUDA indices 0,1,... or cpu; default every visible GPU (--device/--gpu pick one), "
                           "else cpu")
     run.add_argument("--workers", type=at_least(1), default=None,
-                     help="parallel encoders (default one per device); on CPU the cores are split between them "
+                     help="parallel encoders (default one per GPU; on CPU one per core when every encoder is a "
+                          "32-px one (cifar10/stl10), else one); on CPU the cores are split between them "
                           "(--threads N: N threads per worker instead)")
     run.add_argument("--shard", default=None, metavar="K/N",
                      help="run only shard K of N (1-based); default from SLURM_ARRAY_TASK_ID/COUNT/MIN")
@@ -91,7 +92,8 @@ def describe(encoders, shard) -> str:
 def sweep(args, encoders, shard) -> dict:
     """Run this shard's unfinished encoders on the worker pool; returns the counts."""
     options = {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file}
-    slots = worker_devices(args.devices, args.device, args.gpu, args.workers)
+    slots = worker_devices(args.devices, args.device, args.gpu, args.workers,
+                           cpu_default=cpu_workers(encoders, args.threads))
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
     write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,

@@ -127,10 +127,11 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
-                       help="paper: the paper's settings (default); triage: the paper's run with "
-                            "--stop_at_verdict, the same verdicts, sooner (for sweeps); fast: float32 trigger "
-                            "parameters and channels_last, shorter runs whose verdicts can differ near the "
-                            "threshold. Flags given explicitly override it. See docs/speed.md")
+                       help="paper: the paper's settings (default); fast: the paper's run with cheaper "
+                            "encoder calls (--fold_batchnorm --channels_last: the same math, float32 rounding "
+                            "differs); triage: fast with --stop_at_verdict (for sweeps). Both gave the paper's "
+                            "verdict on every encoder of the benchmark populations. Flags given explicitly "
+                            "override it. See docs/speed.md")
     group.add_argument("--stop_at_verdict", action="store_true",
                        help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
                             "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
@@ -172,7 +173,11 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
                             "on other CPUs, where it is slower; the JSON records amp_used). Not in any preset: on "
                             "the benchmark population it ended runs early and changed verdicts (docs/speed.md)")
-    group.add_argument("--channels_last", action="store_true", help="channels_last inputs (faster on some GPUs)")
+    group.add_argument("--channels_last", action="store_true",
+                       help="channels_last inputs and weights (faster convolutions on CPUs and most GPUs)")
+    group.add_argument("--fold_batchnorm", action="store_true",
+                       help="fold each eval-mode batch norm into the convolution before it (the same function in "
+                            "fewer operations; encoders torch.fx cannot trace are used as they are)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
 
@@ -209,5 +214,5 @@ def inversion_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in (
         "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
         "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
-        "shadow_fraction", "float32", "amp", "channels_last", "save_snapshots", "preset", "stop_at_verdict",
-        "restarts", "shadow_cache")}
+        "shadow_fraction", "float32", "amp", "channels_last", "fold_batchnorm", "save_snapshots", "preset",
+        "stop_at_verdict", "restarts", "shadow_cache")}

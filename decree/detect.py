@@ -49,6 +49,7 @@ class DetectionJob:
     float32: bool = False
     amp: bool = False
     channels_last: bool = False
+    fold_batchnorm: bool = False
     # the attack's target (decree/target.py): truth to compare with, and naming for CLIP encoders
     reference_file: str | None = None
     reference_text: str | None = None
@@ -66,7 +67,8 @@ class DetectionJob:
                       restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       mask_init=self.mask_init, thres=self.thres, max_epochs=self.epochs,
                       pl1_threshold=self.pl1_threshold, param_dtype="float32" if self.float32 else None,
-                      amp=self.amp or None, channels_last=self.channels_last or None)
+                      amp=self.amp or None, channels_last=self.channels_last or None,
+                      fold_batchnorm=self.fold_batchnorm or None)
 
     def shadow_cache_dir(self) -> Path | None:
         if self.shadow_cache == "off":
@@ -92,9 +94,10 @@ def _log_text(job: DetectionJob, meta: dict, result) -> str:
 
 
 def speed_record(result) -> dict:
-    """JSON fields of the speed options: why the run stopped, whether PL1 is exact, every restart, amp."""
+    """JSON fields of the speed options: why the run stopped, whether PL1 is exact, every restart, amp, folding."""
     record = {"stop_reason": result.stop_reason, "pl1_upper_bound": result.pl1_upper_bound,
-              "amp_used": result.amp_used, "restarts": result.restarts}
+              "amp_used": result.amp_used, "batchnorms_folded": result.batchnorms_folded,
+              "restarts": result.restarts}
     if result.pl1_upper_bound:
         record["pl1_note"] = ("--stop_at_verdict ended the run once the best PL1 fell below the threshold; the "
                               "best PL1 can only fall, so the verdict is final and the PL1 an upper bound")

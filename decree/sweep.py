@@ -40,7 +40,7 @@ from models.registry import ARCH_MODULES_ENV
 from common import io as atomic
 from common.device import resolve_device
 from common.isolated import ROOT, isolated_command
-from common.threads import threads_per_worker
+from common.threads import threads_per_worker, usable_cores
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = ROOT / "main.py"
@@ -51,6 +51,7 @@ USAGE_FOLDERS = {"cifar10": "cifar10", "stl10": "stl10", "imagenet": "imagenet",
                  "CLIP_text": "CLIP", "moco": "moco"}
 # the paper's sweep (run_decree.py) differs from main.py's defaults only in the learning rate
 SWEEP_DEFAULTS = {"lr": 0.5}
+SMALL_IMAGE_USAGE = ("cifar10", "stl10")  # usage infos of 32-px encoders
 # exit statuses of an interrupted main.py (decree.cli.user_errors, or killed by SIGINT)
 INTERRUPTED = (130, -signal.SIGINT)
 # per-encoder flags: set by the sweep for each encoder, never passed through from the command line
@@ -358,11 +359,23 @@ def pending(encoders, out_dir, force: bool = False) -> list[Encoder]:
     return [enc for enc in encoders if force or not RunPaths(Path(out_dir), enc.run_id).finished()]
 
 
+def cpu_workers(encoders, threads: int | None = None) -> int:
+    """Default number of CPU workers: one per usable core (per `threads` cores with --threads) when every
+    encoder takes 32-px images, else one.
+
+    A 32-px encoder's convolutions are too small to keep a second thread busy (2 cores: two 1-thread workers
+    finished 1.5x more encoders per minute than one 2-thread worker, docs/speed.md); 224-px encoders' ones
+    scale with threads, and every worker holds its own model and activations in memory."""
+    small = encoders and all(enc.usage_info in SMALL_IMAGE_USAGE for enc in encoders)
+    return max(1, usable_cores() // (threads or 1)) if small else 1
+
+
 def worker_devices(devices: str | None, device: str = "auto", gpu: int | None = None,
-                   workers: int | None = None) -> list[str]:
+                   workers: int | None = None, cpu_default: int = 1) -> list[str]:
     """One device name per worker: --devices 0,1 | cpu, else from --device/--gpu (auto = every visible GPU).
 
-    --workers N runs N workers spread round-robin over those devices (several small encoders per GPU).
+    --workers N runs N workers spread round-robin over those devices (several small encoders per GPU); without
+    it, one per GPU, or `cpu_default` on the CPU.
     """
     import torch
     if devices:
@@ -371,7 +384,7 @@ def worker_devices(devices: str | None, device: str = "auto", gpu: int | None = 
         names = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     else:  # one device, checked as main.py checks it (a missing CUDA device is a one-line error)
         names = [str(resolve_device(device, gpu))]
-    count = workers or len(names)
+    count = workers or (cpu_default if names == ["cpu"] else len(names))
     if count < 1:
         raise ValueError("--workers must be at least 1")
     return [names[i % len(names)] for i in range(count)]

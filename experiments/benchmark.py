@@ -38,7 +38,7 @@ from .paper_path import paper_invert_trigger
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
 ENCODERS = {"tiny": ("cifar10", "resnet18_w8"), "resnet18": ("cifar10", "resnet18"), "clip_rn50": ("CLIP", "RN50")}
 # a variant is "project" or "+"-joined options of the project's inversion
-OPTIONS = ("float32", "channels_last", "amp", "compile", "cudagraphs")
+OPTIONS = ("float32", "channels_last", "fold_batchnorm", "amp", "compile", "cudagraphs")
 CUDA_ONLY = ("amp", "cudagraphs")  # autocast is CUDA-only in invert_trigger; CUDA graphs need CUDA
 COMPILED = ("compile", "cudagraphs")
 NO_EARLY_STOP = 10 ** 9
@@ -48,7 +48,7 @@ def default_variants(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["project", "float32", "channels_last", "amp", "amp+channels_last+float32", "compile",
                 "amp+channels_last+float32+cudagraphs"]
-    return ["project", "float32", "channels_last"]
+    return ["project", "float32", "channels_last", "fold_batchnorm+channels_last"]
 
 
 def parse_variant(name: str, device: torch.device) -> frozenset:
@@ -96,7 +96,8 @@ class Contender:
 
     def config(self, base):
         return replace(base, param_dtype="float32" if "float32" in self.options else base.param_dtype,
-                       amp="amp" in self.options, channels_last="channels_last" in self.options)
+                       amp="amp" in self.options, channels_last="channels_last" in self.options,
+                       fold_batchnorm="fold_batchnorm" in self.options)
 
 
 def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch.device) -> list[Contender]:

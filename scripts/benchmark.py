@@ -13,6 +13,8 @@ path, (b) our default, (c) --preset fast, (d) --preset triage, in turn; total an
 verdict agreement, per-family AUROC, the overheads outside the inversion, and what shorter epoch budgets would
 have given (read off the same runs). Finished encoders are kept in <json>.partial: an interrupted run, started
 again with the same flags, goes on where it stopped.
+Sweep mode (--population M --sweeps triage ...): whole sweeps timed end to end, the paper's run_decree.py way
+against ours with each preset, with verdict agreement per encoder.
 """
 import argparse
 import sys
@@ -27,6 +29,7 @@ from experiments.benchmark import (ENCODERS, OPTIONS, bench_restarts, default_va
                                    machine_peak, restarts_table, run_benchmark, table)
 from experiments.benchmark_population import (CONTENDERS, DEFAULT_CONTENDERS, population_table,  # noqa: E402
                                               run_population)
+from experiments.benchmark_sweeps import run_sweeps, sweeps_table  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
 
@@ -39,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[32, 128], help="default 32 128")
     parser.add_argument("--variants", nargs="+", default=None,
                         help=f"project contenders: 'project' or +-joined options of {', '.join(OPTIONS)} "
-                             "(e.g. amp+channels_last+float32); default: project float32 channels_last, and on "
+                             "(e.g. amp+channels_last+float32); default: project float32 channels_last "
+                             "fold_batchnorm+channels_last (= --preset fast), and on "
                              "CUDA also amp, amp+channels_last+float32, compile, amp+channels_last+float32+cudagraphs")
     parser.add_argument("--shadow_size", type=int, default=50,
                         help="images in the fixed-epochs run (default 50, the paper's CIFAR10 shadow set)")
@@ -71,8 +75,22 @@ def parse_args(argv=None):
     pop.add_argument("--restarts", type=int, default=1,
                      help="K > 1 adds a K-restart run per encoder, giving detection/FPR for K' = 1,2,4,.. <= K")
     pop.add_argument("--limit", type=int, default=None, help="only the first N encoders")
+    pop.add_argument("--sweeps", nargs="+", default=None, metavar="PRESET", choices=("paper", "fast", "triage"),
+                     help="instead of the contenders: time whole sweeps end to end, the paper's run_decree.py "
+                          "(a fresh interpreter per encoder, one after the other, torch's default threads) against "
+                          "our run_decree.py --preset PRESET with its defaults, e.g. --sweeps triage paper")
     add_device_args(parser)
     return parser.parse_args(argv)
+
+
+def main_sweeps(args, log):
+    settings = {"lr": args.lr, "seed": args.seed, "max_epochs": args.max_epochs, "threshold": args.pl1_threshold,
+                "shadow_data": args.shadow_data, "shadow_size": args.shadow_images}
+    doc = run_sweeps(args.population, args.sweeps, settings, Path(f"{args.json}.sweeps"), log=log)
+    doc["machine"] = machine_info(resolve_device("cpu"))
+    atomic.write_json(args.json, doc)
+    print(sweeps_table(doc))
+    print(f"machine: {doc['machine']['processor']}; results: {args.json}")
 
 
 def main_population(args, device, log):
@@ -97,6 +115,10 @@ def main_population(args, device, log):
 def main(argv=None):
     args = parse_args(argv)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.population and args.sweeps:
+        with user_errors("benchmark.py"):
+            main_sweeps(args, log)
+        return
     if args.population:
         with user_errors("benchmark.py"):
             main_population(args, resolve_device(args.device, args.gpu), log)

@@ -85,7 +85,7 @@ def test_benchmark_runs_at_minimal_size(tmp_path, capsys):
     (case,) = results["cases"]
     assert (case["encoder"], case["batch_size"], case["shadow_size"]) == ("tiny", 4, 6)
     rows = {row["name"]: row for row in case["contenders"]}
-    assert list(rows) == ["paper", "project", "float32", "channels_last"]
+    assert list(rows) == ["paper", "project", "float32", "channels_last", "fold_batchnorm+channels_last"]
     for row in rows.values():
         assert row["error"] is None and len(row["step_s"]) == len(row["epochs_s"]) == 2
         assert row["step_ratio"] > 0 and row["epochs_ratio"] > 0
@@ -230,3 +230,18 @@ def test_exit_at_verdict_is_read_off_at_the_first_epoch_below_the_threshold():
                                 "seconds": 4.5}}},
             {"runs": {"paper": {"best_pl1_by_epoch": [0.4, 0.2], "seconds_by_epoch": [1, 2], "seconds": 2.5}}}]
     assert exit_at_verdict(rows, "paper", 0.1)["seconds"] == 3 + 2.5  # a clean run keeps its full time
+
+
+def test_sweep_mode_times_the_papers_sweep_against_ours_with_the_same_verdicts(tmp_path, capsys):
+    write_population(tmp_path, [("clean_encoder", "clean", None), ("bad_encoder", "backdoor", True)])
+    out = tmp_path / "sweeps.json"
+    run_script(population_args(tmp_path, "--max_epochs", "2", "--sweeps", "triage", "--json", str(out)))
+    doc = json.loads(out.read_text())
+    paper, triage = doc["sweeps"]["paper"], doc["sweeps"]["triage"]
+    assert len(paper["runs"]) == len(triage["runs"]) == 2 and paper["speedup"] == 1.0
+    for run in paper["runs"].values():  # the paper's code ran with torch's defaults, not our thread policy
+        assert run["omp_wait_policy"] is None and run["epochs"] <= 2
+    assert triage["same_verdict"] == 2 and triage["wall_s"] > 0 and "worker(s)" in triage["plan"]
+    assert (tmp_path / "sweeps.json.sweeps" / "triage" / "trigger_norm").is_dir()  # our sweep's own outputs
+    printed = capsys.readouterr().out
+    assert "x paper" in printed and "fresh interpreter per encoder" in printed

@@ -15,6 +15,7 @@ from common.device import cpu_supports_bf16
 from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, drop_rows, invert_trigger,
                               preset)
 from decree import shadow_cache
+from models.fold import batchnorm_count, fold_batchnorm
 from decree.outputs import run_id_for
 from decree.report import restart_spread, summary_csv
 
@@ -119,7 +120,10 @@ def test_presets_set_their_fields_and_explicit_values_win():
     assert not paper.stop_at_verdict and paper.param_dtype == "float64" and paper.speed_preset == "paper"
     assert triage.stop_at_verdict and not fast.stop_at_verdict and fast.speed_preset == "fast"
     assert not (paper.amp or fast.amp or triage.amp)  # bf16 ended runs early on the benchmark population
-    assert triage.param_dtype == paper.param_dtype == "float64"  # triage is the paper's run, cut at its verdict
+    # fast and triage keep the paper's float64 trigger (float32 ended runs early) and only cheapen encoder calls
+    assert triage.param_dtype == fast.param_dtype == paper.param_dtype == "float64"
+    assert fast.fold_batchnorm and fast.channels_last and triage.fold_batchnorm and triage.channels_last
+    assert not (paper.fold_batchnorm or paper.channels_last)
     assert preset("cifar10", "triage", param_dtype="float64").param_dtype == "float64"
     assert preset("CLIP", "fast").early_stop_patience == 35  # the usage info's settings stay
     with pytest.raises(ValueError, match="--preset"):
@@ -192,3 +196,60 @@ def test_summary_csv_has_spread_columns_only_when_a_run_had_restarts():
     spread = {"path": "b.pth", "status": "done", "restarts": 2, "pl1_min": 0.05, "pl1_median": 0.1, "pl1_max": 0.15}
     head, *rows = summary_csv([plain, spread]).splitlines()
     assert head.endswith("restarts,pl1_min,pl1_median,pl1_max") and rows[1].endswith("2,0.05,0.1,0.15")
+
+
+class BatchNormEncoder(torch.nn.Module):
+    """conv -> BN -> ReLU twice, with running statistics far from the identity (as after training)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.BatchNorm2d(16),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        for bn in (self.body[1], self.body[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.1, 3)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class DataDependentEncoder(BatchNormEncoder):
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return self.body(x) if x.mean() > -10 else -self.body(x)
+
+
+def test_folded_batchnorm_computes_the_same_embeddings_and_input_gradients():
+    encoder = BatchNormEncoder().eval()
+    folded, count, why_not = fold_batchnorm(encoder)
+    assert count == 2 and why_not == "" and batchnorm_count(folded) == 0
+    assert batchnorm_count(encoder) == 2  # the caller's encoder is left alone
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    x_folded = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(folded(x_folded), encoder(x), rtol=1e-5, atol=1e-5)
+    encoder(x).square().sum().backward()
+    folded(x_folded).square().sum().backward()
+    torch.testing.assert_close(x_folded.grad, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_or_training_encoders_are_not_folded():
+    encoder = DataDependentEncoder().eval()
+    same, count, why_not = fold_batchnorm(encoder)
+    assert same is encoder and count == 0 and "could not trace" in why_not
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(BatchNormEncoder().train())
+
+
+def test_fast_preset_runs_the_paper_inversion_on_a_folded_encoder(shadow_images):
+    paper = run(BatchNormEncoder(), shadow_images[:64], max_epochs=4)
+    fast = invert_trigger(BatchNormEncoder(), shadow_images[:64], CIFAR_MEAN, CIFAR_STD,
+                          preset("cifar10", "fast", **{**FAST, "max_epochs": 4}), progress=False)
+    assert fast.batchnorms_folded == 2 and paper.batchnorms_folded == 0
+    # the same math: only float32 rounding inside the encoder differs
+    np.testing.assert_allclose([h["l1"] for h in fast.history], [h["l1"] for h in paper.history], rtol=1e-3)
+    np.testing.assert_allclose([h["cos"] for h in fast.history], [h["cos"] for h in paper.history], atol=1e-3)

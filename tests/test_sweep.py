@@ -19,8 +19,10 @@ from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from datasets import save_npz_dataset
 from decree.outputs import run_id_for
 from common.isolated import PROJECT_PACKAGES, ROOT as ISOLATION_ROOT, isolated_command
-from decree.sweep import (Encoder, WorkerDied, WorkerServer, claim_encoder, claim_path, discover_output_folder,
-                          infer_label, read_manifest, release_claim, select_shard, shard_from_slurm)
+from decree import sweep as sweep_module
+from decree.sweep import (Encoder, WorkerDied, WorkerServer, claim_encoder, claim_path, cpu_workers,
+                          discover_output_folder, infer_label, read_manifest, release_claim, select_shard,
+                          shard_from_slurm, worker_devices)
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the same floating-point sums for any --workers, and polite on a shared machine
@@ -481,3 +483,14 @@ def test_a_run_whose_output_cannot_be_opened_fails_alone(probe_server, tmp_path)
     probe_server.start(["ok"], tmp_path / "no_such_folder" / "out.log")
     assert probe_server.wait(timeout=30) == 1
     assert run_probe(probe_server, tmp_path, "exit", "0")[1] == 0  # the server still answers, once per request
+
+
+def test_cpu_sweeps_of_small_encoders_run_one_worker_per_core(monkeypatch):
+    monkeypatch.setattr(sweep_module, "usable_cores", lambda: 4)
+    small = [Encoder("a.pth", "cifar10", None, "clean"), Encoder("b.pth", "stl10", None, "clean")]
+    assert cpu_workers(small) == 4 and cpu_workers(small, threads=2) == 2 and cpu_workers(small, threads=8) == 1
+    # one 224-px encoder among them: one worker with every core (memory, and its convolutions use the threads)
+    assert cpu_workers(small + [Encoder("c.pt", "CLIP", "RN50", "clean")]) == 1
+    assert cpu_workers([]) == 1
+    assert worker_devices("cpu", cpu_default=4) == ["cpu"] * 4
+    assert worker_devices("cpu", workers=2, cpu_default=4) == ["cpu"] * 2  # --workers wins

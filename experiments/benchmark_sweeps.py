@@ -1,0 +1,96 @@
+"""Whole sweeps over a population manifest, timed end to end as users run them:
+
+    paper     the paper's run_decree.py: one fresh interpreter per encoder, one after the other, each running the
+              paper's data path (experiments.paper_run) with torch's default threads and OpenMP wait policy
+    <preset>  this project's run_decree.py --preset <preset> with its defaults (workers per core, encoder
+              processes forked from warm worker servers, target recovery included)
+
+Per sweep: wall seconds from the first process start to the last result, and per encoder the verdict, against
+the paper's. Every sweep starts in an empty folder (a resumed sweep would skip finished encoders).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from decree.report import collect_rows
+from decree.sweep import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def paper_env() -> dict:
+    """The environment the paper's code ran in: no thread count or OpenMP wait policy of ours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def paper_sweep(encoders, settings: dict, folder: Path, log=print) -> dict:
+    """The paper's run_decree.py over `encoders`: one `python -m experiments.paper_run` after the other."""
+    runs = {}
+    start = time.perf_counter()
+    for i, enc in enumerate(encoders):
+        record = folder / f"{i:04d}.json"
+        command = [sys.executable, "-m", "experiments.paper_run", str(Path(enc.path).resolve()), enc.usage_info,
+                   "--out", str(record), "--lr", str(settings["lr"]), "--seed", str(settings["seed"]),
+                   "--epochs", str(settings["max_epochs"]), "--pl1_threshold", str(settings["threshold"])]
+        command += ["--arch", enc.arch] if enc.arch else []
+        command += ["--shadow_data", str(settings["shadow_data"])] if settings["shadow_data"] else []
+        command += ["--shadow_size", str(settings["shadow_size"])] if settings["shadow_size"] else []
+        subprocess.run(command, env=paper_env(), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        runs[str(Path(enc.path).resolve())] = json.loads(record.read_text())
+        log(f"  paper {i + 1}/{len(encoders)}: {enc.path} {runs[str(Path(enc.path).resolve())]['verdict']}")
+    return {"wall_s": time.perf_counter() - start, "runs": runs}
+
+
+def project_sweep(manifest, preset: str, settings: dict, folder: Path, log=print) -> dict:
+    """run_decree.py --preset `preset` over the manifest with the sweep's defaults; its stdout goes to sweep.log."""
+    command = [sys.executable, str(ROOT / "run_decree.py"), "--manifest", str(manifest), "--preset", preset,
+               "--out_dir", str(folder), "--quiet", "--lr", str(settings["lr"]), "--seed", str(settings["seed"]),
+               "--epochs", str(settings["max_epochs"]), "--pl1_threshold", str(settings["threshold"])]
+    command += ["--shadow_data", str(settings["shadow_data"])] if settings["shadow_data"] else []
+    command += ["--shadow_size", str(settings["shadow_size"])] if settings["shadow_size"] else []
+    start = time.perf_counter()
+    with open(folder / "sweep.log", "w") as out:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    runs = {str(Path(r["path"]).resolve()): {k: r[k] for k in ("pl1", "verdict", "epochs", "seconds")}
+            for r in collect_rows(folder, settings["threshold"]) if r["status"] == "done"}
+    plan = next((line for line in (folder / "sweep.log").read_text().splitlines() if "worker(s)" in line), "")
+    log(f"  {preset}: {wall:.1f} s; {plan}")
+    return {"wall_s": wall, "plan": plan, "runs": runs}
+
+
+def run_sweeps(manifest, presets, settings: dict, scratch, log=print) -> dict:
+    """The paper's sweep, then ours with each preset; returns per sweep: wall seconds, ratio, same verdicts."""
+    encoders = read_manifest(manifest)
+    sweeps = {}
+    for name in ["paper", *presets]:
+        folder = Path(scratch) / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        log(f"sweep {name} over {len(encoders)} encoders")
+        sweeps[name] = (paper_sweep(encoders, settings, folder, log) if name == "paper"
+                        else project_sweep(manifest, name, settings, folder, log))
+    paper = sweeps["paper"]
+    for sweep in sweeps.values():
+        sweep["speedup"] = paper["wall_s"] / sweep["wall_s"]
+        sweep["same_verdict"] = sum(sweep["runs"].get(path, {}).get("verdict") == run["verdict"]
+                                    for path, run in paper["runs"].items())
+        sweep["encoders"] = len(paper["runs"])
+    return {"settings": {**settings, "manifest": str(manifest), "presets": list(presets)}, "sweeps": sweeps}
+
+
+def sweeps_table(doc: dict) -> str:
+    """One line per sweep: wall seconds, ratio to the paper's, verdicts equal to the paper's."""
+    lines = [f"{'sweep':<10} {'wall s':>9} {'x paper':>8} {'same verdict':>13}  how it ran"]
+    for name, s in doc["sweeps"].items():
+        how = ("fresh interpreter per encoder, sequential, torch defaults" if name == "paper"
+               else s.get("plan", ""))
+        lines.append(f"{name:<10} {s['wall_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6}"
+                     f"  {how}")
+    return "\n".join(lines)
