@@ -1,9 +1,9 @@
 """Whole sweeps over a population manifest, timed end to end as users run them:
 
-    paper     the paper's run_decree.py: one fresh interpreter per encoder, one after the other, each running the
-              paper's data path (experiments.paper_run) with torch's default threads and OpenMP wait policy
-    <preset>  this project's run_decree.py --preset <preset> with its defaults (workers per core, encoder
-              processes forked from warm worker servers, target recovery included)
+    paper_code  the paper's run_decree.py: one fresh interpreter per encoder, one after the other, each running
+                the paper's data path (experiments.paper_run) with torch's default threads and OpenMP wait policy
+    <preset>    this project's run_decree.py --preset <preset> with its defaults (one worker per core for 32-px
+                encoders, encoder processes forked from warm worker servers, target recovery and report included)
 
 Per sweep: wall seconds from the first process start to the last result, and per encoder the verdict, against
 the paper's. Every sweep starts in an empty folder (a resumed sweep would skip finished encoders).
@@ -20,6 +20,7 @@ from decree.report import collect_rows
 from decree.sweep import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = "paper_code"  # the reference sweep's name (ours are named by their preset, `paper` included)
 
 
 def paper_env() -> dict:
@@ -69,14 +70,14 @@ def run_sweeps(manifest, presets, settings: dict, scratch, log=print) -> dict:
     """The paper's sweep, then ours with each preset; returns per sweep: wall seconds, ratio, same verdicts."""
     encoders = read_manifest(manifest)
     sweeps = {}
-    for name in ["paper", *presets]:
+    for name in [REFERENCE, *presets]:
         folder = Path(scratch) / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         log(f"sweep {name} over {len(encoders)} encoders")
-        sweeps[name] = (paper_sweep(encoders, settings, folder, log) if name == "paper"
+        sweeps[name] = (paper_sweep(encoders, settings, folder, log) if name == REFERENCE
                         else project_sweep(manifest, name, settings, folder, log))
-    paper = sweeps["paper"]
+    paper = sweeps[REFERENCE]
     for sweep in sweeps.values():
         sweep["speedup"] = paper["wall_s"] / sweep["wall_s"]
         sweep["same_verdict"] = sum(sweep["runs"].get(path, {}).get("verdict") == run["verdict"]
@@ -87,10 +88,10 @@ def run_sweeps(manifest, presets, settings: dict, scratch, log=print) -> dict:
 
 def sweeps_table(doc: dict) -> str:
     """One line per sweep: wall seconds, ratio to the paper's, verdicts equal to the paper's."""
-    lines = [f"{'sweep':<10} {'wall s':>9} {'x paper':>8} {'same verdict':>13}  how it ran"]
+    lines = [f"{'sweep':<12} {'wall s':>9} {'x paper':>8} {'same verdict':>13}  how it ran"]
     for name, s in doc["sweeps"].items():
-        how = ("fresh interpreter per encoder, sequential, torch defaults" if name == "paper"
-               else s.get("plan", ""))
-        lines.append(f"{name:<10} {s['wall_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6}"
+        how = ("the paper's way: a fresh interpreter per encoder, sequential, torch defaults" if name == REFERENCE
+               else f"run_decree.py --preset {name}: {s.get('plan', '')}")
+        lines.append(f"{name:<12} {s['wall_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6}"
                      f"  {how}")
     return "\n".join(lines)

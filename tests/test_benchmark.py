@@ -235,13 +235,15 @@ def test_exit_at_verdict_is_read_off_at_the_first_epoch_below_the_threshold():
 def test_sweep_mode_times_the_papers_sweep_against_ours_with_the_same_verdicts(tmp_path, capsys):
     write_population(tmp_path, [("clean_encoder", "clean", None), ("bad_encoder", "backdoor", True)])
     out = tmp_path / "sweeps.json"
-    run_script(population_args(tmp_path, "--max_epochs", "2", "--sweeps", "triage", "--json", str(out)))
+    run_script(population_args(tmp_path, "--max_epochs", "2", "--sweeps", "triage", "paper", "--json", str(out)))
     doc = json.loads(out.read_text())
-    paper, triage = doc["sweeps"]["paper"], doc["sweeps"]["triage"]
-    assert len(paper["runs"]) == len(triage["runs"]) == 2 and paper["speedup"] == 1.0
+    assert set(doc["sweeps"]) == {"paper_code", "triage", "paper"}  # our --preset paper is not the reference
+    paper, triage = doc["sweeps"]["paper_code"], doc["sweeps"]["triage"]
+    assert len(paper["runs"]) == len(triage["runs"]) == len(doc["sweeps"]["paper"]["runs"]) == 2
+    assert paper["speedup"] == 1.0
     for run in paper["runs"].values():  # the paper's code ran with torch's defaults, not our thread policy
         assert run["omp_wait_policy"] is None and run["epochs"] <= 2
     assert triage["same_verdict"] == 2 and triage["wall_s"] > 0 and "worker(s)" in triage["plan"]
     assert (tmp_path / "sweeps.json.sweeps" / "triage" / "trigger_norm").is_dir()  # our sweep's own outputs
     printed = capsys.readouterr().out
-    assert "x paper" in printed and "fresh interpreter per encoder" in printed
+    assert "x paper" in printed and "fresh interpreter per encoder" in printed and "--preset triage" in printed
