@@ -364,8 +364,8 @@ def cpu_workers(encoders, threads: int | None = None) -> int:
     encoder takes 32-px images, else one.
 
     A 32-px encoder's convolutions are too small to keep a second thread busy, and waiting threads sleep
-    (common.threads): on 2 cores two 1-thread runs finished in 9.2 s what one 2-thread run did in 14.7 s
-    (docs/speed.md). 224-px encoders' convolutions scale with threads, and every worker holds its own model
+    (common.threads): on 2 cores two 1-thread runs side by side took 9.2 s, one after the other with 2
+    threads 14.7 s (docs/speed.md). 224-px encoders' convolutions scale with threads, and every worker holds its own model
     and activations in memory."""
     small = encoders and all(enc.usage_info in SMALL_IMAGE_USAGE for enc in encoders)
     return max(1, usable_cores() // (threads or 1)) if small else 1
