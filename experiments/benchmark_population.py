@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 from common import io as atomic
-from datasets import load_shadow_set
-from models import load_encoder
 
 from decree.inversion import invert_trigger, preset
 from decree.report import auroc
 from decree.sweep import WorkerServer, read_manifest, worker_imports
 from .paper_path import paper_invert_trigger
+from .paper_run import load_with_shadow
 
 CONTENDERS = ("paper", "default", "fast", "triage", "fast_amp")
 DEFAULT_CONTENDERS = CONTENDERS[:4]
@@ -106,13 +105,8 @@ def attack_success(manifest) -> dict:
 def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict, shadow_data, shadow_size,
                   restarts: int, log=print, took: bool | None = None) -> dict:
     """Every contender on one encoder; returns its record."""
-    start = time.perf_counter()
-    encoder, spec = load_encoder(enc.path, enc.usage_info, enc.arch, device)
-    load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    shadow = load_shadow_set(enc.usage_info, spec.input_size, shadow_data, shadow_size, None, seed=settings["seed"],
-                             progress=False).images
-    shadow_s = time.perf_counter() - start
+    encoder, spec, shadow, load_s, shadow_s = load_with_shadow(enc.path, enc.usage_info, enc.arch, shadow_data,
+                                                               shadow_size, settings["seed"], device)
     order = contenders[index % len(contenders):] + contenders[:index % len(contenders)]
     runs = {}
     for name in order:

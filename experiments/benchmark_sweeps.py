@@ -30,31 +30,32 @@ def paper_env() -> dict:
     return env
 
 
+def setting_flags(settings: dict) -> list[str]:
+    """The flags both sweeps' scripts share (main.py's names): lr, seed, epochs, threshold, shadow set."""
+    flags = ["--lr", str(settings["lr"]), "--seed", str(settings["seed"]), "--epochs", str(settings["max_epochs"]),
+             "--pl1_threshold", str(settings["threshold"])]
+    flags += ["--shadow_data", str(settings["shadow_data"])] if settings["shadow_data"] else []
+    return flags + (["--shadow_size", str(settings["shadow_size"])] if settings["shadow_size"] else [])
+
+
 def paper_sweep(encoders, settings: dict, folder: Path, log=print) -> dict:
     """The paper's run_decree.py over `encoders`: one `python -m experiments.paper_run` after the other."""
     runs = {}
     start = time.perf_counter()
     for i, enc in enumerate(encoders):
-        record = folder / f"{i:04d}.json"
-        command = [sys.executable, "-m", "experiments.paper_run", str(Path(enc.path).resolve()), enc.usage_info,
-                   "--out", str(record), "--lr", str(settings["lr"]), "--seed", str(settings["seed"]),
-                   "--epochs", str(settings["max_epochs"]), "--pl1_threshold", str(settings["threshold"])]
-        command += ["--arch", enc.arch] if enc.arch else []
-        command += ["--shadow_data", str(settings["shadow_data"])] if settings["shadow_data"] else []
-        command += ["--shadow_size", str(settings["shadow_size"])] if settings["shadow_size"] else []
+        path, record = str(Path(enc.path).resolve()), folder / f"{i:04d}.json"
+        command = [sys.executable, "-m", "experiments.paper_run", path, enc.usage_info, "--out", str(record),
+                   *setting_flags(settings), *(["--arch", enc.arch] if enc.arch else [])]
         subprocess.run(command, env=paper_env(), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        runs[str(Path(enc.path).resolve())] = json.loads(record.read_text())
-        log(f"  paper {i + 1}/{len(encoders)}: {enc.path} {runs[str(Path(enc.path).resolve())]['verdict']}")
+        runs[path] = json.loads(record.read_text())
+        log(f"  paper {i + 1}/{len(encoders)}: {enc.path} {runs[path]['verdict']}")
     return {"wall_s": time.perf_counter() - start, "runs": runs}
 
 
 def project_sweep(manifest, preset: str, settings: dict, folder: Path, log=print) -> dict:
     """run_decree.py --preset `preset` over the manifest with the sweep's defaults; its stdout goes to sweep.log."""
     command = [sys.executable, str(ROOT / "run_decree.py"), "--manifest", str(manifest), "--preset", preset,
-               "--out_dir", str(folder), "--quiet", "--lr", str(settings["lr"]), "--seed", str(settings["seed"]),
-               "--epochs", str(settings["max_epochs"]), "--pl1_threshold", str(settings["threshold"])]
-    command += ["--shadow_data", str(settings["shadow_data"])] if settings["shadow_data"] else []
-    command += ["--shadow_size", str(settings["shadow_size"])] if settings["shadow_size"] else []
+               "--out_dir", str(folder), "--quiet", *setting_flags(settings)]
     start = time.perf_counter()
     with open(folder / "sweep.log", "w") as out:
         subprocess.run(command, cwd=ROOT, check=True, stdout=out, stderr=subprocess.STDOUT)

@@ -19,18 +19,25 @@ from models import load_encoder  # noqa: E402
 from .paper_path import paper_invert_trigger  # noqa: E402
 
 
+def load_with_shadow(path, usage_info: str, arch: str | None, shadow_data, shadow_size, seed: int, device="cpu"):
+    """(encoder, spec, shadow uint8 (N,S,S,3), checkpoint seconds, shadow-set seconds) as main.py prepares them."""
+    start = time.perf_counter()
+    encoder, spec = load_encoder(path, usage_info, arch, device)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    shadow = load_shadow_set(usage_info, spec.input_size, shadow_data, shadow_size, None, seed=seed,
+                             progress=False).images
+    return encoder, spec, shadow, load_s, time.perf_counter() - start
+
+
 def run_one(path, usage_info: str, arch: str | None, shadow_data, shadow_size, lr: float, seed: int,
             max_epochs: int, threshold: float) -> dict:
     """Load, prepare the shadow set and invert as the paper did; the record's seconds are the inversion's."""
-    start = time.perf_counter()
-    encoder, spec = load_encoder(path, usage_info, arch, "cpu")
-    shadow = load_shadow_set(usage_info, spec.input_size, shadow_data, shadow_size, None, seed=seed,
-                             progress=False).images
-    prepare_s = time.perf_counter() - start
+    encoder, spec, shadow, load_s, shadow_s = load_with_shadow(path, usage_info, arch, shadow_data, shadow_size, seed)
     cfg = preset(usage_info, "paper", lr=lr, seed=seed, max_epochs=max_epochs, pl1_threshold=threshold)
     result = paper_invert_trigger(encoder, shadow, spec.mean, spec.std, cfg)
     return {"path": str(path), "pl1": result.pl1 if result.found else None, "verdict": result.verdict,
-            "epochs": result.epochs, "seconds": result.seconds, "prepare_s": prepare_s,
+            "epochs": result.epochs, "seconds": result.seconds, "prepare_s": load_s + shadow_s,
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY}
 
 

@@ -6,7 +6,6 @@ elementwise passes (forward and input-gradient backward) are a large share of a 
 Tracing runs the architecture's own Python code (ours, or a trusted --arch_module), never anything from a
 checkpoint; an encoder torch.fx cannot trace is used as it is.
 """
-import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
