@@ -63,8 +63,9 @@ def describe_machine(device, cpuinfo: str = "/proc/cpuinfo") -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
     flags = cpu_flags(cpuinfo)
-    isa = ("AVX-512" + (", bf16" if BF16_FLAGS & flags else "") if "avx512f" in flags
-           else "AVX2" if "avx2" in flags else "no AVX2")
+    # AMX (matrix tiles) or AVX512-BF16 vector instructions only: bf16 runs at different speeds on them
+    bf16 = ", AMX bf16" if "amx_bf16" in flags else ", bf16" if BF16_FLAGS & flags else ""
+    isa = "AVX-512" + bf16 if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     model = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine()
     return f"{model} ({isa}), {len(os.sched_getaffinity(0))} cores"
 

@@ -13,7 +13,8 @@ from models import load_encoder
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, preset, stop_message
+from .inversion import (NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, prepare_encoder, preset,
+                        stop_message)
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 from .shadow_cache import load_image_folder_cached
 from .target import analyse_target, prepare_target, ranking_score
@@ -130,7 +131,8 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
                                  best.pattern.float().cpu().numpy(), suffix)
 
     try:
-        result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
+        prepared = prepare_encoder(model, cfg, progress)
+        result = invert_trigger(prepared, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
                                 on_epoch=save_snapshot)
     except BaseException as err:
         if job.save_snapshots:  # snapshots of a run that did not finish would be PNGs without a JSON
@@ -138,7 +140,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
         if isinstance(err, InversionError):
             raise InversionError(f"{job.encoder_path}: {err}") from err
         raise
-    target = analyse_target(target_setup, model, spec, shadow, result, device, paths.target)
+    target = analyse_target(target_setup, prepared.module, spec, shadow, result, device, paths.target)
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},

@@ -378,11 +378,34 @@ def stop_message(result: "InversionResult", cfg: InversionConfig) -> str:
     return f"DECREE stopped after {result.epochs} epochs ({result.seconds:.1f} s): {why}"
 
 
-def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, mean, std,
+@dataclass
+class PreparedEncoder:
+    """An encoder as the inversion calls it: eval mode, frozen, batch norms folded and channels_last as its
+    config asks. Made once per run, so what runs after the inversion (target recovery) gets the cheaper calls too."""
+    module: torch.nn.Module
+    batchnorms_folded: int = 0
+
+
+def prepare_encoder(encoder: torch.nn.Module, cfg: InversionConfig, progress: bool = True) -> PreparedEncoder:
+    """`encoder` frozen in eval mode, its batch norms folded (cfg.fold_batchnorm) and laid out channels_last
+    (cfg.channels_last); an encoder that cannot be folded runs unfolded, and with `progress` the log says why."""
+    encoder.eval().requires_grad_(False)
+    folded = 0
+    if cfg.fold_batchnorm:
+        encoder, folded, why_not = fold_batchnorm(encoder)
+        if progress and why_not:
+            tqdm.write(f"--fold_batchnorm: {why_not}", file=sys.stderr)
+    if cfg.channels_last:  # weights too: with channels_last inputs alone every conv re-lays out its weight per call
+        encoder.to(memory_format=torch.channels_last)
+    return PreparedEncoder(encoder, folded)
+
+
+def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.Tensor | np.ndarray, mean, std,
                    cfg: InversionConfig = None, device="cpu", progress: bool = True,
                    on_epoch=None) -> InversionResult:
     """Run DECREE on `encoder` (normalised float (N,3,S,S) -> (N,D)) with shadow images uint8 (N,S,S,3).
 
+    `encoder` may be a PreparedEncoder made by prepare_encoder with this cfg (otherwise it is prepared here).
     cfg.restarts > 1 runs that many independent inversions together, their stamped batches stacked into one
     encoder batch; the result is the restart with the smallest L1. `on_epoch(record, best)` is called after
     every epoch with the leading restart's record and best trigger (for logs and snapshots).
@@ -407,14 +430,8 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
     use_amp = amp_active(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
-    encoder.eval().requires_grad_(False)
-    folded = 0
-    if cfg.fold_batchnorm:
-        encoder, folded, why_not = fold_batchnorm(encoder)
-        if progress and why_not:
-            tqdm.write(f"--fold_batchnorm: {why_not}", file=sys.stderr)
-    if cfg.channels_last:  # weights too: with channels_last inputs alone every conv re-lays out its weight per call
-        encoder.to(memory_format=torch.channels_last)
+    prepared = encoder if isinstance(encoder, PreparedEncoder) else prepare_encoder(encoder, cfg, progress)
+    encoder = prepared.module
     restarts = [Restart(k, cfg, size, dtype, device) for k in range(cfg.restarts)]
     active = list(restarts)
     # one stacked (K,S,S) / (K,S,S,3) parameter pair: one encoder call per step serves every restart
@@ -488,7 +505,7 @@ def invert_trigger(encoder: torch.nn.Module, shadow: torch.Tensor | np.ndarray, 
     chosen = min(restarts, key=lambda r: (r.best.l1, r.index))
     result = final_result(chosen.best, size, cfg, chosen.history, time.time() - start, stop_reason=chosen.stop_reason,
                           restarts=[r.summary(size) for r in restarts], amp_used=use_amp,
-                          batchnorms_folded=folded)
+                          batchnorms_folded=prepared.batchnorms_folded)
     if progress:
         tqdm.write(stop_message(result, cfg), file=sys.stderr)  # beside the bar
     return result

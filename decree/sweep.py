@@ -479,8 +479,9 @@ def _write_record(write, path: Path, content) -> str | None:
 
 
 # what main.py imports: a worker server imports these once, before it forks the first encoder's process
+# (torchvision too: models import it only when they build a backbone, and every encoder's process would pay it)
 MAIN_PY_IMPORTS = ("common.threads", "common.determinism", "decree.cli", "decree.detect", "decree.sweep",
-                   "decree.target", "models")
+                   "decree.target", "models", "torchvision.models")
 
 
 class WorkerDied(RuntimeError):

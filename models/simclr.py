@@ -3,10 +3,10 @@ import re
 
 import torch
 from torch import nn
-from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock, conv1x1
 
-TORCHVISION_RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
+# torchvision is imported where a backbone is built: importing it imports torch._dynamo (about a second), which
+# processes that only name archs (a sweep's parent, --help) need not pay
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
 # resnet18_w16 = ResNet18 with base width 16 instead of 64: small enough for tests and the CPU demo
 NARROW = re.compile(r"resnet18_w(\d+)$")
 MAX_WIDTH = 1024  # 16x torchvision's 64: wider would take tens of GB before failing
@@ -25,6 +25,7 @@ def narrow_width(arch: str) -> int | None:
 
 def _narrow_resnet18(width: int) -> nn.Module:
     """torchvision-named ResNet18 (conv1, bn1, relu, maxpool, layer1-4, avgpool, fc) with base width `width`."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
     net = nn.Module()
     net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
     net.bn1 = nn.BatchNorm2d(width)
@@ -50,7 +51,8 @@ def backbone_archs() -> str:
 
 def _resnet(arch: str) -> nn.Module:
     if arch in TORCHVISION_RESNETS:
-        return TORCHVISION_RESNETS[arch](weights=None)
+        from torchvision.models import resnet
+        return getattr(resnet, arch)(weights=None)
     width = narrow_width(arch)
     if width is not None:
         return _narrow_resnet18(width)

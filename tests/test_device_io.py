@@ -30,6 +30,7 @@ def test_cuda_without_cuda_fails_in_one_line_suggesting_cpu(device, gpu):
 
 @pytest.mark.parametrize("flags, isa", [("fpu sse avx2 fma", "AVX2"), ("avx2 avx512f avx512bw", "AVX-512"),
                                         ("avx2 avx512f avx512_bf16 amx_tile", "AVX-512, bf16"),
+                                        ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AVX-512, AMX bf16"),
                                         ("sse sse2", "no AVX2")])
 def test_timings_name_the_cpu_model_and_its_vector_instructions(tmp_path, flags, isa):
     # one cloud machine kind came with AVX-512 one day and AVX2 the next: a 3x difference in our timings

@@ -14,7 +14,8 @@ from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatur
 from common.device import cpu_supports_bf16
 from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, drop_rows, invert_trigger,
                               preset)
-from decree import shadow_cache
+from decree import detect, shadow_cache
+from decree.target import analyse_target, load_target, recover_target
 from models.fold import batchnorm_count, fold_batchnorm
 from decree.outputs import run_id_for
 from decree.report import restart_spread, summary_csv
@@ -165,6 +166,32 @@ def test_main_writes_restarts_stop_reason_and_upper_bound(tmp_path):
     assert record["stop_reason"] in (STOP_BUDGET, STOP_EARLY, STOP_VERDICT)
     assert record["pl1_upper_bound"] == (record["stop_reason"] == STOP_VERDICT)
     assert "stopped after" in (tmp_path / "detect_log" / f"{run_id_for(path)}.log").read_text()
+
+
+def test_fast_runs_recover_the_target_on_the_folded_encoder_with_the_unfolded_result(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "enc" / "model_1.pth"
+    path.parent.mkdir()
+    torch.save({"epoch": 1, "state_dict": models.get_encoder("cifar10", "resnet18_w8").state_dict()}, path)
+    images = smooth_images(24, 32, seed=2)
+    np.savez(tmp_path / "shadow.npz", x=images, y=np.zeros(24, np.int64))
+    seen = {}
+
+    def spy(setup, encoder, spec, shadow, result, device, target_path):
+        seen.update(encoder=encoder, result=result)
+        return analyse_target(setup, encoder, spec, shadow, result, device, target_path)
+
+    monkeypatch.setattr(detect, "analyse_target", spy)
+    main.main(["--encoder_path", str(path), "--arch", "resnet18_w8", "--shadow_data", str(tmp_path / "shadow.npz"),
+               "--lr", "0.5", "--epochs", "2", "--out_dir", str(tmp_path), "--device", "cpu", "--quiet",
+               "--preset", "fast"])
+    record = json.loads((tmp_path / "trigger_norm" / f"{run_id_for(path)}.json").read_text())
+    assert record["batchnorms_folded"] > 0 and batchnorm_count(seen["encoder"]) == 0
+    original, spec = models.load_encoder(path, "cifar10", "resnet18_w8", "cpu")
+    expected = recover_target(original.eval(), images, seen["result"].mask, seen["result"].pattern, spec.mean,
+                              spec.std, "cpu")
+    torch.testing.assert_close(load_target(tmp_path / "trigger_norm" / record["target"]["file"]), expected.vector,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_sweep_summary_reports_the_restart_spread():

@@ -494,3 +494,12 @@ def test_cpu_sweeps_of_small_encoders_run_one_worker_per_core(monkeypatch):
     assert cpu_workers([]) == 1
     assert worker_devices("cpu", cpu_default=4) == ["cpu"] * 4
     assert worker_devices("cpu", workers=2, cpu_default=4) == ["cpu"] * 2  # --workers wins
+
+
+def test_the_sweep_process_leaves_torchvision_to_its_workers():
+    # importing torchvision imports torch._dynamo (about a second), paid before the first worker starts;
+    # only the worker servers, which build the encoders, import it (once each)
+    code = "import sys, run_decree; print('torchvision' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+    assert "torchvision.models" in sweep_module.MAIN_PY_IMPORTS
