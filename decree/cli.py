@@ -172,7 +172,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true",
                        help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
                             "on other CPUs, where it is slower; the JSON records amp_used). Not in any preset: on "
-                            "the benchmark population it ended runs early and changed verdicts (docs/speed.md)")
+                            "the benchmark populations it made runs end much sooner or later than the paper's and "
+                            "moved a per-family AUROC (docs/speed.md)")
     group.add_argument("--channels_last", action="store_true",
                        help="channels_last inputs and weights (faster convolutions on CPUs and most GPUs)")
     group.add_argument("--fold_batchnorm", action="store_true",

@@ -31,6 +31,7 @@ from experiments.benchmark_population import (CONTENDERS, DEFAULT_CONTENDERS, po
                                               run_population)
 from experiments.benchmark_sweeps import run_sweeps, sweeps_table  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
+from decree.inversion import SPEED_PRESETS  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     pop.add_argument("--restarts", type=int, default=1,
                      help="K > 1 adds a K-restart run per encoder, giving detection/FPR for K' = 1,2,4,.. <= K")
     pop.add_argument("--limit", type=int, default=None, help="only the first N encoders")
-    pop.add_argument("--sweeps", nargs="+", default=None, metavar="PRESET", choices=("paper", "fast", "triage"),
+    pop.add_argument("--sweeps", nargs="+", default=None, metavar="PRESET", choices=tuple(SPEED_PRESETS),
                      help="instead of the contenders: time whole sweeps end to end, the paper's run_decree.py "
                           "(a fresh interpreter per encoder, one after the other, torch's default threads) against "
                           "our run_decree.py --preset PRESET with its defaults, e.g. --sweeps triage paper")
@@ -90,7 +91,7 @@ def main_sweeps(args, log):
     doc["machine"] = machine_info(resolve_device("cpu"))
     atomic.write_json(args.json, doc)
     print(sweeps_table(doc))
-    print(f"machine: {doc['machine']['processor']}; results: {args.json}")
+    print(f"machine: {doc['machine']['machine']}; results: {args.json}")
 
 
 def main_population(args, device, log):
