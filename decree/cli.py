@@ -136,6 +136,12 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
                             "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
                             "bound). Clean encoders run to the usual early stop")
+    group.add_argument("--min_progress", type=in_range(0, 1, low_open=False, high_open=True), default=None,
+                       metavar="F",
+                       help="also end the run (a 'slow progress' stop) once, for more than the early-stop patience, "
+                            "the best PL1 has not fallen by more than F times its distance to --pl1_threshold: at "
+                            "that pace it would need over patience/F steps to get there. Cuts clean encoders' runs "
+                            "short; their PL1 is then an upper bound (0 = the paper's rule; default: the preset's)")
     group.add_argument("--restarts", type=at_least(1), default=None,
                        help="K independent inversions from different initial triggers and batch orders, run "
                             "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
@@ -216,4 +222,4 @@ def inversion_kwargs(args) -> dict:
         "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
         "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
         "shadow_fraction", "float32", "amp", "channels_last", "fold_batchnorm", "save_snapshots", "preset",
-        "stop_at_verdict", "restarts", "shadow_cache")}
+        "stop_at_verdict", "min_progress", "restarts", "shadow_cache")}

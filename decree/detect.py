@@ -13,8 +13,8 @@ from models import load_encoder
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import (NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, prepare_encoder, preset,
-                        stop_message)
+from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionConfig, InversionError, invert_trigger,
+                        prepare_encoder, preset, stop_message)
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 from .shadow_cache import load_image_folder_cached
 from .target import analyse_target, prepare_target, ranking_score
@@ -60,12 +60,13 @@ class DetectionJob:
     no_target_names: bool = False
     preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
     stop_at_verdict: bool = False
+    min_progress: float | None = None
     restarts: int | None = None
     shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
 
     def inversion_config(self) -> InversionConfig:
         return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
-                      restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                      min_progress=self.min_progress, restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                       mask_init=self.mask_init, thres=self.thres, max_epochs=self.epochs,
                       pl1_threshold=self.pl1_threshold, param_dtype="float32" if self.float32 else None,
                       amp=self.amp or None, channels_last=self.channels_last or None,
@@ -99,9 +100,13 @@ def speed_record(result) -> dict:
     record = {"stop_reason": result.stop_reason, "pl1_upper_bound": result.pl1_upper_bound,
               "amp_used": result.amp_used, "batchnorms_folded": result.batchnorms_folded,
               "restarts": result.restarts}
-    if result.pl1_upper_bound:
+    if result.stop_reason == STOP_VERDICT:
         record["pl1_note"] = ("--stop_at_verdict ended the run once the best PL1 fell below the threshold; the "
                               "best PL1 can only fall, so the verdict is final and the PL1 an upper bound")
+    elif result.stop_reason == STOP_SLOW:
+        record["pl1_note"] = ("--min_progress ended the run before the paper's early stop: the best PL1 was still "
+                              "above the threshold and falling too slowly to reach it soon; a longer run could "
+                              "only lower the PL1, so it is an upper bound and the verdict is not exact")
     return record
 
 

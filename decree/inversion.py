@@ -24,6 +24,8 @@ EPS = 1e-7
 NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached the threshold
 # why a run (or one restart) ended
 STOP_EARLY, STOP_BUDGET, STOP_VERDICT = "early stop", "epoch budget", "exact early exit"
+STOP_SLOW = "slow progress"  # --min_progress: stopped before the paper's early stop; the PL1 is an upper bound
+UPPER_BOUND_STOPS = (STOP_VERDICT, STOP_SLOW)
 
 
 class InversionError(RuntimeError):
@@ -45,6 +47,7 @@ class InversionConfig:
     lambda_min: float = 1e-5            # 1e-7 for CLIP/imagenet/moco
     patience: int = 5                   # lambda changes after patience+1 steps in a row
     early_stop_patience: int = 10       # 35 for CLIP/imagenet/moco
+    min_progress: float = 0.0           # also stop once the best gains < this share of its way to the threshold
     lr_milestones: tuple = (30, 50)     # (200, 500) for CLIP/imagenet
     lr_after_milestones: tuple = (0.1, 0.05)
     orc_square: tuple = (5, 22)         # (top-left, side) of the `orc` initial mask; (24, 176) at 224 px
@@ -114,8 +117,9 @@ class InversionResult:
 
     @property
     def pl1_upper_bound(self) -> bool:
-        """After an exact early exit the run could have shrunk the trigger further: PL1 is an upper bound."""
-        return self.stop_reason == STOP_VERDICT
+        """After an exact early exit or a slow-progress stop the paper's run could have shrunk the trigger further:
+        the PL1 is an upper bound."""
+        return self.stop_reason in UPPER_BOUND_STOPS
 
     @property
     def found(self) -> bool:
@@ -236,13 +240,20 @@ class LambdaSchedule:
 
 
 class BestTrigger:
-    """Smallest successful trigger so far, and the early-stop count of steps since it last improved."""
+    """Smallest successful trigger so far, and the early-stop counts.
 
-    def __init__(self):
+    `stale_steps`: steps since the best last improved (the paper's early stop). `slow_steps`: steps since the best
+    last fell by more than `min_progress` times its distance to the threshold (`threshold_l1`), measured from where
+    that count last restarted; with min_progress 0, or once the best is below the threshold, it equals stale_steps.
+    """
+
+    def __init__(self, min_progress: float = 0.0, threshold_l1: float = 0.0):
         self.l1 = NO_TRIGGER_L1
         self.mask = self.pattern = None
-        self.stale_steps = 0
+        self.stale_steps = self.slow_steps = 0
         self.improved_this_epoch = False
+        self.min_progress, self.threshold_l1 = min_progress, threshold_l1
+        self.progress_from = math.inf  # the best L1 when the slow-progress count last restarted
 
     def update(self, success: bool, l1: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
         improved = success and l1 < self.l1
@@ -251,9 +262,25 @@ class BestTrigger:
             self.improved_this_epoch = True
         if self.mask is not None:
             self.stale_steps = 0 if improved else self.stale_steps + 1
+            if improved and self._progressed():
+                self.progress_from, self.slow_steps = self.l1, 0
+            else:
+                self.slow_steps += 1
 
-    def should_stop(self, epoch_mean_cos: float, cfg: InversionConfig) -> bool:
-        return abs(epoch_mean_cos) > cfg.thres and self.stale_steps > cfg.early_stop_patience
+    def _progressed(self) -> bool:
+        """The best fell by more than min_progress of its distance to the threshold since the count restarted."""
+        if math.isinf(self.progress_from) or self.l1 <= self.threshold_l1:
+            return True
+        needed = self.min_progress * max(self.progress_from - self.threshold_l1, 0.0)
+        return self.progress_from - self.l1 > needed
+
+    def stop_reason(self, epoch_mean_cos: float, cfg: InversionConfig) -> str | None:
+        """STOP_EARLY (the paper's rule), STOP_SLOW (too little progress, cfg.min_progress), or None: go on."""
+        if abs(epoch_mean_cos) <= cfg.thres:
+            return None
+        if self.stale_steps > cfg.early_stop_patience:
+            return STOP_EARLY
+        return STOP_SLOW if self.slow_steps > cfg.early_stop_patience else None
 
 
 def epoch_record(epoch: int, sums: np.ndarray, steps: int, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
@@ -301,7 +328,8 @@ class Restart:
         self.index, self.cfg, self.seed = index, cfg, restart_seed(cfg.seed, index)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.w, self.v = (p.detach() for p in initial_params(size, cfg, self.generator, dtype, device))
-        self.lambdas, self.best = LambdaSchedule(cfg), BestTrigger()
+        self.lambdas = LambdaSchedule(cfg)
+        self.best = BestTrigger(cfg.min_progress, cfg.pl1_threshold * size * size * 3)
         self.history, self.stop_reason = [], None
         self.sums, self.steps = np.zeros(3), 0
 
@@ -321,8 +349,8 @@ class Restart:
     def end_epoch(self, epoch: int, lr: float, start: float) -> dict:
         record = epoch_record(epoch, self.sums, self.steps, lr, self.lambdas, self.best, start)
         self.history.append(record)
-        if self.stop_reason is None and self.best.should_stop(record["cos"], self.cfg):
-            self.stop_reason = STOP_EARLY
+        if self.stop_reason is None:
+            self.stop_reason = self.best.stop_reason(record["cos"], self.cfg)
         return record
 
     def summary(self, size: int) -> dict:
@@ -363,6 +391,8 @@ def progress_postfix(restarts: list, active: list, size: int, cfg: InversionConf
     else:
         status = {"best_PL1": f"{pl1_norm(lead.best.l1, size):.4f} (thr {cfg.pl1_threshold})",
                   "since_best": f"{lead.best.stale_steps}/{cfg.early_stop_patience} steps"}
+        if cfg.min_progress:
+            status["since_progress"] = f"{lead.best.slow_steps}/{cfg.early_stop_patience} steps"
     status.update(cos=f"{record['cos']:.4f}", PL1=f"{pl1_norm(record['l1'], size):.4f}", lam=f"{record['lambda']:.0e}")
     if len(restarts) > 1:
         status["running"] = f"{len(active)}/{len(restarts)}"
@@ -375,7 +405,12 @@ def stop_message(result: "InversionResult", cfg: InversionConfig) -> str:
                        f"while the epoch's mean |cos| was above {cfg.thres}",
            STOP_BUDGET: f"epoch budget: --epochs {cfg.max_epochs} reached",
            STOP_VERDICT: f"exact early exit: PL1 fell below the threshold {cfg.pl1_threshold} and can only fall "
-                         "further, so the verdict is final (the PL1 is an upper bound)"}[result.stop_reason]
+                         "further, so the verdict is final (the PL1 is an upper bound)",
+           STOP_SLOW: f"slow progress: for more than {cfg.early_stop_patience} steps the best PL1 fell by less than "
+                      f"{cfg.min_progress:g} of its distance to the threshold {cfg.pl1_threshold} (--min_progress), "
+                      "while the epoch's mean |cos| was above "
+                      f"{cfg.thres}; the paper's run would go on and could only lower the PL1, so it is an upper "
+                      "bound"}[result.stop_reason]
     return f"DECREE stopped after {result.epochs} epochs ({result.seconds:.1f} s): {why}"
 
 

@@ -5,8 +5,10 @@
     <preset>    this project's run_decree.py --preset <preset> with its defaults (one worker per core for 32-px
                 encoders, encoder processes forked from warm worker servers, target recovery and report included)
 
-Per sweep: wall seconds from the first process start to the last result, and per encoder the verdict, against
-the paper's. Every sweep starts in an empty folder (a resumed sweep would skip finished encoders).
+Per sweep: wall seconds from the first process start to the last result, per encoder the verdict against the
+paper's, and the detection rates and per-family AUROC (attacks that did not take, as read from the population.json
+beside the manifest, count in neither). Every sweep starts in an empty folder (a resumed sweep would skip
+finished encoders).
 """
 import json
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from decree.report import collect_rows
 from decree.sweep import read_manifest
+from .benchmark_population import attack_success, detection_rates, family_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "paper_code"  # the reference sweep's name (ours are named by their preset, `paper` included)
@@ -78,21 +81,41 @@ def run_sweeps(manifest, presets, settings: dict, scratch, log=print) -> dict:
         log(f"sweep {name} over {len(encoders)} encoders")
         sweeps[name] = (paper_sweep(encoders, settings, folder, log) if name == REFERENCE
                         else project_sweep(manifest, name, settings, folder, log))
-    paper = sweeps[REFERENCE]
+    paper, rows = sweeps[REFERENCE], population_rows(manifest, encoders)
     for sweep in sweeps.values():
         sweep["speedup"] = paper["wall_s"] / sweep["wall_s"]
         sweep["same_verdict"] = sum(sweep["runs"].get(path, {}).get("verdict") == run["verdict"]
                                     for path, run in paper["runs"].items())
         sweep["encoders"] = len(paper["runs"])
+        pl1s = [sweep["runs"].get(row["path"], {}).get("pl1") for row in rows]
+        sweep.update(detection_rates(rows, pl1s, settings["threshold"]), auroc=family_auroc(rows, pl1s))
     return {"settings": {**settings, "manifest": str(manifest), "presets": list(presets)}, "sweeps": sweeps}
 
 
+def population_rows(manifest, encoders) -> list[dict]:
+    """Per encoder: resolved path, label, family and whether its attack took (None for clean encoders)."""
+    took = attack_success(manifest)
+    rows = []
+    for enc in encoders:
+        path = str(Path(enc.path).resolve())
+        rows.append({"path": path, "label": enc.label, "family": enc.family or enc.label,
+                     "took": took.get(path) if enc.label == "backdoor" else None})
+    return rows
+
+
 def sweeps_table(doc: dict) -> str:
-    """One line per sweep: wall seconds, ratio to the paper's, verdicts equal to the paper's."""
-    lines = [f"{'sweep':<12} {'wall s':>9} {'x paper':>8} {'same verdict':>13}  how it ran"]
+    """One line per sweep: wall seconds, ratio to the paper's, verdicts equal to the paper's, detections, the
+    largest per-family AUROC difference from the paper's sweep; then each sweep's per-family AUROC."""
+    paper = doc["sweeps"][REFERENCE]
+    lines = [f"{'sweep':<12} {'wall s':>9} {'x paper':>8} {'same verdict':>13} {'detected':>9} {'clean fl.':>9} "
+             f"{'max |dAUROC|':>12}  how it ran"]
     for name, s in doc["sweeps"].items():
         how = ("the paper's way: a fresh interpreter per encoder, sequential, torch defaults" if name == REFERENCE
                else f"run_decree.py --preset {name}: {s.get('plan', '')}")
-        lines.append(f"{name:<12} {s['wall_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6}"
-                     f"  {how}")
+        change = max((abs(a - paper["auroc"][f]) for f, a in s["auroc"].items()), default=0.0)
+        lines.append(f"{name:<12} {s['wall_s']:>9.1f} {s['speedup']:>8.2f} {s['same_verdict']:>6}/{s['encoders']:<6} "
+                     f"{s['detected']:>5}/{s['backdoors']:<3} {s['false_positives']:>5}/{s['cleans']:<3} "
+                     f"{change:>12.3f}  {how}")
+    lines += [f"AUROC {name}: " + ", ".join(f"{f} {a:.3f}" for f, a in s["auroc"].items())
+              for name, s in doc["sweeps"].items()]
     return "\n".join(lines)

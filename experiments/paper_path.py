@@ -120,7 +120,7 @@ def paper_invert_trigger(encoder: torch.nn.Module, shadow, mean, std, cfg: Inver
         history.append(record)
         if on_epoch is not None:
             on_epoch(record, best)
-        if best.should_stop(record["cos"], cfg):
+        if best.stop_reason(record["cos"], cfg):
             break
 
     return final_result(best, size, cfg, history, time.time() - start)

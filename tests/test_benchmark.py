@@ -245,5 +245,9 @@ def test_sweep_mode_times_the_papers_sweep_against_ours_with_the_same_verdicts(t
         assert run["omp_wait_policy"] is None and run["epochs"] <= 2
     assert triage["same_verdict"] == 2 and triage["wall_s"] > 0 and "worker(s)" in triage["plan"]
     assert (tmp_path / "sweeps.json.sweeps" / "triage" / "trigger_norm").is_dir()  # our sweep's own outputs
+    for sweep in (paper, triage):  # rates and per-family AUROC from each sweep's own PL1s
+        assert (sweep["backdoors"], sweep["cleans"]) == (1, 1) and len(sweep["auroc"]) == 1
+        assert 0 <= next(iter(sweep["auroc"].values())) <= 1
     printed = capsys.readouterr().out
     assert "x paper" in printed and "fresh interpreter per encoder" in printed and "--preset triage" in printed
+    assert "max |dAUROC|" in printed and "AUROC triage:" in printed

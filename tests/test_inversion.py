@@ -7,8 +7,8 @@ import torch
 
 from conftest import (CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder,
                       RandomFeatureEncoder)
-from decree.inversion import (BestTrigger, InversionConfig, InversionError, LambdaSchedule, initial_params,
-                              invert_trigger, learning_rate, mean_pairwise_cos, preset, stamp,
+from decree.inversion import (STOP_EARLY, STOP_SLOW, BestTrigger, InversionConfig, InversionError, LambdaSchedule,
+                              initial_params, invert_trigger, learning_rate, mean_pairwise_cos, preset, stamp,
                               trigger_from_params)
 
 FAST = dict(lr=0.5, batch_size=32, max_epochs=80)
@@ -83,7 +83,33 @@ def test_best_trigger_and_early_stop_count():
     for _ in range(4):
         best.update(False, 1.0, mask, pattern)  # a small but unsuccessful trigger is not a best
     assert best.l1 == 9.5 and best.stale_steps == 4
-    assert best.should_stop(0.995, cfg) and not best.should_stop(0.98, cfg)
+    assert best.stop_reason(0.995, cfg) == STOP_EARLY and best.stop_reason(0.98, cfg) is None
+
+
+def test_slow_progress_counts_steps_until_the_best_gains_a_share_of_its_way_to_the_threshold():
+    best, cfg = BestTrigger(min_progress=0.1, threshold_l1=10.0), InversionConfig(early_stop_patience=3, thres=0.99)
+    mask, pattern = torch.zeros(2, 2), torch.zeros(2, 2, 3)
+    best.update(True, 110.0, mask, pattern)  # the first trigger starts both counts
+    for l1 in (109.0, 108.0, 107.0, 106.0):  # improves every step, but by 4 < 0.1 * (110 - 10) in all
+        best.update(True, l1, mask, pattern)
+    assert best.stale_steps == 0 and best.slow_steps == 4
+    assert best.stop_reason(0.995, cfg) == STOP_SLOW and best.stop_reason(0.98, cfg) is None
+    best.update(True, 99.0, mask, pattern)  # 110 -> 99: more than 10 % of the way: the count restarts from 99
+    assert best.slow_steps == 0 and best.stop_reason(0.995, cfg) is None
+    best.update(True, 95.0, mask, pattern)  # 4 < 0.1 * (99 - 10)
+    assert best.slow_steps == 1
+    best.update(True, 9.9, mask, pattern)  # below the threshold every improvement counts, as in the paper's rule
+    best.update(True, 9.8, mask, pattern)
+    assert best.slow_steps == best.stale_steps == 0
+
+
+def test_without_min_progress_the_slow_count_is_the_papers_count():
+    best, generator = BestTrigger(min_progress=0.0, threshold_l1=300.0), torch.Generator().manual_seed(0)
+    mask, pattern = torch.zeros(2, 2), torch.zeros(2, 2, 3)
+    for _ in range(200):
+        success, l1 = bool(torch.rand(1, generator=generator) < 0.7), float(torch.rand(1, generator=generator)) * 1000
+        best.update(success, l1, mask, pattern)
+        assert best.slow_steps == best.stale_steps
 
 
 def test_learning_rate_schedule_per_usage_info():

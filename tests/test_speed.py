@@ -12,8 +12,8 @@ import main
 import models
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from common.device import cpu_supports_bf16
-from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, drop_rows, invert_trigger,
-                              preset)
+from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_SLOW, STOP_VERDICT, UPPER_BOUND_STOPS, drop_rows,
+                              invert_trigger, preset)
 from decree import detect, shadow_cache
 from decree.target import analyse_target, load_target, recover_target
 from models.fold import batchnorm_count, fold_batchnorm
@@ -116,6 +116,15 @@ def test_stop_at_verdict_leaves_a_clean_run_unchanged(shadow_images):
     assert [h["l1"] for h in exact.history] == [h["l1"] for h in plain.history]
 
 
+def test_min_progress_cuts_a_slow_clean_run_short_and_runs_the_same_steps_until_then(shadow_images):
+    full = run(RandomFeatureEncoder(), shadow_images[:64])
+    slow = run(RandomFeatureEncoder(), shadow_images[:64], min_progress=0.2)
+    assert not full.trojaned and full.found and full.stop_reason == STOP_BUDGET
+    assert slow.stop_reason == STOP_SLOW and slow.pl1_upper_bound and slow.epochs < full.epochs
+    assert slow.pl1 >= full.pl1 and not slow.trojaned
+    assert [h["l1"] for h in slow.history] == [h["l1"] for h in full.history[:slow.epochs]]
+
+
 def test_presets_set_their_fields_and_explicit_values_win():
     paper, fast, triage = (preset("cifar10", name) for name in ("paper", "fast", "triage"))
     assert not paper.stop_at_verdict and paper.param_dtype == "float64" and paper.speed_preset == "paper"
@@ -159,12 +168,13 @@ def test_main_writes_restarts_stop_reason_and_upper_bound(tmp_path):
     np.savez(data, x=smooth_images(24, 32, seed=2), y=np.zeros(24, np.int64))
     main.main(["--encoder_path", str(path), "--arch", "resnet18_w8", "--shadow_data", str(data), "--shadow_size",
                "24", "--lr", "0.5", "--epochs", "2", "--out_dir", str(tmp_path), "--device", "cpu", "--quiet",
-               "--preset", "triage", "--restarts", "2"])
+               "--preset", "triage", "--restarts", "2", "--min_progress", "0.3"])
     record = json.loads((tmp_path / "trigger_norm" / f"{run_id_for(path)}.json").read_text())
     assert record["config"]["speed_preset"] == "triage" and record["config"]["stop_at_verdict"]
+    assert record["config"]["min_progress"] == 0.3  # the flag wins over the preset's value
     assert record["config"]["param_dtype"] == "float64" and len(record["restarts"]) == 2  # the paper's run, cut
-    assert record["stop_reason"] in (STOP_BUDGET, STOP_EARLY, STOP_VERDICT)
-    assert record["pl1_upper_bound"] == (record["stop_reason"] == STOP_VERDICT)
+    assert record["stop_reason"] in (STOP_BUDGET, STOP_EARLY, STOP_VERDICT, STOP_SLOW)
+    assert record["pl1_upper_bound"] == (record["stop_reason"] in UPPER_BOUND_STOPS)
     assert "stopped after" in (tmp_path / "detect_log" / f"{run_id_for(path)}.log").read_text()
 
 

@@ -502,4 +502,12 @@ def test_the_sweep_process_leaves_torchvision_to_its_workers():
     code = "import sys, run_decree; print('torchvision' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
-    assert "torchvision.models" in sweep_module.MAIN_PY_IMPORTS
+
+
+def test_worker_servers_preload_torchvision_only_for_encoders_whose_models_need_it():
+    simclr = [Encoder("a.pth", "cifar10", None, "clean"), Encoder("b.pth", "stl10", "resnet18_w16", "clean")]
+    assert "torchvision.models" not in sweep_module.worker_preload(simclr)  # models/resnet.py builds these
+    for other in (Encoder("c.pth", "imagenet", None, "clean"), Encoder("d.pt", "CLIP", "RN50", "clean"),
+                  Encoder("e", "open_clip", None, "clean")):
+        assert "torchvision.models" in sweep_module.worker_preload(simclr + [other])
+    assert set(sweep_module.MAIN_PY_IMPORTS) <= set(sweep_module.worker_preload(simclr))
