@@ -66,9 +66,10 @@ class DetectionJob:
 
     def inversion_config(self) -> InversionConfig:
         return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
-                      min_progress=self.min_progress, restarts=self.restarts, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                      mask_init=self.mask_init, thres=self.thres, max_epochs=self.epochs,
-                      pl1_threshold=self.pl1_threshold, param_dtype="float32" if self.float32 else None,
+                      min_progress=self.min_progress, restarts=self.restarts, lr=self.lr,
+                      batch_size=self.batch_size, seed=self.seed, mask_init=self.mask_init, thres=self.thres,
+                      max_epochs=self.epochs, pl1_threshold=self.pl1_threshold,
+                      param_dtype="float32" if self.float32 else None,
                       amp=self.amp or None, channels_last=self.channels_last or None,
                       fold_batchnorm=self.fold_batchnorm or None)
 

@@ -244,7 +244,8 @@ class BestTrigger:
 
     `stale_steps`: steps since the best last improved (the paper's early stop). `slow_steps`: steps since the best
     last fell by more than `min_progress` times its distance to the threshold (`threshold_l1`), measured from where
-    that count last restarted; with min_progress 0, or once the best is below the threshold, it equals stale_steps.
+    that count last restarted; with min_progress 0, or once the best is at or below the threshold, it counts as
+    stale_steps does.
     """
 
     def __init__(self, min_progress: float = 0.0, threshold_l1: float = 0.0):
@@ -271,8 +272,7 @@ class BestTrigger:
         """The best fell by more than min_progress of its distance to the threshold since the count restarted."""
         if math.isinf(self.progress_from) or self.l1 <= self.threshold_l1:
             return True
-        needed = self.min_progress * max(self.progress_from - self.threshold_l1, 0.0)
-        return self.progress_from - self.l1 > needed
+        return self.progress_from - self.l1 > self.min_progress * (self.progress_from - self.threshold_l1)
 
     def stop_reason(self, epoch_mean_cos: float, cfg: InversionConfig) -> str | None:
         """STOP_EARLY (the paper's rule), STOP_SLOW (too little progress, cfg.min_progress), or None: go on."""

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import USAGE_INFOS, encoder_spec
+from models import USAGE_INFOS
 from models.registry import ARCH_MODULES_ENV
 
 from common import io as atomic
@@ -479,20 +479,10 @@ def _write_record(write, path: Path, content) -> str | None:
 
 
 # what main.py imports: a worker server imports these once, before it forks the first encoder's process
+# (torchvision too: models import it only when they build a backbone; and torch._dynamo, which torch.optim's
+# optimisers import on their first use: 3.3 s on a 2-core AVX2 EPYC, which every encoder's process would pay)
 MAIN_PY_IMPORTS = ("common.threads", "common.determinism", "decree.cli", "decree.detect", "decree.sweep",
-                   "decree.target", "models")
-
-
-def worker_preload(encoders) -> tuple[str, ...]:
-    """What a sweep's worker servers import before forking: main.py's modules, and torchvision (more than a second:
-    it imports torch._dynamo) when an encoder's model needs it, as every kind but the SimCLR backbones
-    (models/resnet.py) does; each encoder's process would pay it otherwise."""
-    def simclr(enc: Encoder) -> bool:
-        try:
-            return encoder_spec(enc.usage_info, enc.arch).family == "simclr"
-        except ValueError:  # hub encoders: their spec comes from the checkpoint
-            return False
-    return MAIN_PY_IMPORTS + (() if all(simclr(enc) for enc in encoders) else ("torchvision.models",))
+                   "decree.target", "models", "torchvision.models", "torch._dynamo")
 
 
 class WorkerDied(RuntimeError):
@@ -564,7 +554,6 @@ class Sweep:
         self._lock = threading.Lock()
         self._stopping = False
         self._cpu_workers = sum(slot == "cpu" for slot in slots)
-        self._preload = MAIN_PY_IMPORTS
 
     def run_one(self, enc: Encoder, slot: int) -> dict:
         """Claim and run one encoder on worker slot `slot`: {'status': 'done', 'record'}, {'status': 'failed',
@@ -590,8 +579,7 @@ class Sweep:
         """This slot's worker server, started on first use and again if it has died."""
         server = self._servers.get(slot)
         if server is None or not server.alive():
-            server = WorkerServer(_child_env(self.slots[slot], self._cpu_workers), self.imports,
-                                  preload=self._preload)
+            server = WorkerServer(_child_env(self.slots[slot], self._cpu_workers), self.imports)
             self._servers[slot] = server
         return server
 
@@ -651,7 +639,6 @@ class Sweep:
 
     def run(self, encoders, on_result=None) -> None:
         """Run every encoder, one per free worker slot; on_result(enc, outcome) after each."""
-        self._preload = worker_preload(encoders)
         free = queue.Queue()
         for slot in range(len(self.slots)):
             free.put(slot)

@@ -4,12 +4,12 @@ import re
 import torch
 from torch import nn
 
-from .resnet import LAYOUTS, resnet
-
+# torchvision is imported where a backbone is built: importing it imports torch._dynamo (about a second), which
+# processes that only name archs (a sweep's parent, --help) need not pay
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
 # resnet18_w16 = ResNet18 with base width 16 instead of 64: small enough for tests and the CPU demo
 NARROW = re.compile(r"resnet18_w(\d+)$")
 MAX_WIDTH = 1024  # 16x torchvision's 64: wider would take tens of GB before failing
-NARROW_CLASSES = 10  # the narrow backbones' unused fc: its size sets the random draws after it, hence conv1's
 
 
 def narrow_width(arch: str) -> int | None:
@@ -23,17 +23,39 @@ def narrow_width(arch: str) -> int | None:
     return width
 
 
+def _narrow_resnet18(width: int) -> nn.Module:
+    """torchvision-named ResNet18 (conv1, bn1, relu, maxpool, layer1-4, avgpool, fc) with base width `width`."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+    net = nn.Module()
+    net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.relu = nn.ReLU(inplace=True)
+    net.maxpool = nn.MaxPool2d(3, 2, 1)
+    inplanes = width
+    for i, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        stride = 1 if i == 0 else 2
+        down = None
+        if stride != 1 or inplanes != planes:
+            down = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+        setattr(net, f"layer{i + 1}", nn.Sequential(BasicBlock(inplanes, planes, stride, down),
+                                                     BasicBlock(planes, planes)))
+        inplanes = planes
+    net.avgpool = nn.AdaptiveAvgPool2d(1)
+    net.fc = nn.Linear(inplanes, 10)
+    return net
+
+
 def backbone_archs() -> str:
-    return ", ".join(list(LAYOUTS) + ["resnet18_wN (narrow, e.g. resnet18_w16)"])
+    return ", ".join(list(TORCHVISION_RESNETS) + ["resnet18_wN (narrow, e.g. resnet18_w16)"])
 
 
 def _resnet(arch: str) -> nn.Module:
-    """torchvision's resnet18/34/50 (weights=None), or a narrow ResNet18 with PyTorch's default initialisation."""
-    if arch in LAYOUTS:
-        return resnet(arch)
+    if arch in TORCHVISION_RESNETS:
+        from torchvision.models import resnet
+        return getattr(resnet, arch)(weights=None)
     width = narrow_width(arch)
     if width is not None:
-        return resnet("resnet18", width, NARROW_CLASSES, torchvision_init=False)
+        return _narrow_resnet18(width)
     raise ValueError(f"unknown SimCLR backbone arch {arch!r}; choose one of {backbone_archs()}")
 
 

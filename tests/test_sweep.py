@@ -502,12 +502,15 @@ def test_the_sweep_process_leaves_torchvision_to_its_workers():
     code = "import sys, run_decree; print('torchvision' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+    assert "torchvision.models" in sweep_module.MAIN_PY_IMPORTS
 
 
-def test_worker_servers_preload_torchvision_only_for_encoders_whose_models_need_it():
-    simclr = [Encoder("a.pth", "cifar10", None, "clean"), Encoder("b.pth", "stl10", "resnet18_w16", "clean")]
-    assert "torchvision.models" not in sweep_module.worker_preload(simclr)  # models/resnet.py builds these
-    for other in (Encoder("c.pth", "imagenet", None, "clean"), Encoder("d.pt", "CLIP", "RN50", "clean"),
-                  Encoder("e", "open_clip", None, "clean")):
-        assert "torchvision.models" in sweep_module.worker_preload(simclr + [other])
-    assert set(sweep_module.MAIN_PY_IMPORTS) <= set(sweep_module.worker_preload(simclr))
+def test_an_encoder_process_imports_nothing_heavy_that_its_worker_server_could_have_preloaded():
+    # torch.optim.Adam imports torch._dynamo on first use (seconds): preloaded, an encoder's run pays nothing
+    code = ("import importlib, sys; from decree.sweep import MAIN_PY_IMPORTS\n"
+            "for name in MAIN_PY_IMPORTS: importlib.import_module(name)\n"
+            "before = set(sys.modules); import torch\n"
+            "torch.optim.Adam([torch.zeros(2, requires_grad=True)]).step()\n"
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('torch')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
