@@ -119,7 +119,7 @@ def test_stop_at_verdict_leaves_a_clean_run_unchanged(shadow_images):
 def test_min_progress_cuts_a_slow_clean_run_short_and_runs_the_same_steps_until_then(shadow_images):
     full = run(RandomFeatureEncoder(), shadow_images[:64])
     slow = run(RandomFeatureEncoder(), shadow_images[:64], min_progress=0.2)
-    assert not full.trojaned and full.found and full.stop_reason == STOP_BUDGET
+    assert not full.trojaned and full.found and full.stop_reason in (STOP_BUDGET, STOP_EARLY)
     assert slow.stop_reason == STOP_SLOW and slow.pl1_upper_bound and slow.epochs < full.epochs
     assert slow.pl1 >= full.pl1 and not slow.trojaned
     assert [h["l1"] for h in slow.history] == [h["l1"] for h in full.history[:slow.epochs]]
