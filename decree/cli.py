@@ -142,7 +142,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="also end the run (a 'slow progress' stop) once, for more than the early-stop patience, "
                             "the best PL1 has not fallen by more than F times its distance to --pl1_threshold: at "
                             "that pace it would need over patience/F steps to get there. Cuts clean encoders' runs "
-                            "short; their PL1 is then an upper bound (0 = the paper's rule; default: the preset's)")
+                            "short; their PL1 is then an upper bound, and a backdoor found late is missed (default 0: "
+                            "the paper's rule; in no preset, see docs/speed.md)")
     group.add_argument("--restarts", type=at_least(1), default=None,
                        help="K independent inversions from different initial triggers and batch orders, run "
                             "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
