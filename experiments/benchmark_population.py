@@ -129,6 +129,11 @@ def bench_encoder(enc, index: int, contenders: list[str], device, settings: dict
             "runs": {name: runs[name] for name in contenders}}
 
 
+def encoder_took(took: dict, enc) -> bool | None:
+    """Whether a backdoored encoder's attack took, from attack_success's dict; None for clean or unmeasured ones."""
+    return took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor" else None
+
+
 def _pl1(value):
     return np.inf if value is None else value
 
@@ -244,7 +249,7 @@ def run_population(manifest, device, contenders=DEFAULT_CONTENDERS, shadow_data=
     overheads = startup_seconds()
     rows = []
     for i, enc in enumerate(encoders):
-        enc_took = took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor" else None
+        enc_took = encoder_took(took, enc)
         rows.append(done.get(enc.path) or bench_encoder(enc, i, contenders, device, settings, shadow_data,
                                                         shadow_size, restarts, log, enc_took))
         if partial is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from decree.report import collect_rows
 from decree.sweep import read_manifest
-from .benchmark_population import attack_success, detection_rates, family_auroc
+from .benchmark_population import attack_success, detection_rates, encoder_took, family_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "paper_code"  # the reference sweep's name (ours are named by their preset, `paper` included)
@@ -95,12 +95,8 @@ def run_sweeps(manifest, presets, settings: dict, scratch, log=print) -> dict:
 def population_rows(manifest, encoders) -> list[dict]:
     """Per encoder: resolved path, label, family and whether its attack took (None for clean encoders)."""
     took = attack_success(manifest)
-    rows = []
-    for enc in encoders:
-        path = str(Path(enc.path).resolve())
-        rows.append({"path": path, "label": enc.label, "family": enc.family or enc.label,
-                     "took": took.get(path) if enc.label == "backdoor" else None})
-    return rows
+    return [{"path": str(Path(enc.path).resolve()), "label": enc.label, "family": enc.family or enc.label,
+             "took": encoder_took(took, enc)} for enc in encoders]
 
 
 def sweeps_table(doc: dict) -> str:
