@@ -1,6 +1,6 @@
 r"""DECREE over many encoders: every local GPU (or N CPU workers) or a Slurm array, then a report.
 
-    python run_decree.py                                  # output/<usage_info>/**/*.pth, all visible GPUs
+    python run_decree.py                                  # output/<usage_info>/**/*.pth|.pt|.safetensors, all GPUs
     python run_decree.py --manifest encoders.csv --devices 0,1 --out_dir sweep
     python run_decree.py --encoders 'my/encoders/**/*.pth' --encoder_usage_info stl10 --devices cpu --workers 4
     python run_decree.py --shard 2/4 ...                  # or inside a Slurm array job: SLURM_ARRAY_TASK_*
@@ -24,6 +24,7 @@ import time
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_target_args, at_least,
                         inversion_kwargs, output_file, target_kwargs, user_errors)
+from common.determinism import add_determinism_arg
 from common.io import check_writable
 from decree.export import export_predictions
 from decree.report import format_metrics, write_report
@@ -44,11 +45,14 @@ def parse_args(argv=None):
                              "[,reference_text TEXT][,family (a free group name, carried into the report)]; "
                              "relative paths are relative to the CSV; empty cells take --encoder_usage_info/--arch")
     source.add_argument("--encoders", nargs="+", default=None, metavar="GLOB",
-                        help="checkpoint globs (quote them; ** recurses), all of --encoder_usage_info/--arch")
+                        help="checkpoint globs (quote them; ** recurses): .pth/.pt/.safetensors files, or a hub's .bin "
+                             "weights named directly; all of --encoder_usage_info/--arch")
     found.add_argument("--output_root", default="output",
-                       help="folder of the paper's layout <usage_info>/**/*.pth (default output; CLIP_text = CLIP)")
+                       help="folder of the paper's layout <usage_info>/**/*.pth|*.pt|*.safetensors (default output; "
+                            "CLIP_text = CLIP)")
     add_encoder_args(parser)
     add_inversion_args(parser)
+    add_determinism_arg(parser)
     parser.set_defaults(**SWEEP_DEFAULTS)
     add_target_args(parser, reference=False)  # per-encoder truths come from the manifest
     run = parser.add_argument_group("sweep")
@@ -89,9 +93,15 @@ def describe(encoders, shard) -> str:
     return f"{len(encoders)} encoders" + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
 
 
+def sweep_options(args) -> dict:
+    """The main.py options every encoder of the sweep runs with (decree.sweep.passthrough_argv makes the flags)."""
+    return {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file,
+            "nondeterministic": args.nondeterministic}
+
+
 def sweep(args, encoders, shard) -> dict:
     """Run this shard's unfinished encoders on the worker pool; returns the counts."""
-    options = {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file}
+    options = sweep_options(args)
     slots = worker_devices(args.devices, args.device, args.gpu, args.workers,
                            cpu_default=cpu_workers(encoders, args.threads))
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "

@@ -44,7 +44,9 @@ from common.threads import threads_per_worker, usable_cores
 from .outputs import RunPaths, read_run, run_id_for
 
 MAIN_PY = ROOT / "main.py"
-CHECKPOINT_PATTERNS = ("*.pth", "*.pt")
+CHECKPOINT_PATTERNS = ("*.pth", "*.pt", "*.safetensors")  # what folder discovery and ** globs pick up
+# a file a glob names directly may also be a hub's torch weights (pytorch_model.bin): main.py reads them all
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 LABELS = ("clean", "backdoor")
 # the paper's folders under output/: the first folder names the usage info
 USAGE_FOLDERS = {"cifar10": "cifar10", "stl10": "stl10", "imagenet": "imagenet", "CLIP": "CLIP",
@@ -101,7 +103,8 @@ def _sorted_unique(encoders) -> list[Encoder]:
 
 
 def discover_output_folder(root="output", arch: str | None = None) -> list[Encoder]:
-    """The paper's layout: root/<usage>/**/*.pth|*.pt; CLIP_text/ holds CLIP encoders; other folders ignored."""
+    """The paper's layout: root/<usage>/**/*.pth|*.pt (and *.safetensors); CLIP_text/ holds CLIP encoders; other
+    folders ignored."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--output_root {root}: no such folder; put encoders in {root}/<usage_info>/... "
@@ -117,7 +120,7 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
 def _nothing_found(root: Path) -> str:
     """Where discovery looked, and the flags that would find the checkpoints lying elsewhere under root."""
     looked = ", ".join(f"{root / folder}/" for folder in USAGE_FOLDERS)
-    message = f"no *.pth/*.pt checkpoints in the paper's folders {looked}"
+    message = f"no *.pth/*.pt/*.safetensors checkpoints in the paper's folders {looked}"
     # the top folder under root of every other checkpoint (root itself for one lying directly in it)
     others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
                      for path in root.rglob("*") if _is_checkpoint(path)})
@@ -132,13 +135,15 @@ def _nothing_found(root: Path) -> str:
 
 
 def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:
-    """Checkpoints matching shell globs (** recursive); a pattern that matches nothing is an error."""
+    """Checkpoints matching shell globs (** recursive): weight files the glob names, and the checkpoints inside
+    folders it names; a pattern that matches none is an error."""
     encoders = []
     for pattern in patterns:
         matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
-        matches = [p for q in matches for p in ([q] if q.is_file() else q.rglob("*")) if _is_checkpoint(p)]
+        matches = [p for q in matches for p in ([q] if q.is_file() else sorted(q.rglob("*")))
+                   if (q.is_file() and q.suffix in WEIGHT_FILE_SUFFIXES) or _is_checkpoint(p)]
         if not matches:
-            raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt file")
+            raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt/.safetensors/.bin file")
         encoders += [Encoder(str(p), usage_info, arch, infer_label(p)) for p in matches]
     return _sorted_unique(encoders)
 

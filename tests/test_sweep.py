@@ -21,7 +21,7 @@ from decree.outputs import run_id_for
 from common.isolated import PROJECT_PACKAGES, ROOT as ISOLATION_ROOT, isolated_command
 from decree import sweep as sweep_module
 from decree.sweep import (Encoder, WorkerDied, WorkerServer, claim_encoder, claim_path, cpu_workers,
-                          discover_output_folder, infer_label, read_manifest, release_claim, select_shard,
+                          discover_globs, discover_output_folder, infer_label, read_manifest, release_claim, select_shard,
                           shard_from_slurm, worker_devices)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +216,32 @@ def test_output_folder_discovery_infers_usage_info_from_the_first_folder(tmp_pat
     assert found == [("CLIP_text/svhn_backdoored_encoder/model_3.pt", "CLIP", "backdoor"),
                      ("cifar10/clean_encoder/model_1000.pth", "cifar10", "clean"),
                      ("stl10/a/b/model_1.pth", "stl10", "backdoor")]
+
+
+def test_discovery_finds_safetensors_and_a_named_hub_weights_file(tmp_path):
+    for name in ("cifar10/clean_encoder/model.safetensors", "cifar10/hub/pytorch_model.bin",
+                 "cifar10/hub/config.json", "mine/a.safetensors", "mine/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(e.path).relative_to(tmp_path).as_posix() for e in discover_output_folder(tmp_path)] == [
+        "cifar10/clean_encoder/model.safetensors"]
+    found = discover_globs([str(tmp_path / "mine"), str(tmp_path / "cifar10/hub/*")], "stl10")
+    assert [Path(e.path).relative_to(tmp_path).as_posix() for e in found] == ["cifar10/hub/pytorch_model.bin",
+                                                                             "mine/a.safetensors"]
+    with pytest.raises(FileNotFoundError, match="matches no .pth/.pt/.safetensors/.bin file"):
+        discover_globs([str(tmp_path / "mine/*.txt")], "stl10")
+
+
+def test_sweep_passes_main_py_flags_through_to_every_encoder():
+    args = run_decree.parse_args(["--encoders", "x.pth", "--nondeterministic", "--preset", "triage",
+                                  "--min_progress", "0.1"])
+    argv = sweep_module.main_py_args(Encoder("x.pth", "cifar10", None, "clean"), "cpu", "out",
+                                     run_decree.sweep_options(args))
+    assert "--nondeterministic" in argv and argv[argv.index("--preset") + 1] == "triage"
+    assert argv[argv.index("--min_progress") + 1] == "0.1" and argv[argv.index("--lr") + 1] == "0.5"
+    assert "--nondeterministic" not in sweep_module.main_py_args(
+        Encoder("x.pth", "cifar10", None, "clean"), "cpu", "out",
+        run_decree.sweep_options(run_decree.parse_args(["--encoders", "x.pth"])))
 
 
 def test_manifest_labels_override_the_path_rule_and_paths_are_relative_to_it(tmp_path):
