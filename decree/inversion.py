@@ -68,9 +68,11 @@ class InversionConfig:
 # encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
 HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
 # Speed presets: changes to the paper's settings, checked on the detection benchmark's populations
-# (docs/speed.md). `fast` keeps the paper's math and float64 trigger and only makes each encoder call cheaper:
-# batch norms folded into their convolutions and channels_last (float32 rounding differs, nothing else).
-# `triage` is `fast` with the exact early exit: stopped once the TROJANED verdict is final.
+# (docs/speed.md). `exact` is the paper's run, rounded as the paper's code rounds it, ended once the TROJANED
+# verdict is final (the exact early exit): the paper's verdict on every encoder. `fast` keeps the paper's math
+# and float64 trigger and only makes each encoder call cheaper: batch norms folded into their convolutions and
+# channels_last (float32 rounding inside the encoder differs, nothing else). `triage` is `fast` with the exact
+# early exit.
 # Not in any preset: float32 trigger parameters and bf16 autocast (--float32, --amp). float32 stops registering
 # the tiny L1 decreases that keep the paper's float64 run going, so runs end sooner with larger PL1s, and on the
 # benchmark population that changed verdicts near the threshold; bf16 noise in the embeddings moves run lengths
@@ -78,6 +80,7 @@ HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
 CHEAPER_ENCODER_CALLS = {"fold_batchnorm": True, "channels_last": True}
 SPEED_PRESETS = {
     "paper": {},
+    "exact": {"stop_at_verdict": True},
     "fast": CHEAPER_ENCODER_CALLS,
     "triage": {**CHEAPER_ENCODER_CALLS, "stop_at_verdict": True},
 }
@@ -141,8 +144,13 @@ class InversionResult:
 # ---- parametrisation -------------------------------------------------------------------------------
 
 def trigger_from_params(w: torch.Tensor, v: torch.Tensor):
-    """Free tensors w (H,W), v (H,W,3) -> mask (H,W) in [0,1], pattern (H,W,3) in [0,255]."""
-    mask = (torch.tanh(w) / (2 - EPS) + 0.5).clamp(0, 1)
+    """Free tensors w (...,H,W), v (...,H,W,3) -> mask (...,H,W,3) in [0,1], the same on every channel, and
+    pattern (...,H,W,3) in [0,255].
+
+    The mask is made from w repeated on the 3 channels, as the paper's code made it, rather than from w alone and
+    broadcast: its gradient then sums the three channels' terms where the paper's did, so a run rounds exactly as
+    the paper's code does, step for step (tests/test_benchmark.py)."""
+    mask = (torch.tanh(w.unsqueeze(-1).repeat(*(1,) * w.dim(), 3)) / (2 - EPS) + 0.5).clamp(0, 1)
     pattern = ((torch.tanh(v) / (2 - EPS) + 0.5) * 255).clamp(0, 255)
     return mask, pattern
 
@@ -173,9 +181,15 @@ def initial_params(size: int, cfg: InversionConfig, generator: torch.Generator, 
 # ---- loss pieces -----------------------------------------------------------------------------------
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """uint8/float pixels (B,H,W,3) -> clip((1-m) x + m p, 0, 255) in mask's dtype, the whole batch at once."""
-    m = mask.unsqueeze(-1)
-    return ((1 - m) * x.to(mask.dtype) + m * pattern).clamp(0, 255)
+    """uint8/float pixels (B,H,W,3) -> clip((1-m) x + m p, 0, 255) in mask's dtype, the whole batch at once;
+    mask (...,H,W,3), or (...,H,W,1) for one mask on every channel."""
+    return ((1 - mask) * x.to(mask.dtype) + mask * pattern).clamp(0, 255)
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Pixels (N,3,S,S) in [0,255] -> (x / 255 - mean) / std, in the order of operations of the paper's
+    torchvision Normalize (one fused multiply-add would round differently)."""
+    return (pixels / 255.0 - mean) / std
 
 
 def mean_pairwise_cos(embeddings: torch.Tensor) -> torch.Tensor:
@@ -187,8 +201,8 @@ def mean_pairwise_cos(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def l1_norm(mask: torch.Tensor) -> torch.Tensor:
-    """L1 of the mask (H,W) repeated on 3 channels; of each mask of (K,H,W) -> (K,)."""
-    return 3 * mask.abs().sum((-2, -1))
+    """L1 of the mask on its 3 channels (H,W,3); of each mask of (...,H,W,3) -> (...)."""
+    return mask.abs().sum((-3, -2, -1))
 
 
 def pl1_norm(l1: float, size: int) -> float:
@@ -458,10 +472,7 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
     if cfg.restarts < 1:
         raise ValueError(f"--restarts must be at least 1, not {cfg.restarts}")
     batch_size = min(cfg.batch_size, n)
-    # normalise((x / 255)) folded into one multiply-add, in the trigger's dtype
-    scale = (1 / (255 * torch.tensor(std, dtype=dtype, device=device))).view(1, 3, 1, 1)
-    shift = (torch.tensor(mean, dtype=dtype, device=device) / torch.tensor(std, dtype=dtype, device=device)
-             ).view(1, 3, 1, 1)
+    mean_, std_ = (torch.tensor(c, dtype=dtype, device=device).view(1, 3, 1, 1) for c in (mean, std))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     use_amp = amp_active(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -490,14 +501,16 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
                 index = orders[:, first:first + batch_size]
                 if index.shape[1] < 2:  # a last batch of one image has no pairs
                     continue
-                mask, pattern = trigger_from_params(w, v)  # (K,S,S), (K,S,S,3)
-                stamped = stamp(shadow[index], mask.unsqueeze(1), pattern.unsqueeze(1))  # (K,B,S,S,3)
-                inputs = (stamped.flatten(0, 1).permute(0, 3, 1, 2) * scale - shift).float().contiguous(
+                # (K,1,S,S,3), broadcast on the batch; stamp and L1 use this one tensor, so its gradient adds their
+                # terms in the paper's order
+                mask, pattern = trigger_from_params(w.unsqueeze(1), v.unsqueeze(1))
+                stamped = stamp(shadow[index], mask, pattern)  # (K,B,S,S,3)
+                inputs = normalise(stamped.flatten(0, 1).permute(0, 3, 1, 2), mean_, std_).float().contiguous(
                     memory_format=memory_format)
                 with autocast:
                     embeddings = encoder(inputs)
                 cos = mean_pairwise_cos(embeddings.view(len(active), index.shape[1], -1))  # (K,)
-                l1 = l1_norm(mask)
+                l1 = l1_norm(mask)[:, 0]
                 lambda_ = torch.tensor([r.lambdas.lambda_ for r in active], dtype=l1.dtype, device=device)
                 loss = -cos + lambda_ * l1
                 optimizer.zero_grad(set_to_none=True)
@@ -511,7 +524,7 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
                                          "does not match --encoder_usage_info/--arch (try without --amp)")
                 total_steps += 1
                 for k, r in enumerate(active):
-                    r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k], pattern[k])
+                    r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k, 0, ..., 0], pattern[k, 0])
                 if cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
                                                for r in active):
                     for r in active:

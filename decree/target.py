@@ -50,7 +50,7 @@ def unit_embeddings(encoder, images, mean, std, device, mask=None, pattern=None,
     device = torch.device(device)
     images = torch.as_tensor(images)
     if mask is not None:
-        mask = torch.as_tensor(mask, dtype=torch.float32, device=device)
+        mask = torch.as_tensor(mask, dtype=torch.float32, device=device).unsqueeze(-1)
         pattern = torch.as_tensor(pattern, dtype=torch.float32, device=device)
     encoder.eval()
     chunks = []

@@ -33,13 +33,13 @@ def both_paths(encoder, images, cfg):
 
 
 def assert_same_run(project, paper):
-    assert paper.epochs == project.epochs  # same early stop
+    """Bit for bit: every epoch's means, the early stop, the trigger (the paper's order of operations kept)."""
+    assert paper.epochs == project.epochs and paper.found == project.found
     for key in ("l1", "cos", "loss", "lambda", "lr", "best_l1"):
-        assert [h[key] for h in paper.history] == pytest.approx([h[key] for h in project.history], rel=1e-9)
-    assert paper.l1 == pytest.approx(project.l1, rel=1e-9) and paper.found == project.found
+        assert [h[key] for h in paper.history] == [h[key] for h in project.history], key
+    assert paper.l1 == project.l1
     if project.found:
-        assert np.allclose(paper.mask, project.mask, atol=1e-6)
-        assert np.allclose(paper.pattern, project.pattern, atol=1e-4)
+        assert np.array_equal(paper.mask, project.mask) and np.array_equal(paper.pattern, project.pattern)
 
 
 def test_paper_path_finds_the_same_trigger_and_stops_at_the_same_epoch(shadow_images):
@@ -53,6 +53,16 @@ def test_paper_path_finds_the_same_trigger_and_stops_at_the_same_epoch(shadow_im
 def test_paper_path_matches_with_orc_init_and_a_skipped_batch_of_one(shadow_images):
     project, paper = both_paths(RandomFeatureEncoder(), shadow_images[:33],
                                 preset("cifar10", lr=0.5, batch_size=32, max_epochs=4, mask_init="orc"))
+    assert_same_run(project, paper)
+
+
+def test_paper_settings_round_as_the_papers_code_on_a_resnet_over_a_long_run(shadow_images):
+    """A real (narrow) ResNet18 over many steps: tiny rounding differences grow chaotically along such a run and
+    decide when the early stop fires, so only the paper's exact order of operations gives the paper's verdicts."""
+    torch.manual_seed(0)
+    encoder = get_encoder("cifar10", "resnet18_w4")
+    project, paper = both_paths(encoder, shadow_images[:64], preset("cifar10", lr=0.5, batch_size=32, max_epochs=30))
+    assert project.epochs >= 15  # long enough for any rounding difference to show
     assert_same_run(project, paper)
 
 

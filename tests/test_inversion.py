@@ -125,12 +125,13 @@ def test_stamp_and_parametrisation_ranges():
     mask = torch.zeros(4, 4, dtype=torch.float64)
     mask[0, 0] = 1.0
     pattern = torch.full((4, 4, 3), 255.0, dtype=torch.float64)
-    out = stamp(x, mask, pattern)
+    out = stamp(x, mask.unsqueeze(-1), pattern)
     assert (out[:, 0, 0] == 255).all() and (out[:, 1:, :] == 100).all()
     w, v = initial_params(8, InversionConfig(mask_init="orc", orc_square=(2, 4)), torch.Generator().manual_seed(0),
                           torch.float64, "cpu")
     m, p = trigger_from_params(w, v)
-    assert m[2:6, 2:6].min() > 0.999 and m[0, 0] < 1e-3 and 0 <= p.min() and p.max() <= 255
+    assert m.shape == p.shape == (8, 8, 3) and torch.equal(m[..., 0], m[..., 2])  # one mask on every channel
+    assert m[2:6, 2:6].min() > 0.999 and m[0, 0, 0] < 1e-3 and 0 <= p.min() and p.max() <= 255
 
 
 def test_mean_pairwise_cos_excludes_the_diagonal():

@@ -1,6 +1,7 @@
 """Speed options of the inversion: restarts, exact early exit, presets, bf16 detection, progress that tells the truth."""
 import json
 import math
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -126,8 +127,10 @@ def test_min_progress_cuts_a_slow_clean_run_short_and_runs_the_same_steps_until_
 
 
 def test_presets_set_their_fields_and_explicit_values_win():
-    paper, fast, triage = (preset("cifar10", name) for name in ("paper", "fast", "triage"))
+    paper, exact, fast, triage = (preset("cifar10", name) for name in ("paper", "exact", "fast", "triage"))
     assert not paper.stop_at_verdict and paper.param_dtype == "float64" and paper.speed_preset == "paper"
+    # exact: the paper's run and rounding, only ended at a final verdict
+    assert exact == replace(paper, stop_at_verdict=True, speed_preset="exact")
     assert triage.stop_at_verdict and not fast.stop_at_verdict and fast.speed_preset == "fast"
     assert not (paper.amp or fast.amp or triage.amp)  # bf16 ended runs early on the benchmark population
     # fast and triage keep the paper's float64 trigger (float32 ended runs early) and only cheapen encoder calls
