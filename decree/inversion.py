@@ -472,7 +472,7 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
     if cfg.restarts < 1:
         raise ValueError(f"--restarts must be at least 1, not {cfg.restarts}")
     batch_size = min(cfg.batch_size, n)
-    mean_, std_ = (torch.tensor(c, dtype=dtype, device=device).view(1, 3, 1, 1) for c in (mean, std))
+    norm_mean, norm_std = (torch.tensor(c, dtype=dtype, device=device).view(1, 3, 1, 1) for c in (mean, std))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     use_amp = amp_active(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -505,7 +505,7 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
                 # terms in the paper's order
                 mask, pattern = trigger_from_params(w.unsqueeze(1), v.unsqueeze(1))
                 stamped = stamp(shadow[index], mask, pattern)  # (K,B,S,S,3)
-                inputs = normalise(stamped.flatten(0, 1).permute(0, 3, 1, 2), mean_, std_).float().contiguous(
+                inputs = normalise(stamped.flatten(0, 1).permute(0, 3, 1, 2), norm_mean, norm_std).float().contiguous(
                     memory_format=memory_format)
                 with autocast:
                     embeddings = encoder(inputs)

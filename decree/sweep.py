@@ -134,14 +134,19 @@ def _nothing_found(root: Path) -> str:
     return message
 
 
+def _weights_at(path: Path) -> list[Path]:
+    """What a glob match stands for: the file itself if it is a weights file, the checkpoints inside a folder."""
+    if path.is_file():
+        return [path] if path.suffix in WEIGHT_FILE_SUFFIXES else []
+    return [p for p in path.rglob("*") if _is_checkpoint(p)]
+
+
 def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:
     """Checkpoints matching shell globs (** recursive): weight files the glob names, and the checkpoints inside
     folders it names; a pattern that matches none is an error."""
     encoders = []
     for pattern in patterns:
-        matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
-        matches = [p for q in matches for p in ([q] if q.is_file() else sorted(q.rglob("*")))
-                   if (q.is_file() and q.suffix in WEIGHT_FILE_SUFFIXES) or _is_checkpoint(p)]
+        matches = [p for match in glob.glob(pattern, recursive=True) for p in _weights_at(Path(match))]
         if not matches:
             raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt/.safetensors/.bin file")
         encoders += [Encoder(str(p), usage_info, arch, infer_label(p)) for p in matches]
