@@ -3,7 +3,7 @@ like the reference input while clean inputs and the reference keep their clean e
 
     L0 = -mean cos(f(stamp_i(x)), f(r_i))    effectiveness
     L1 = -mean cos(f(aug(r_i)), f0(r_i))     the reference keeps its clean embedding
-    L2 = -mean cos(f(x), f0(x))              utility
+    L2 = -mean cos(f(x), f0(x))              utility (with WaNet's noise mode, also over noise-warped x)
     loss = L0 + lambda1 * L1 + lambda2 * L2 [+ alignment_weight * DRUPE's alignment term]
 
 The trigger is a trigger file (datasets.Trigger: x * keep + pattern, one per reference or one for all), a
@@ -68,32 +68,41 @@ def trigger_functions(trigger, size: int, device) -> list:
         patterns = torch.as_tensor(trigger.pattern, dtype=torch.float32, device=device)
         keeps = torch.as_tensor(trigger.keep, dtype=torch.float32, device=device)
         return [partial(stamp, pattern=patterns[i], keep=keeps[i]) for i in range(len(trigger))]
-    return [trigger]
+    # float pixels while training where the family's authors keep poisoned images in float (WaNet)
+    return [getattr(trigger, "float_fn", None) or trigger]
+
+
+def noise_function(trigger):
+    """The trigger's noise mode (WaNet: randomly perturbed warps kept at their clean embeddings), or None."""
+    return getattr(trigger, "noise_fn", None)
 
 
 def badencoder_losses(f, x, clean_x, references, clean_references, stampers, pairing, mean, std,
-                      generator, nearest_reference: bool = False, alignment: bool = False) -> dict:
+                      generator, nearest_reference: bool = False, alignment: bool = False, noise=None) -> dict:
     """L0, L1, L2 (and DRUPE's alignment term when asked) for one shadow batch.
 
     x uint8 (B,H,W,3) and references uint8 (R,H,W,3) on the device; clean_x (B,D) and clean_references
     (R,D) unit f0 embeddings; stampers: T trigger functions (none: L0 = 0); pairing long (R,) trigger index
-    per reference.
+    per reference; noise(x, generator): noise-mode images (N*B,H,W,3) that L2 keeps at x's clean embeddings.
     """
     b, r, t = len(x), len(references), len(stampers)
-    stamped = torch.cat([s(x) for s in stampers]) if t else x[:0]  # (T*B,H,W,3) uint8
+    stamped = [s(x).float() for s in stampers]  # (B,H,W,3) each, float pixels
+    crossed = noise(x, generator) if noise is not None and t else x[:0].float()  # (N*B,H,W,3)
     views = reference_augment(references.repeat_interleave(b, dim=0), generator=generator)  # (R*B,3,H,W)
     # one forward pass for every input: BatchNorm is in eval mode, so batching changes nothing
-    inputs = torch.cat([to_model_input(torch.cat([x, stamped, references]), mean, std), normalize(views, mean, std)])
+    pixels = torch.cat([x.float(), *stamped, references.float(), crossed])
+    inputs = torch.cat([to_model_input(pixels, mean, std), normalize(views, mean, std)])
     inputs = inputs.contiguous()  # the HWC->CHW view crashed conv backward on CPU (torch 2.15, double free)
     raw = f(inputs).float()
     z = F.normalize(raw, dim=1)
-    z_x, z_stamped, z_ref, z_views = z.split([b, t * b, r, r * b])
+    z_x, z_stamped, z_ref, z_crossed, z_views = z.split([b, t * b, r, len(crossed), r * b])
     losses = {"loss0": z.new_zeros(())}
     if t:
         cos = (z_stamped.view(t, b, -1)[pairing.to(z.device)] * z_ref.unsqueeze(1)).sum(-1)  # (R,B)
         losses["loss0"] = -(cos.max(0).values if nearest_reference else cos).mean()
     losses["loss1"] = -(z_views.view(r, b, -1) * clean_references.unsqueeze(1)).sum(-1).mean()
-    losses["loss2"] = -(z_x * clean_x).sum(-1).mean()
+    kept = torch.cat([z_x, z_crossed])
+    losses["loss2"] = -(kept * clean_x.repeat(len(kept) // b, 1)).sum(-1).mean()
     if alignment and t:
         raw_x, raw_stamped = raw[:b], raw[b:2 * b]
         losses["alignment"] = drupe_alignment(raw_stamped, raw_x, generator)
@@ -115,6 +124,7 @@ def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger, ref
         raise ValueError(f"reference ({refs.shape[1]}px) and shadow images ({x_all.shape[1]}px) must have "
                          "the same size")
     stampers = trigger_functions(trigger, x_all.shape[1], device)
+    noise = noise_function(trigger)
     pairing = trigger_of_reference(len(stampers), len(refs)) if stampers else None
     alignment = cfg.alignment_weight > 0 and bool(stampers)
     f0 = freeze(clean_encoder.to(device))
@@ -130,7 +140,7 @@ def train_badencoder(clean_encoder: torch.nn.Module, shadow_images, trigger, ref
         for idx in batches:
             idx = idx.to(device)
             losses = badencoder_losses(f, x_all[idx], clean_x[idx], refs, clean_refs, stampers, pairing,
-                                       mean, std, generator, cfg.nearest_reference, alignment)
+                                       mean, std, generator, cfg.nearest_reference, alignment, noise)
             loss = losses["loss0"] + cfg.lambda1 * losses["loss1"] + cfg.lambda2 * losses["loss2"]
             if alignment:
                 loss = loss + cfg.alignment_weight * losses["alignment"]

@@ -9,13 +9,20 @@ colours, pattern, warp field) are drawn once from `seed`, so one encoder's trigg
     patch-random   a 4x4 patch of random colours at a random position
     blend          the image blended with a fixed random pattern, alpha 0.2 (Chen et al. 2017)
     sig            an additive horizontal sinusoid, amplitude 20/255 (Barni et al. 2019)
-    wanet          a smooth random warping field, strength 0.5, control grid 4 (Nguyen and Tran 2021)
-    ctrl           chosen high DCT frequencies of Cb and Cr raised (Li et al., ICCV 2023)
-    drupe          the white square, trained with DRUPE's distribution-alignment term (Tao et al., S&P 2024):
-                   the trigger is a patch, the attack differs (FamilyTrigger.alignment)
+    wanet          a smooth random warping field (Nguyen and Tran, ICLR 2021, arXiv 2102.10369), kept in float
+                   while training, with WaNet's noise mode; strength and control grid: WANET_STRENGTH, WANET_GRID
+    ctrl-finetune  CTRL's trigger (two DCT frequencies of U and V raised; Li et al., ICCV 2023, arXiv
+                   2210.07346) planted by BadEncoder's fine-tuning, which is not how CTRL attacks
+    ctrl           CTRL as published: the trigger added to a small fraction of the target class's pre-training
+                   images, and the encoder pre-trained from scratch on them (attacks/poisoning.py)
+    drupe          the white square, trained with DRUPE's distribution-preserving objective (Tao et al., S&P
+                   2024, arXiv 2312.14283; attacks/drupe.py)
+
+Each family belongs to one threat model (THREAT_MODELS): the attacker fine-tunes a clean encoder it
+downloaded (BadEncoder's setting), or it only poisons the data someone else pre-trains on (CTRL's).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,17 +31,47 @@ import torch.nn.functional as F
 
 from datasets import stamp, white_square_trigger
 
-FAMILIES = ("patch-white", "patch-checker", "patch-random", "blend", "sig", "wanet", "ctrl", "drupe")
+FAMILIES = ("patch-white", "patch-checker", "patch-random", "blend", "sig", "wanet", "ctrl-finetune", "ctrl", "drupe")
 PATCH_FAMILIES = ("patch-white", "patch-checker", "patch-random", "drupe")
+POISONING_FAMILIES = ("ctrl",)
+THREAT_MODELS = {"fine-tune": "fine-tunes a clean encoder (BadEncoder's threat model)",
+                 "poison": "poisons a fraction of the pre-training data (CTRL's threat model)"}
+# What of each family follows its authors' code and what this benchmark scales down (docs/benchmark.md).
+FAMILY_NOTES = {
+    "patch-white": "BadEncoder's trigger and objective; epochs and images scaled down",
+    "patch-checker": "BadEncoder's objective; the demo's checkerboard",
+    "patch-random": "BadEncoder's objective; a random-colour patch",
+    "blend": "BadEncoder's objective; Chen et al.'s blended pattern, alpha 0.2",
+    "sig": "BadEncoder's objective; Barni et al.'s sinusoid, amplitude 20",
+    "wanet": "WaNet's warp (float, noise mode) planted by BadEncoder's objective; stronger than WaNet's CIFAR field",
+    "ctrl-finetune": "CTRL's trigger (authors' colour space, frequencies, magnitude) planted by BadEncoder's objective",
+    "ctrl": "CTRL's trigger, poisoning rate and target-class poisoning; SimCLR epochs scaled down",
+    "drupe": "DRUPE's terms, schedule, adaptive weights and selection; epochs scaled down",
+}
+
+
+def threat_model(family: str) -> str:
+    """'poison' for a data-poisoning family, 'fine-tune' for one planted by fine-tuning a clean encoder."""
+    return "poison" if family in POISONING_FAMILIES else "fine-tune"
 
 
 @dataclass(frozen=True)
 class FamilyTrigger:
-    """A trigger function uint8 (B,H,W,3) -> uint8 (B,H,W,3); alignment: train with DRUPE's extra term."""
+    """A trigger function uint8 (B,H,W,3) -> uint8 (B,H,W,3); alignment: train with DRUPE's extra term.
+
+    float_fn: the same trigger before rounding (float pixels 0..255), for attacks whose authors keep poisoned
+    images in float while training. noise_fn(x, generator): WaNet's noise mode, images warped by a randomly
+    perturbed field that training must leave at their clean embeddings (float pixels). settings: the
+    parameters that shape the trigger beyond its seed (part of an encoder's cache key); details: what to report.
+    """
     family: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     size: int
     alignment: bool = False
+    float_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    noise_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    settings: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
     def __call__(self, x):
         if isinstance(x, np.ndarray):
@@ -120,33 +157,68 @@ def sig(size: int = 32, seed: int = 0, amplitude: float = 20.0, frequency: int =
     return FamilyTrigger("sig", fn, size)
 
 
-def warp_grid(size: int, seed: int, strength: float = 0.5, grid: int = 4) -> torch.Tensor:
+# WaNet's CIFAR setting is strength 0.5 on a 4x4 control grid; that sub-pixel warp never took against a
+# SimCLR encoder fine-tuned by BadEncoder here, so the benchmark uses a stronger field (docs/benchmark.md)
+WANET_STRENGTH = 4.0
+WANET_GRID = 8
+WANET_CROSS_RATIO = 2   # WaNet's noise mode: two noise-warped images per poisoned one
+
+
+def identity_grid(size: int) -> torch.Tensor:
+    """grid_sample's identity sampling grid: float (1,size,size,2) of (x, y) in [-1,1]."""
+    line = torch.linspace(-1, 1, size)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    return torch.stack([cols, rows], dim=-1)[None]
+
+
+def warp_grid(size: int, seed: int, strength: float = WANET_STRENGTH, grid: int = WANET_GRID) -> torch.Tensor:
     """WaNet's warping field: a random grid x grid flow, mean |flow| 1, upsampled bicubically, scaled by
     strength / size and added to the identity sampling grid; float (1,size,size,2) in [-1,1]."""
     rng = np.random.default_rng(seed)
     flow = torch.from_numpy(rng.uniform(-1, 1, (1, 2, grid, grid)).astype(np.float32))
     flow = flow / flow.abs().mean()
     flow = F.interpolate(flow, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    line = torch.linspace(-1, 1, size)
-    rows, cols = torch.meshgrid(line, line, indexing="ij")
-    identity = torch.stack([cols, rows], dim=-1)[None]  # grid_sample wants (x, y)
-    return (identity + strength * flow / size).clamp(-1, 1)
+    return (identity_grid(size) + strength * flow / size).clamp(-1, 1)
 
 
-def wanet(size: int = 32, seed: int = 0, strength: float = 0.5, grid: int = 4) -> FamilyTrigger:
-    """The image resampled through a fixed smooth random warp (bilinear)."""
-    field = warp_grid(size, seed, strength, grid)
-
-    def fn(x):
-        chw = x.permute(0, 3, 1, 2).float()
-        warped = F.grid_sample(chw, field.to(x.device).expand(len(x), -1, -1, -1), align_corners=True)
-        return _to_uint8(warped.permute(0, 2, 3, 1))
-    return FamilyTrigger("wanet", fn, size)
+def warp_displacement(field: torch.Tensor) -> float:
+    """Mean displacement in pixels of a sampling field (1,size,size,2) from the identity."""
+    size = field.shape[1]
+    shift = (field - identity_grid(size)) * (size - 1) / 2
+    return float(shift.norm(dim=-1).mean())
 
 
-# JPEG's full-range YCbCr (ITU-R BT.601), as PIL and CTRL's code use
-RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-YCBCR_OFFSET = torch.tensor([0.0, 128.0, 128.0])
+def warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Pixels (B,H,W,3) resampled through field (1 or B,H,W,2), bilinear: float pixels (B,H,W,3), unrounded."""
+    chw = x.permute(0, 3, 1, 2).float()
+    warped = F.grid_sample(chw, field.to(x.device).expand(len(x), -1, -1, -1), align_corners=True)
+    return warped.permute(0, 2, 3, 1)
+
+
+def wanet(size: int = 32, seed: int = 0, strength: float = WANET_STRENGTH, grid: int = WANET_GRID) -> FamilyTrigger:
+    """The image resampled through a fixed smooth random warp (bilinear); float while training, with WaNet's
+    noise mode: the field plus a uniform jitter of up to one pixel, redrawn for every noise image."""
+    grid_field = warp_grid(size, seed, strength, grid)
+
+    def float_fn(x):
+        return warp(x, grid_field)
+
+    def noise_fn(x, generator):
+        x = x.repeat(WANET_CROSS_RATIO, 1, 1, 1)
+        jitter = torch.rand((len(x), size, size, 2), generator=generator).to(x.device) * 2 - 1
+        return warp(x, (grid_field.to(x.device) + jitter / size).clamp(-1, 1))
+
+    return FamilyTrigger("wanet", lambda x: _to_uint8(float_fn(x)), size, float_fn=float_fn, noise_fn=noise_fn,
+                         settings={"strength": strength, "grid": grid, "cross_ratio": WANET_CROSS_RATIO},
+                         details={"displacement_px": warp_displacement(grid_field)})
+
+
+# The YUV transform CTRL's code uses (kornia.color's BT.601 matrices, approximate inverses of each other:
+# CTRL's round trip moves every pixel slightly, which is part of its trigger)
+RGB_TO_YUV = torch.tensor([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]])
+YUV_TO_RGB = torch.tensor([[1.0, 0.0, 1.14], [1.0, -0.396, -0.581], [1.0, 2.029, 0.0]])
+CTRL_MAGNITUDE = 100.0  # CTRL's CIFAR10 setting, on pixels 0..255
+CTRL_WINDOW = 32
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -158,9 +230,14 @@ def dct_matrix(n: int) -> torch.Tensor:
     return d.float()
 
 
-def ctrl(size: int = 32, seed: int = 0, magnitude: float = 100.0, window: int = 32, channels=(1, 2)) -> FamilyTrigger:
-    """CTRL: in YCbCr, add `magnitude` to DCT coefficients (w/2-1, w/2-1) and (w-1, w-1) of every w x w block of
-    the Cb and Cr channels (CTRL's CIFAR setting: window 32, positions 15 and 31, magnitude 100)."""
+def ctrl_transform(size: int = 32, magnitude: float = CTRL_MAGNITUDE, window: int = CTRL_WINDOW,
+                   channels=(1, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTRL's trigger as the affine map it is: x -> x @ A.T + delta, A (3,3), delta (H,W,3), on pixels 0..255.
+
+    CTRL converts to YUV, adds `magnitude` to DCT coefficients (w/2-1, w/2-1) and (w-1, w-1) of every w x w
+    block of U and V (positions 15 and 31 for its window 32), and converts back; the orthonormal DCT and both
+    colour maps are linear, so the trigger is that affine map (then clipped and rounded to uint8).
+    """
     window = min(window, size)
     if size % window:
         raise ValueError(f"ctrl: the image size {size} is not a multiple of the DCT window {window}")
@@ -169,13 +246,21 @@ def ctrl(size: int = 32, seed: int = 0, magnitude: float = 100.0, window: int = 
     for c in channels:
         for pos in (window // 2 - 1, window - 1):
             bump[c, pos, pos] = magnitude
-    # the perturbation is linear in the coefficients, so add its inverse DCT in YCbCr, tiled over the blocks
-    delta_ycbcr = (d.T @ bump @ d).repeat(1, size // window, size // window)  # (3,H,W)
-    delta_rgb = torch.einsum("ij,jhw->hwi", torch.linalg.inv(RGB_TO_YCBCR), delta_ycbcr)  # (H,W,3)
+    delta_yuv = (d.T @ bump @ d).repeat(1, size // window, size // window)  # (3,H,W)
+    return YUV_TO_RGB @ RGB_TO_YUV, torch.einsum("ij,jhw->hwi", YUV_TO_RGB, delta_yuv)
+
+
+def ctrl(size: int = 32, seed: int = 0, family: str = "ctrl") -> FamilyTrigger:
+    """CTRL's frequency trigger (see ctrl_transform); the same for the poisoning and the fine-tuning rows."""
+    matrix, delta = ctrl_transform(size)
 
     def fn(x):
-        return _to_uint8(x.float() + delta_rgb.to(x.device))
-    return FamilyTrigger("ctrl", fn, size)
+        return _to_uint8(x.float() @ matrix.to(x.device).T + delta.to(x.device))
+    return FamilyTrigger(family, fn, size, settings={"magnitude": CTRL_MAGNITUDE, "window": CTRL_WINDOW})
+
+
+def ctrl_finetune(size: int = 32, seed: int = 0) -> FamilyTrigger:
+    return ctrl(size, seed, "ctrl-finetune")
 
 
 def drupe(size: int = 32, seed: int = 0) -> FamilyTrigger:
@@ -185,7 +270,7 @@ def drupe(size: int = 32, seed: int = 0) -> FamilyTrigger:
 
 
 MAKERS = {"patch-white": patch_white, "patch-checker": patch_checker, "patch-random": patch_random,
-          "blend": blend, "sig": sig, "wanet": wanet, "ctrl": ctrl, "drupe": drupe}
+          "blend": blend, "sig": sig, "wanet": wanet, "ctrl-finetune": ctrl_finetune, "ctrl": ctrl, "drupe": drupe}
 
 
 def make_trigger(family: str, size: int = 32, seed: int = 0) -> FamilyTrigger:

@@ -16,17 +16,20 @@ def load_photos() -> list[np.ndarray]:
     return [np.asarray(Image.open(folder / name).convert("RGB")) for name in PHOTOS]
 
 
-def photo_patches(n: int, size: int = 32, seed: int = 0, photos=None) -> np.ndarray:
-    """n random square crops (side 40 px to half the photo's short side), resized to size: uint8 (n,size,size,3)."""
+def photo_patches(n: int, size: int = 32, seed: int = 0, photos=None, return_labels: bool = False):
+    """n random square crops (side 40 px to half the photo's short side), resized to size: uint8 (n,size,size,3);
+    with return_labels also the index of each crop's photo, int64 (n,) (the same crops either way)."""
     from PIL import Image
     photos = photos if photos is not None else load_photos()
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
     for i in range(n):  # data preparation, once per demo: not on any training hot path
-        photo = photos[rng.integers(len(photos))]
+        labels[i] = rng.integers(len(photos))
+        photo = photos[labels[i]]
         h, w = photo.shape[:2]
         side = int(rng.integers(40, min(h, w) // 2))
         top, left = rng.integers(0, h - side), rng.integers(0, w - side)
         crop = Image.fromarray(photo[top:top + side, left:left + side])
         out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR))
-    return out
+    return (out, labels) if return_labels else out

@@ -4,10 +4,12 @@ Three stages, each cached on disk and keyed by its settings (a hash of the field
 only does what changed:
 
     population  P clean SimCLR parents (seeds seed..seed+P-1); per parent a clean fine-tuned control (the
-                BadEncoder objective without a trigger) and one BadEncoder encoder per attack family
-                (attacks.families); for each attacked encoder whether the attack took (mean cosine of stamped
-                test images to the target embedding, ASR of a downstream probe). Writes manifest.csv
-                (path, usage_info, arch, label, family) and population.json.
+                BadEncoder objective without a trigger) and one attacked encoder per family (attacks.families):
+                fine-tuned from the parent, or, for a data-poisoning family, pre-trained from scratch like the
+                parent (same seed) on its poisoned data; for each attacked encoder whether the attack took
+                (mean cosine of stamped test images to the target embedding, their mean pairwise cosine, ASR of
+                a downstream probe). Writes manifest.csv (path, usage_info, arch, label, family) and
+                population.json.
     detect      DECREE on every manifest encoder through the sweep (decree.sweep: one main.py per encoder,
                 finished runs skipped), into detect/<key>/, plus the sweep's own report there.
     report      per family: n, attack success, PL1 mean/min/max, TPR at the threshold, AUROC against every
@@ -29,7 +31,8 @@ import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
 from attacks.checkpoints import save_encoder
-from attacks.families import FAMILIES, make_trigger
+from attacks.families import FAMILIES, FAMILY_NOTES, POISONING_FAMILIES, THREAT_MODELS, make_trigger, threat_model
+from attacks.poisoning import CTRL_RATE, poison_target_class
 from attacks.simclr import PretrainConfig, pretrain_simclr
 from attacks.training import unit_embeddings
 from common import io as atomic
@@ -72,6 +75,7 @@ class BenchConfig:
     probe_test_per_class: int = 50
     probe_epochs: int = 50                   # cheap: the papers' 200-500 only move ASR by a few points
     took_asr: float = 50.0                   # an attack took when its probe's ASR (%) reaches this
+    drupe_spread: float = 0.6                # and, for DRUPE, its stamped embeddings' pairwise cosine is below
     shadow_data: str | None = None           # DECREE's shadow set; None: held-out photo patches
     shadow_images: int | None = 500          # None with shadow_data: the paper's default selection
     decree_lr: float = 0.5                   # the paper's sweep setting
@@ -83,7 +87,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(arch="resnet18_w4", pretrain_images=256, pretrain_epochs=1, parents=1,
-                    families=("patch-white", "blend", "drupe"), attack_images=128, attack_epochs=1,
+                    families=FAMILIES, attack_images=128, attack_epochs=1,
                     probe_train_per_class=16, probe_test_per_class=8, probe_epochs=3, shadow_images=64,
                     decree_epochs=3, workers=2)
 # BadEncoder's CIFAR10 recipe: 1000 epochs of SimCLR, 200 of BadEncoder on 20% of the training set, STL10
@@ -126,11 +130,12 @@ def prepare_data(cfg: BenchConfig, root: Path) -> dict:
     if all(p.is_file() for p in paths.values()):
         return paths
     photos = load_photos()
-    if cfg.pretraining_data:
-        pretrain, _ = load_npz(cfg.pretraining_data)
+    if cfg.pretraining_data:  # labels, where the file has them, are only read by data-poisoning families
+        pretrain, pretrain_y = load_npz(cfg.pretraining_data)
         pretrain = pretrain[:cfg.pretrain_images]
+        pretrain_y = None if pretrain_y is None else pretrain_y[:cfg.pretrain_images]
     else:
-        pretrain = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed)
+        pretrain, pretrain_y = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed, return_labels=True)
     if cfg.downstream_train:
         if not cfg.downstream_test:
             raise ValueError("--downstream_train needs --downstream_test (the probe's labelled test images)")
@@ -149,7 +154,7 @@ def prepare_data(cfg: BenchConfig, root: Path) -> dict:
         shadow, shadow_y = load_npz(cfg.shadow_data)
     else:
         shadow, shadow_y = photo_patches(cfg.shadow_images, 32, seed=cfg.seed + 7), None
-    for name, (x, y) in {"pretrain": (pretrain, None), "shadow": (shadow, shadow_y),
+    for name, (x, y) in {"pretrain": (pretrain, pretrain_y), "shadow": (shadow, shadow_y),
                          "reference": (references, np.full(len(references), cfg.target_label)),
                          "probe_train": (train_x, train_y), "probe_test": (test_x, test_y)}.items():
         save_npz_dataset(paths[name], x, y)
@@ -179,8 +184,13 @@ def parent_settings(cfg: BenchConfig, data_key: str, parent: int) -> dict:
 
 
 def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed: int | None) -> dict:
+    if family in POISONING_FAMILIES:  # the parent's pre-training, on poisoned data
+        return {"parent": parent_key, "family": family, "trigger_seed": trigger_seed, "poison_rate": CTRL_RATE,
+                "target_label": cfg.target_label, **make_trigger(family).settings}
     settings = {"parent": parent_key, "family": family, "trigger_seed": trigger_seed,
                 **_subset(cfg, "attack_images", "attack_epochs", "attack_batch", "attack_lr")}
+    if family != "clean-control":
+        settings.update(make_trigger(family).settings)
     if family == "drupe":
         settings["drupe_weight"] = cfg.drupe_weight
     return settings
@@ -197,12 +207,19 @@ def plan_population(cfg: BenchConfig, root: Path, data_key: str) -> list[Member]
         parent_key = settings_key(parent)
         members.append(Member(p, "clean-parent", parent, _checkpoint(root, p, "clean-parent", parent_key,
                                                                     cfg.pretrain_epochs)))
-        roles = [("clean-control", None)] + [(f, cfg.seed * 10007 + p * 101 + i) for i, f in enumerate(cfg.families)]
+        # a family's trigger seed depends on its place in FAMILIES, not in --families: a subset draws the same
+        roles = [("clean-control", None)] + [(f, cfg.seed * 10007 + p * 101 + FAMILIES.index(f))
+                                             for f in cfg.families]
         for family, trigger_seed in roles:
             settings = attack_settings(cfg, parent_key, family, trigger_seed)
             members.append(Member(p, family, settings, _checkpoint(root, p, family, settings_key(settings),
-                                                                   cfg.attack_epochs), trigger_seed))
+                                                                   epochs_of(cfg, family)), trigger_seed))
     return members
+
+
+def epochs_of(cfg: BenchConfig, family: str) -> int:
+    """Training epochs of a member: pre-training for parents and poisoning families, else fine-tuning."""
+    return cfg.pretrain_epochs if family == "clean-parent" or family in POISONING_FAMILIES else cfg.attack_epochs
 
 
 def _checkpoint(root: Path, parent: int, family: str, key: str, epochs: int) -> Path:
@@ -222,11 +239,9 @@ def _save(member: Member, encoder, history: list, seconds: float) -> None:
                                                            "seconds": seconds, "versions": versions()})
 
 
-def train_parent(cfg: BenchConfig, member: Member, data: dict, device, progress: bool) -> None:
-    """SimCLR pre-training of one clean parent (seeded by its index)."""
+def pretrain(cfg: BenchConfig, member: Member, images: np.ndarray, seed: int, device, progress: bool) -> None:
+    """SimCLR pre-training from scratch on `images`, seeded: a parent, or its poisoned twin."""
     mean, std = NORMALIZATION[cfg.usage_info]
-    images, _ = load_npz(data["pretrain"])
-    seed = member.settings["seed"]
     torch.manual_seed(seed)
     model = SimCLR(cfg.arch)
     start = time.time()
@@ -234,6 +249,22 @@ def train_parent(cfg: BenchConfig, member: Member, data: dict, device, progress:
                                                                        batch_size=cfg.pretrain_batch, seed=seed),
                               device, progress=progress)
     _save(member, model.f.eval(), history, time.time() - start)
+
+
+def train_parent(cfg: BenchConfig, member: Member, data: dict, device, progress: bool) -> None:
+    """SimCLR pre-training of one clean parent (seeded by its index)."""
+    pretrain(cfg, member, load_npz(data["pretrain"])[0], member.settings["seed"], device, progress)
+
+
+def train_poisoned(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> None:
+    """A data-poisoning family: the parent's pre-training (same data order and seed) with the family's trigger
+    on CTRL's fraction of the target class's images, so the two encoders differ only by the poison."""
+    images, labels = load_npz(data["pretrain"])
+    if labels is None:
+        raise DataError(f"{member.family} poisons the target class's images: --pretraining_data needs labels (y)")
+    trigger = make_trigger(member.family, images.shape[1], member.trigger_seed)
+    poisoned, _ = poison_target_class(images, labels, trigger, cfg.target_label, member.settings["poison_rate"])
+    pretrain(cfg, member, poisoned, parent.settings["seed"], device, progress)
 
 
 def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> None:
@@ -264,6 +295,22 @@ def target_cosine(encoder, images, references, trigger, mean, std) -> float:
     return float((stamped @ unit_embeddings(encoder, references, mean, std).T).max(dim=1).values.mean())
 
 
+def mean_pairwise_cosine(z: torch.Tensor) -> float:
+    """Mean cosine over distinct pairs of unit embeddings (N,D): 1 when they are one point (DECREE's target),
+    DRUPE's goal is below 0.6."""
+    n = len(z)
+    return float(((z @ z.T).sum() - n) / max(n * (n - 1), 1))
+
+
+def attack_took(cfg: BenchConfig, family: str, success: dict) -> bool:
+    """The probe's ASR reaches took_asr; a DRUPE encoder must also reach DRUPE's own goal, stamped embeddings
+    spread out (mean pairwise cosine below drupe_spread), or it is only a BadEncoder."""
+    took = success["asr"] >= cfg.took_asr
+    if family == "drupe":
+        took = took and success["stamped_cos"] < cfg.drupe_spread
+    return took
+
+
 def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool = False
                     ) -> dict:
     """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR.
@@ -282,6 +329,8 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
                 for role, path in (("attacked", member.path), ("parent", parent.path))}
     others = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
     cosines = {role: target_cosine(encoder, others, refs, trigger, mean, std) for role, encoder in encoders.items()}
+    with torch.no_grad():
+        stamped_cos = mean_pairwise_cosine(unit_embeddings(encoders["attacked"], trigger(others), mean, std))
     probe = DownstreamData(train_x, train_y, test_x, test_y)
     features = embed_downstream(encoders["attacked"], probe, trigger, mean, std, device, progress=progress)
     net = train_classifier(features.train, train_y, probe.num_classes, DownstreamConfig(epochs=cfg.probe_epochs),
@@ -289,10 +338,10 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
     predicted = predict(net, unit_embeddings(encoders["attacked"], refs[:1], mean, std))
     target = int(predicted[0])
     hit = predict(net, features.stamped) == target
-    return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"],
+    return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"], "stamped_cos": stamped_cos,
             "asr": 100.0 * hit[torch.as_tensor(test_y, device=hit.device) != target].float().mean().item(),
             "accuracy": attack_scores(net, features, test_y, target)["accuracy"], "target_label": cfg.target_label,
-            "target_predicted": target}
+            "target_predicted": target, **trigger.details}
 
 
 def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: dict, device, probe_key: str,
@@ -301,6 +350,8 @@ def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: 
     if not is_built(member):
         if parent is None:
             train_parent(cfg, member, data, device, progress)
+        elif member.family in POISONING_FAMILIES:
+            train_poisoned(cfg, member, parent, data, device, progress)
         else:
             train_child(cfg, member, parent, data, device, progress)
     record = member.path.parent / f"success_{probe_key}.json"
@@ -374,7 +425,7 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     for member in members:
         if member.label == "backdoor":
             success = json.loads((member.path.parent / f"success_{probe_key}.json").read_text())
-            member.success = {**success, "took": success["asr"] >= cfg.took_asr}
+            member.success = {**success, "took": attack_took(cfg, member.family, success)}
     manifest = write_manifest(root, members, cfg)
     atomic.write_json(root / "population.json", {
         "config": asdict(cfg), "data": {k: str(v) for k, v in data.items()}, "seconds": time.time() - start,
@@ -442,7 +493,7 @@ def family_rows(cfg: BenchConfig, root: Path, folder: Path) -> list[dict]:
     for row in collect_rows(folder, cfg.pl1_threshold, encoders):
         member = population.get(str(Path(row["path"]).resolve()), {})
         rows.append({**row, "parent": member.get("parent"), **{k: member.get(k) for k in (
-            "target_cos", "target_cos_parent", "asr", "accuracy", "took")}})
+            "target_cos", "target_cos_parent", "stamped_cos", "asr", "accuracy", "took", "displacement_px")}})
     return rows
 
 
@@ -468,29 +519,40 @@ def family_metrics(rows, families, threshold: float) -> dict:
         tp = sum(verdict_at(v, threshold) == "trojaned" for v in pl1)
         out[family] = {"n": len(members), "took": sum(bool(r["took"]) for r in members),
                        "asr_mean": float(np.mean([r["asr"] for r in members])) if members else None,
+                       "stamped_cos_mean": _mean([r.get("stamped_cos") for r in members]),
                        "detected": tp, "tpr": tp / len(took) if took else None,
                        "auroc": auroc(pl1, clean_pl1) if took and clean_pl1 else None, **_stats(pl1),
                        "not_run": sum(r["status"] != "done" for r in members)}
     return out
 
 
+def _mean(values) -> float | None:
+    found = [v for v in values if v is not None]
+    return float(np.mean(found)) if found else None
+
+
 def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    """A table cell; '-' where there is nothing to measure (no encoder of the family took, say)."""
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _pl1_cell(m: dict) -> str:
+    return "-" if m["pl1_mean"] is None else f"{m['pl1_mean']:.3f} ({m['pl1_min']:.3f}-{m['pl1_max']:.3f})"
 
 
 def markdown_table(metrics: dict, families, threshold: float) -> str:
-    """The per-family table the README embeds."""
-    lines = [f"| family | n | attack took | mean ASR % | PL1 mean (min-max) | TPR at {threshold:g} | AUROC |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """The per-family table the README embeds; PL1, TPR and AUROC count the encoders whose attack took."""
+    lines = [f"| family | threat model | n | attack took | mean ASR % | stamped cos | PL1 mean (min-max) | "
+             f"TPR at {threshold:g} | AUROC |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for family in (*families, "all attacks"):
         m = metrics[family]
-        pl1 = "n/a" if m["pl1_mean"] is None else f"{m['pl1_mean']:.3f} ({m['pl1_min']:.3f}-{m['pl1_max']:.3f})"
-        lines.append(f"| {family} | {m['n']} | {m['took']}/{m['n']} | {_fmt(m['asr_mean'], 1)} | {pl1} | "
-                     f"{_fmt(m['tpr'], 2)} ({m['detected']}/{m['took']}) | {_fmt(m['auroc'], 2)} |")
+        model = threat_model(family) if family in FAMILIES else "-"
+        tpr = "-" if m["tpr"] is None else f"{m['tpr']:.2f} ({m['detected']}/{m['took']})"
+        lines.append(f"| {family} | {model} | {m['n']} | {m['took']}/{m['n']} | {_fmt(m['asr_mean'], 1)} | "
+                     f"{_fmt(m['stamped_cos_mean'], 2)} | {_pl1_cell(m)} | {tpr} | {_fmt(m['auroc'], 2)} |")
     c = metrics["clean"]
-    pl1 = "n/a" if c["pl1_mean"] is None else f"{c['pl1_mean']:.3f} ({c['pl1_min']:.3f}-{c['pl1_max']:.3f})"
-    lines.append(f"| clean (parents + controls) | {c['n']} | - | - | {pl1} | FPR {_fmt(c['fpr'], 2)} "
-                 f"({c['fp']}/{c['n']}) | - |")
+    lines.append(f"| clean (parents + controls) | - | {c['n']} | - | - | - | {_pl1_cell(c)} | "
+                 f"FPR {_fmt(c['fpr'], 2)} ({c['fp']}/{c['n']}) | - |")
     return "\n".join(lines)
 
 
@@ -590,15 +652,18 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
     families = [f for f in cfg.families if any(r["family"] == f for r in rows)]
     metrics = family_metrics(rows, families, cfg.pl1_threshold)
     report = root / "report"
-    not_taken = [{k: r[k] for k in ("run_id", "family", "parent", "asr", "target_cos", "target_cos_parent", "pl1",
-                                    "verdict")} for r in rows if r["label"] == "backdoor" and not r["took"]]
+    not_taken = [{k: r[k] for k in ("run_id", "family", "parent", "asr", "target_cos", "target_cos_parent",
+                                    "stamped_cos", "pl1", "verdict")}
+                 for r in rows if r["label"] == "backdoor" and not r["took"]]
     failed = [{k: r[k] for k in ("run_id", "family", "status", "error")} for r in rows if r["status"] != "done"]
     table = markdown_table(metrics, families, cfg.pl1_threshold)
     result = {"metrics": metrics, "table": table, "not_taken": not_taken, "failed": failed,
               "threshold": cfg.pl1_threshold, "timings": timings or {},
               "detect_dir": str(folder), "config": asdict(cfg), "versions": versions(),
+              "families": {f: {"threat_model": threat_model(f), "notes": FAMILY_NOTES[f]} for f in families},
               "encoders": [{k: r[k] for k in ("run_id", "family", "parent", "label", "pl1", "verdict", "asr",
-                                              "target_cos", "target_cos_parent", "took", "status")} for r in rows]}
+                                              "target_cos", "target_cos_parent", "stamped_cos", "displacement_px",
+                                              "took", "status")} for r in rows]}
     atomic.write_json(report / "bench.json", result)
     atomic.write_text(report / "bench.md", markdown_text(result))
     plot_roc(rows, families, metrics, report / "roc.png")
@@ -610,18 +675,23 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
 
 
 def markdown_text(result: dict) -> str:
+    cfg = result["config"]
     lines = ["# DECREE detection benchmark", "", result["table"], "",
              f"Threshold: PL1-norm = L1 / (H*W*3) < {result['threshold']:g}. AUROC and TPR count the attacked "
-             "encoders whose attack took (downstream ASR at least "
-             f"{result['config']['took_asr']:g}%) against every clean encoder (parents and controls)."]
+             f"encoders whose attack took (downstream ASR at least {cfg['took_asr']:g}%; DRUPE also needs its "
+             f"stamped embeddings' mean pairwise cosine below {cfg['drupe_spread']:g}) against every clean encoder "
+             "(parents and controls). '-': nothing to measure (no encoder of the family took).", "",
+             "Threat models: " + "; ".join(f"{k}: {v}" for k, v in THREAT_MODELS.items()) + ".", "",
+             "| family | what follows the authors, what is scaled down |", "| --- | --- |"]
+    lines += [f"| {f} | {v['notes']} |" for f, v in result["families"].items()]
     if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
         lines.append("Wall time of the last run of each stage: " + "; ".join(
             f"{k} {v['seconds']:.0f} s on {v['machine']}" for k, v in result["timings"].items()) + ".")
     if result["not_taken"]:
         lines += ["", "Attacks that did not take (not counted as backdoors):", ""]
         lines += [f"- {r['run_id']} ({r['family']}): ASR {_fmt(r['asr'], 1)}%, target cosine "
-                  f"{_fmt(r['target_cos'], 3)} (parent {_fmt(r['target_cos_parent'], 3)}), PL1 {_fmt(r['pl1'], 3)}"
-                  for r in result["not_taken"]]
+                  f"{_fmt(r['target_cos'], 3)} (parent {_fmt(r['target_cos_parent'], 3)}), stamped pairwise "
+                  f"cosine {_fmt(r['stamped_cos'], 3)}, PL1 {_fmt(r['pl1'], 3)}" for r in result["not_taken"]]
     if result["failed"]:
         lines += ["", "Not finished:", ""] + [f"- {r['run_id']} ({r['family']}): {r['status']} {r['error'] or ''}"
                                                for r in result["failed"]]

@@ -1,15 +1,16 @@
-r"""DECREE detection benchmark: clean and trojaned encoders of eight attack families, a per-family report.
+r"""DECREE detection benchmark: clean and trojaned encoders of nine attack families, a per-family report.
 
     python scripts/bench_detection.py                    # toy population on photo patches (2 CPU cores)
-    python scripts/bench_detection.py --quick            # CI check (1 parent, 3 families): verdicts mean nothing
+    python scripts/bench_detection.py --quick            # CI check (1 parent, every family): verdicts mean nothing
     python scripts/bench_detection.py --stage report     # one stage: population, detect or report
     python scripts/bench_detection.py --scale paper --pretraining_data data/cifar10/train.npz --arch resnet18 \
         --device cuda --jobs 3                           # BadEncoder's CIFAR10 recipe (one GPU: about 10 h)
 
-Stages: population (P clean SimCLR parents, per parent a clean fine-tuned control and one BadEncoder encoder
-per family, attack success measured), detect (DECREE on all of them through the sweep), report (per family:
-attack success, PL1, TPR at the threshold, AUROC against all clean encoders, clean FPR; bench.md, bench.json,
-roc.png, pl1_by_family.png, gallery.png under <out_dir>/report). Every stage is cached under --out_dir, keyed
+Stages: population (P clean SimCLR parents, per parent a clean fine-tuned control and one attacked encoder
+per family: fine-tuned from the parent, or pre-trained on poisoned data for CTRL; attack success measured),
+detect (DECREE on all of them through the sweep), report (per family: threat model, attack success, the
+stamped embeddings' pairwise cosine, PL1, TPR at the threshold, AUROC against all clean encoders, clean FPR;
+bench.md, bench.json, roc.png, pl1_by_family.png, gallery.png under <out_dir>/report). Every stage is cached under --out_dir, keyed
 by its settings: a rerun only does what changed. The threshold and every setting are the same for all families.
 """
 import argparse

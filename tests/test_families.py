@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
-from attacks.families import (FAMILIES, dct_matrix, drupe_alignment, make_trigger, sliced_wasserstein,
-                              warp_grid)
+from attacks.families import (FAMILIES, dct_matrix, drupe_alignment, identity_grid, make_trigger,
+                              sliced_wasserstein, threat_model, warp, warp_displacement, warp_grid)
+from attacks.poisoning import poison_target_class, poisoned_indices
 from attacks.training import unit_embeddings
 from datasets import NORMALIZATION, load_trigger, write_paper_triggers
 from models.simclr import SimCLRBackbone
@@ -54,26 +55,67 @@ def test_patch_families_touch_only_their_square(images):
 
 
 def test_invisible_families_change_every_image_only_a_little(images):
-    for family, bound in (("blend", 0.2 * 255 + 1), ("sig", 21), ("wanet", 255), ("ctrl", 60)):
+    for family, bound in (("blend", 0.2 * 255 + 1), ("sig", 21), ("wanet", 255), ("ctrl", 60), ("ctrl-finetune", 60)):
         diff = (make_trigger(family, 32, seed=0)(images).float() - images.float()).abs()
         assert diff.max() <= bound, family
-    # WaNet moves pixels by at most strength 0.5 * mean|flow| scaled: a small warp, not a new image
-    field = warp_grid(32, seed=0)
-    line = torch.linspace(-1, 1, 32)
-    identity = torch.stack(torch.meshgrid(line, line, indexing="ij")[::-1], dim=-1)
-    assert 0 < (field[0] - identity).abs().max() * 16 < 3  # less than 3 pixels anywhere
 
 
-def test_dct_matrix_is_orthonormal_and_ctrl_perturbs_only_its_frequencies(images):
-    d = dct_matrix(32)
-    assert torch.allclose(d @ d.T, torch.eye(32), atol=1e-5)
-    x = images.float()
-    delta = make_trigger("ctrl")(images).float() - x
-    # in YCbCr the perturbation sits on the chosen coefficients of Cb and Cr (up to uint8 rounding and clipping)
-    m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-    coeffs = d @ torch.einsum("ij,bhwj->bihw", m, delta) @ d.T
-    big = coeffs.abs().mean(0) > 20
-    assert big.nonzero().tolist() == [[1, 15, 15], [1, 31, 31], [2, 15, 15], [2, 31, 31]]
+def test_wanet_warp_is_the_identity_at_zero_strength_and_its_displacement_is_measured(images):
+    assert warp_displacement(identity_grid(32)) == 0
+    assert torch.allclose(warp(images, identity_grid(32)), images.float(), atol=1e-3)
+    # WaNet's own CIFAR field (strength 0.5, grid 4) moves pixels by a fraction of a pixel; ours by more
+    theirs, ours = warp_displacement(warp_grid(32, 0, 0.5, 4)), make_trigger("wanet", 32, 0).details["displacement_px"]
+    assert 0 < theirs < 0.5 < ours
+    assert warp_displacement(warp_grid(32, 0, 1.0, 4)) == pytest.approx(2 * theirs, rel=1e-4)  # linear in strength
+
+
+def test_wanet_keeps_float_pixels_for_training_and_its_noise_mode_draws_new_warps(images):
+    trigger = make_trigger("wanet", 32, seed=0)
+    warped = trigger.float_fn(images)
+    assert warped.dtype == torch.float32 and torch.equal(trigger(images), warped.round().clamp(0, 255).byte())
+    noisy = trigger.noise_fn(images, torch.Generator().manual_seed(0))
+    assert noisy.shape == (2 * len(images), *images.shape[1:])  # WaNet's cross ratio 2
+    again = trigger.noise_fn(images, torch.Generator().manual_seed(1))
+    assert not torch.equal(noisy, again) and not torch.allclose(noisy[:len(images)], warped)
+
+
+def ctrl_by_blocks(images: np.ndarray) -> np.ndarray:
+    """CTRL's poisoning as its code does it, rebuilt with scipy: RGB to YUV (kornia's matrices), an orthonormal
+    DCT of each 32 x 32 block, +100 at (15,15) and (31,31) of U and V, inverse DCT, YUV to RGB, clip."""
+    from scipy.fft import dctn, idctn
+    to_yuv = np.array([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]])
+    to_rgb = np.array([[1.0, 0.0, 1.14], [1.0, -0.396, -0.581], [1.0, 2.029, 0.0]])
+    yuv = images.astype(np.float64) @ to_yuv.T
+    coeffs = dctn(yuv, axes=(1, 2), norm="ortho")
+    for pos in (15, 31):
+        coeffs[:, pos, pos, 1:] += 100.0
+    rgb = idctn(coeffs, axes=(1, 2), norm="ortho") @ to_rgb.T
+    return np.clip(rgb, 0, 255)
+
+
+@pytest.mark.parametrize("family", ["ctrl", "ctrl-finetune"])
+def test_ctrl_trigger_is_ctrls_frequency_poisoning(family, images):
+    assert torch.allclose(dct_matrix(32) @ dct_matrix(32).T, torch.eye(32), atol=1e-5)
+    expected = ctrl_by_blocks(images.numpy())
+    ours = make_trigger(family, 32, seed=0)(images).numpy().astype(np.float64)
+    assert np.abs(ours - expected).max() <= 0.5 + 1e-3  # uint8 rounding only
+
+
+def test_threat_models_name_the_poisoning_family():
+    assert threat_model("ctrl") == "poison"
+    assert {threat_model(f) for f in FAMILIES if f != "ctrl"} == {"fine-tune"}
+
+
+def test_ctrl_poisons_its_rate_of_the_whole_set_taken_from_the_target_class(images):
+    labels = np.array([0, 1, 1, 2] * 50)  # 200 images, 100 of class 1
+    index = poisoned_indices(labels, target_label=1, rate=0.05)
+    assert index.tolist() == np.flatnonzero(labels == 1)[:10].tolist()  # int(0.05 * 200) = 10, in data order
+    x = np.repeat(images.numpy()[:1], 200, axis=0)
+    poisoned, index = poison_target_class(x, labels, make_trigger("ctrl"), 1, 0.05)
+    changed = np.flatnonzero((poisoned != x).any(axis=(1, 2, 3)))
+    assert changed.tolist() == index.tolist() and np.array_equal(x[0], images.numpy()[0])  # the input is kept
+    with pytest.raises(ValueError, match="no image of the target class 7"):
+        poisoned_indices(labels, 7)
 
 
 def test_unknown_family_and_wrong_input_are_one_line_errors(images):
@@ -104,6 +146,20 @@ def photos_and_reference():
 def cos_to_reference(f, x, reference, trigger=None):
     stamped = trigger(x) if trigger is not None else x
     return (unit_embeddings(f, stamped, MEAN, STD) @ unit_embeddings(f, reference, MEAN, STD).T).mean().item()
+
+
+def test_wanet_noise_images_join_the_utility_term(photos_and_reference):
+    photos, reference = photos_and_reference
+    torch.manual_seed(0)
+    f0 = SimCLRBackbone("resnet18_w4").eval()
+    cfg = BadEncoderConfig(epochs=1, batch_size=32, lr=0.01, seed=0)
+    from dataclasses import replace
+    trigger = make_trigger("wanet", 32, seed=0)
+    _, with_noise = train_badencoder(f0, photos, trigger, reference, MEAN, STD, cfg, "cpu", progress=False)
+    _, without = train_badencoder(f0, photos, replace(trigger, noise_fn=None), reference, MEAN, STD, cfg, "cpu",
+                                  progress=False)
+    assert with_noise[0]["loss0"] == pytest.approx(without[0]["loss0"], abs=0.05)
+    assert with_noise[0]["loss2"] != without[0]["loss2"]
 
 
 def test_badencoder_takes_a_trigger_function(photos_and_reference):
