@@ -107,7 +107,8 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
                              "from the model's config (docs/formats.md)")
     parser.add_argument("--arch", default=None,
                         help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP; "
-                             "the paper's sweep passes resnet50 for CLIP, read as RN50), an open_clip or timm model "
+                             "the paper's sweep passes resnet50 for CLIP, read as RN50), mobilenet_v2 or mobilenet_v2_<px> "
+                             "(torchvision's MobileNetV2 at px = 32, 64, ..., 192), an open_clip or timm model "
                              "name; default: inferred from the checkpoint or its config")
     parser.add_argument("--encoder_format", default="auto", choices=FORMATS,
                         help="how to read --encoder_path: auto (from the file/folder, docs/formats.md), torch "

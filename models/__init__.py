@@ -7,7 +7,8 @@ from torch import nn
 from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
 
 from .checkpoint import CheckpointError, UnsafeCheckpointError, adapt_state_dict, load_into, read_checkpoint
-from .registry import CUSTOM_ARCHS, import_arch_modules, register_arch
+from .registry import CUSTOM_ARCHS, drop_head, import_arch_modules, register_arch
+from .mobilenet import arch_name as mobilenet_arch  # importing it registers --arch mobilenet_v2[_<px>]
 from .arch_inference import infer_arch
 from .formats import FORMATS, HUB_FAMILIES, locate, read_weights, save_safetensors
 from .hub import export_state_dict, hub_config_of, load_hub_encoder
@@ -49,8 +50,9 @@ def encoder_spec(usage_info: str, arch: str | None = None, clip_normalization: b
     mean, std = CLIP_NORMALIZATION if (usage_info == "CLIP" and clip_normalization) else NORMALIZATION[usage_info]
     import_arch_modules()
     if arch in CUSTOM_ARCHS:
-        return EncoderSpec(usage_info, arch, 32 if usage_info in ("cifar10", "stl10") else 224, mean, std,
-                           CUSTOM_ARCHS[arch].embed_dim)
+        custom = CUSTOM_ARCHS[arch]
+        size = custom.input_size or (32 if usage_info in ("cifar10", "stl10") else 224)
+        return EncoderSpec(usage_info, arch, size, mean, std, custom.embed_dim)
     if usage_info in ("cifar10", "stl10"):
         return EncoderSpec(usage_info, arch, 32, mean, std, embed_dim(arch))
     if usage_info == "CLIP":
@@ -101,6 +103,8 @@ def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
     spec = replace(encoder_spec(usage_info, arch, clip_normalization), arch_note=note)
     model = get_encoder(usage_info, spec.arch)
     sd = adapt_state_dict(sd, spec.family)
+    if spec.family == "custom":
+        sd = drop_head(sd, CUSTOM_ARCHS[spec.arch].head_prefixes)
     try:
         load_into(model, sd, path, tried=f"--encoder_usage_info {usage_info} --arch {spec.arch}")
     except CheckpointError as err:
@@ -132,4 +136,4 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_s
            "load_encoder", "NonFiniteEmbeddings", "check_finite", "SimCLR", "SimCLRBackbone", "clip_model",
            "clip_visual", "clip_tokenizer",
            "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules",
-           "FORMATS", "HUB_FAMILIES", "export_state_dict", "hub_config_of", "save_safetensors"]
+           "FORMATS", "HUB_FAMILIES", "export_state_dict", "hub_config_of", "save_safetensors", "mobilenet_arch"]
