@@ -30,6 +30,10 @@ def parse_args(argv=None):
                         help="encoder checkpoint (.pth/.pt/.safetensors, any SPEC layout) or a hub folder "
                              "(open_clip, Hugging Face, timm: docs/formats.md)")
     add_encoder_args(parser)
+    parser.add_argument("--model_config", default=None, metavar="JSON",
+                        help="the model's config when none lies beside --encoder_path: open_clip_config.json, an "
+                             "open_clip model config (embed_dim, vision_cfg: e.g. a custom model's), or a Hugging "
+                             "Face/timm config.json")
     add_inversion_args(parser)
     parser.set_defaults(**EXPERIMENT_DEFAULTS)
     parser.add_argument("--paper_main_defaults", action="store_true",
@@ -56,7 +60,8 @@ def main(argv=None):
     with user_errors("main.py"):
         configure_threads(args.threads)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
-                       model_flag=args.model_flag, result_file=args.result_file, **inversion_kwargs(args),
+                       model_flag=args.model_flag, result_file=args.result_file, model_config=args.model_config,
+                       **inversion_kwargs(args),
                        **target_kwargs(args))
     configure_determinism(args.nondeterministic)
     with user_errors("main.py"):
@@ -66,8 +71,9 @@ def main(argv=None):
     print(f"results: {job.paths().json}")
     print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
+    notes = "".join(f"; {note}" for note in record["notes"])
     print(f"{record['encoder_path']}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
-          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f})")
+          f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f}){notes}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ r"""DECREE over many encoders: every local GPU (or N CPU workers) or a Slurm arr
     python run_decree.py                                  # output/<usage_info>/**/*.pth|.pt|.safetensors, all GPUs
     python run_decree.py --manifest encoders.csv --devices 0,1 --out_dir sweep
     python run_decree.py --encoders 'my/encoders/**/*.pth' --encoder_usage_info stl10 --devices cpu --workers 4
+    python run_decree.py --encoders downloads/            # every encoder in it, each hub folder once, family read
     python run_decree.py --shard 2/4 ...                  # or inside a Slurm array job: SLURM_ARRAY_TASK_*
     python run_decree.py --report --out_dir sweep         # merge every shard's results into the report
     python run_decree.py --report --out_dir sweep --export sweep/predictions.json   # challenge-style export
@@ -31,7 +32,7 @@ from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
                           cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
                           worker_devices, write_sweep_config)
-from models import encoder_spec, import_arch_modules
+from models import HUB_FAMILIES, encoder_spec, import_arch_modules
 
 PROG = "run_decree.py"
 
@@ -45,8 +46,10 @@ def parse_args(argv=None):
                              "[,reference_text TEXT][,family (a free group name, carried into the report)]; "
                              "relative paths are relative to the CSV; empty cells take --encoder_usage_info/--arch")
     source.add_argument("--encoders", nargs="+", default=None, metavar="GLOB",
-                        help="checkpoint globs (quote them; ** recurses): .pth/.pt/.safetensors files, or a hub's .bin "
-                             "weights named directly; all of --encoder_usage_info/--arch")
+                        help="checkpoint globs or folders (quote globs; ** recurses): .pth/.pt/.safetensors files, a "
+                             "hub's .bin weights named directly, every checkpoint in a folder; a hub folder is one "
+                             "encoder whose family its config names; the others take --encoder_usage_info "
+                             "(default cifar10) and --arch. Their truth is unknown (a --manifest label gives it)")
     found.add_argument("--output_root", default="output",
                        help="folder of the paper's layout <usage_info>/**/*.pth|*.pt|*.safetensors (default output; "
                             "CLIP_text = CLIP)")
@@ -127,7 +130,8 @@ def main(argv=None):
         interrupt_on_sigterm()
         check_timeout(args.timeout)
         import_arch_modules(args.arch_module)
-        encoder_spec(args.encoder_usage_info, args.arch)  # a bad --arch fails here, not in every worker
+        if args.encoder_usage_info not in (None, *HUB_FAMILIES):  # a bad --arch fails here, not in every worker
+            encoder_spec(args.encoder_usage_info, args.arch)
         encoders = []  # --report alone reports whatever is under --out_dir
         if not args.report or args.manifest or args.encoders:
             encoders = find_encoders(args.manifest, args.encoders, args.output_root, args.encoder_usage_info,
@@ -145,7 +149,8 @@ def main(argv=None):
         if args.export:
             exported = export_predictions(args.out_dir, args.export, args.pl1_threshold, encoders)
     print(format_metrics(metrics))
-    print(f"report: {args.out_dir}/trigger_norm/summary.csv, summary.json, pl1.png, gallery.png")
+    figures = ", pl1.png, gallery.png" if metrics["done"] else " (no finished encoder: no figures)"
+    print(f"report: {args.out_dir}/trigger_norm/summary.csv, summary.json{figures}")
     if args.export:
         print(f"export: {args.export} ({len(exported['predictions'])} encoders, target tensors beside it)")
     if counts["failed"]:

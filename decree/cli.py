@@ -101,10 +101,11 @@ def run_id(text: str) -> str:
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS,
+    parser.add_argument("--encoder_usage_info", default=None, choices=USAGE_INFOS,
                         help="fixes architecture family, input size, normalisation and default shadow data; "
                              "open_clip, hf_clip, timm: encoders from model hubs, input size and normalisation "
-                             "from the model's config (docs/formats.md)")
+                             "from the model's config (docs/formats.md). Default: the family a hub folder's config "
+                             "names, else cifar10")
     parser.add_argument("--arch", default=None,
                         help="resnet18/34/50 (cifar10/stl10; narrow resnet18_wN too), RN50 or ViT-B/32 (CLIP; "
                              "the paper's sweep passes resnet50 for CLIP, read as RN50), mobilenet_v2 or mobilenet_v2_<px> "
@@ -208,8 +209,10 @@ def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> 
                             "encoder's own file is a visual tower only")
     group.add_argument("--target_vocab", default=None, metavar="TXT",
                        help="names to rank against the target, one per line (default: the 1,000 ImageNet classes)")
-    group.add_argument("--target_templates", default="paper", choices=TEMPLATE_SETS,
-                       help="prompt templates: paper = CLIP's 80 ImageNet templates (default), simple = 7 (faster)")
+    group.add_argument("--target_templates", default="auto", choices=TEMPLATE_SETS,
+                       help="prompt templates: paper = CLIP's 80 ImageNet templates, simple = 7, one = 'a photo of "
+                            "a {name}.'; auto (default) = paper on CUDA, one on the CPU (80,000 text-tower passes "
+                            "for 1,000 names take hours there). Name embeddings are cached per text tower")
     group.add_argument("--no_target_names", action="store_true",
                        help="skip naming the target (zero-shot ranking of the vocabulary) for CLIP encoders")
 

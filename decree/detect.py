@@ -4,12 +4,12 @@ Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and w
 """
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from datasets import load_shadow_set
-from models import load_encoder
+from models import load_encoder, resolve_usage_info
 
 from common import io as atomic
 from common.device import resolve_device
@@ -17,15 +17,17 @@ from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionConfig,
                         prepare_encoder, preset, stop_message)
 from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
 from .shadow_cache import load_image_folder_cached
-from .target import analyse_target, prepare_target, ranking_score
+from .target import (analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
+                     verdict_notes)
 
 
 @dataclass
 class DetectionJob:
     """Everything one run needs; field names follow the CLI flags."""
     encoder_path: str
-    encoder_usage_info: str = "cifar10"
+    encoder_usage_info: str | None = None  # None: the hub family the path names, else cifar10 (resolve_usage_info)
     arch: str | None = None
+    model_config: str | None = None       # a config JSON for weights without one beside them (docs/formats.md)
     encoder_format: str = "auto"          # auto | torch | safetensors (docs/formats.md)
     shadow_data: str | None = None        # npz or image folder; default per usage info (SPEC 2)
     shadow_size: int | None = None
@@ -56,7 +58,7 @@ class DetectionJob:
     reference_text: str | None = None
     text_tower: str | None = None
     target_vocab: str | None = None
-    target_templates: str = "paper"
+    target_templates: str = "auto"
     no_target_names: bool = False
     preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
     stop_at_verdict: bool = False
@@ -114,13 +116,16 @@ def speed_record(result) -> dict:
 def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     """Run DECREE for one encoder and write its outputs; returns the trigger_norm record."""
     started = time.time()
+    job = replace(job, encoder_usage_info=resolve_usage_info(job.encoder_path, job.encoder_usage_info,
+                                                             job.model_config))
     device = resolve_device(job.device, job.gpu)
     paths = job.paths()
     atomic.check_writable(paths.out_dir)
     cfg = job.inversion_config()
+    check_target_flags(job, job.encoder_usage_info)  # before the encoder loads, which can take a minute
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
                                trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
-                               encoder_format=job.encoder_format)
+                               encoder_format=job.encoder_format, model_config=job.model_config)
     if spec.arch_note:
         print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
     shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
@@ -146,14 +151,17 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
         if isinstance(err, InversionError):
             raise InversionError(f"{job.encoder_path}: {err}") from err
         raise
-    target = analyse_target(target_setup, prepared.module, spec, shadow, result, device, paths.target)
+    target = analyse_target(target_setup, prepared.module, spec, shadow, result, device, paths.target,
+                            progress=progress)
+    spread = shadow_spread(prepared.module, shadow, spec.mean, spec.std, device)
     meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
             "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
             "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
-            "score": ranking_score(result.pl1, result.pl1_threshold), "target": target,
+            "score": ranking_score(result.pl1, result.pl1_threshold), "target": target, "shadow_spread": spread,
+            "notes": verdict_notes(result.found, spread, cfg.thres),
             "wall_seconds": time.time() - started, **speed_record(result)}
     record = write_run(paths, result, meta, _log_text(job, meta, result))
     if job.result_file:

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from common import io as atomic
-from .sweep import LABELS, failed_dir, infer_label
+from .sweep import LABELS, UNKNOWN, failed_dir
 from .target import ranking_score
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
-                   "status", "error", "score", "target_cos", "target_name", "family")  # new columns go last
+                   "status", "error", "score", "target_cos", "target_name", "family",
+                   "shadow_spread", "stamped_spread", "notes")  # new columns go last
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
-LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red"}
+LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red", UNKNOWN: "tab:gray"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
 PL1_TABLE_ROWS = 40
 
@@ -45,11 +46,16 @@ def _records(folder: Path, required=("encoder_path",)) -> list[dict]:
 
 
 def _label(record: dict, labels: dict) -> str:
-    """The sweep's label (manifest) if given, else the one the run recorded, else the paper's path rule."""
+    """The sweep's label (manifest, the paper's folders) if given, else the one the run recorded, else unknown."""
     if record["run_id"] in labels:
         return labels[record["run_id"]]
     flag = record.get("model_flag")
-    return flag if flag in LABELS else infer_label(record["encoder_path"])
+    return flag if flag in LABELS else UNKNOWN
+
+
+def truth_text(label: str) -> str:
+    """How a label reads beside a verdict: 'truth: clean', 'truth unknown'."""
+    return "truth unknown" if label not in LABELS else f"truth: {label}"
 
 
 def _identity(record: dict, labels: dict) -> dict:
@@ -88,7 +94,7 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
                                   "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
                                   "seconds": record["seconds"], **_target_columns(record), "status": "done",
-                                  **restart_spread(record)}
+                                  "notes": "; ".join(record.get("notes") or ()) or None, **restart_spread(record)}
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row, "family": families.get(row["run_id"])}
                    for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
@@ -98,7 +104,8 @@ def _target_columns(record: dict) -> dict:
     """cos(recovered, true target) and the best name, where the run has them (decree/target.py)."""
     target = record.get("target") or {}
     names = target.get("names") or [{}]
-    return {"target_cos": target.get("reference", {}).get("cos"), "target_name": names[0].get("name")}
+    return {"target_cos": target.get("reference", {}).get("cos"), "target_name": names[0].get("name"),
+            "shadow_spread": record.get("shadow_spread"), "stamped_spread": target.get("spread")}
 
 
 def score_auroc(score_backdoor, score_clean) -> float:
@@ -121,15 +128,17 @@ def auroc(pl1_backdoor, pl1_clean) -> float:
 
 def detection_metrics(rows, threshold: float) -> dict:
     """Counts, accuracy, TPR, FPR at `threshold`, AUROC when both labels are present (over the ranking score, which
-    orders encoders as PL1 does), and the target recovery."""
-    done = [row for row in rows if row["status"] == "done"]
+    orders encoders as PL1 does), and the target recovery. Rates count only encoders whose truth was given."""
+    finished = [row for row in rows if row["status"] == "done"]
+    done = [row for row in finished if row["label"] in LABELS]
     flagged = {label: [verdict_at(r["pl1"], threshold) == "trojaned" for r in done if r["label"] == label]
                for label in LABELS}
     tp, fn = sum(flagged["backdoor"]), len(flagged["backdoor"]) - sum(flagged["backdoor"])
     fp, tn = sum(flagged["clean"]), len(flagged["clean"]) - sum(flagged["clean"])
     score = {label: [ranking_score(r["pl1"], threshold) for r in done if r["label"] == label] for label in LABELS}
     return {
-        "threshold": threshold, "encoders": len(rows), "done": len(done),
+        "threshold": threshold, "encoders": len(rows), "done": len(finished),
+        "unknown": len(finished) - len(done),
         "failed": sum(row["status"] == "failed" for row in rows),
         "not_run": sum(row["status"] == "not run" for row in rows),
         "clean": tn + fp, "backdoor": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
@@ -137,7 +146,7 @@ def detection_metrics(rows, threshold: float) -> dict:
         "tpr": tp / (tp + fn) if tp + fn else None,
         "fpr": fp / (fp + tn) if fp + tn else None,
         "auroc": score_auroc(score["backdoor"], score["clean"]) if score["backdoor"] and score["clean"] else None,
-        "target_recovery": target_recovery(done, threshold),
+        "target_recovery": target_recovery(finished, threshold),
     }
 
 
@@ -186,13 +195,14 @@ def plot_pl1(rows, threshold: float, path: Path) -> None:
     height = max(4.5, 0.19 * (len(done) + 2)) if table else 4.5  # one 9 pt table line per encoder
     fig, (ax, side) = plt.subplots(1, 2, figsize=(11 if table else max(8.0, 0.12 * len(done)), height),
                                    width_ratios=(1.2, 1) if table else (1, 0.001), layout="constrained")
-    for label in LABELS:
+    for label in (*LABELS, UNKNOWN):
         for found, marker in ((True, "o"), (False, "x")):
             points = [(i, r["pl1"] if found else 1.0) for i, r in enumerate(done, start=1)
                       if r["label"] == label and (r["pl1"] is not None) == found]
             if points:
                 x, y = zip(*points)
-                name = f"{label} encoder" if found else f"{label}: no trigger found (drawn at 1)"
+                who = "encoder, truth unknown" if label == UNKNOWN else f"{label} encoder"
+                name = who if found else f"{who}: no trigger found (drawn at 1)"
                 ax.scatter(x, y, c=LABEL_COLOURS[label], marker=marker, s=40, label=name, zorder=3)
     ax.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}: below = trojaned")
     ax.set_yscale("log")
@@ -207,7 +217,7 @@ def plot_pl1(rows, threshold: float, path: Path) -> None:
     ax.set_title(f"DECREE PL1-norm of {len(done)} encoders (lower = more suspicious)", fontsize=11)
     side.axis("off")
     if table:
-        lines = [f"{'#':>2}  {'PL1':>7}  {'label':<8}  encoder"]
+        lines = [f"{'#':>2}  {'PL1':>7}  {'truth':<8}  encoder"]
         lines += [f"{i:>2}  {'none' if r['pl1'] is None else format(r['pl1'], '.4f'):>7}  {r['label']:<8}  "
                   f"{_short_name(r['path'], 44)}" for i, r in enumerate(done, start=1)]
         side.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
@@ -221,33 +231,64 @@ def _short_name(path, width: int = 34) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
-def _outline(ax, mask: np.ndarray, colour: str = "lime") -> None:
-    """Draw the pixel edges around the True pixels of a bool (H,W) mask (exact, also for non-rectangular masks)."""
+def _outline(ax, mask: np.ndarray, colour: str = "lime", left: float = 0) -> None:
+    """Draw the pixel edges around the True pixels of a bool (H,W) mask (exact, also for non-rectangular masks),
+    `left` pixels to the right of the image's origin."""
     from matplotlib.collections import LineCollection
     padded = np.pad(mask, 1)
     rows, cols = np.nonzero(padded[1:, 1:-1] != padded[:-1, 1:-1])  # edge above pixel row r (r = H: bottom edge)
-    segments = [[(c - 0.5, r - 0.5), (c + 0.5, r - 0.5)] for r, c in zip(rows, cols)]
+    segments = [[(left + c - 0.5, r - 0.5), (left + c + 0.5, r - 0.5)] for r, c in zip(rows, cols)]
     rows, cols = np.nonzero(padded[1:-1, 1:] != padded[1:-1, :-1])  # edge left of pixel column c
-    segments += [[(c - 0.5, r - 0.5), (c - 0.5, r + 0.5)] for r, c in zip(rows, cols)]
+    segments += [[(left + c - 0.5, r - 0.5), (left + c - 0.5, r + 0.5)] for r, c in zip(rows, cols)]
     ax.add_collection(LineCollection(segments, colors=colour, linewidths=1.5, zorder=3))
 
 
-def _pixel_grid(ax, size: int) -> None:
+def _pixel_grid(ax, height: int, width: int) -> None:
     """Thin lines between pixels, so single trigger pixels can be counted (small images only).
 
     One line collection, not minor ticks and a grid: matplotlib lays out and draws every tick as its own artist,
     which made a 20-panel gallery take seconds."""
     from matplotlib.collections import LineCollection
-    edges = np.arange(-0.5, size, 1)
-    segments = [[(e, -0.5), (e, size - 0.5)] for e in edges] + [[(-0.5, e), (size - 0.5, e)] for e in edges]
+    segments = [[(e, -0.5), (e, height - 0.5)] for e in np.arange(-0.5, width, 1)]
+    segments += [[(-0.5, e), (width - 0.5, e)] for e in np.arange(-0.5, height, 1)]
     ax.add_collection(LineCollection(segments, colors="0.35", linewidths=0.3, zorder=2))
 
 
+GREY = 0.5  # the background the pattern is shown over, weighted by the mask
+
+
+def trigger_panel(mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """float (H, 2W+1, 3) in [0,1]: the mask on its own 0..1 scale (black 0, white 1), a white column, and the
+    pattern over grey weighted by the mask, (1 - m) * grey + m * p: what stamping does to a flat grey image.
+    Unlike mask x pattern on black, a trigger's dark pixels stay visible."""
+    m = np.clip(np.asarray(mask, np.float32), 0, 1)[..., None]
+    stamped = (1 - m) * GREY + m * np.asarray(pattern, np.float32) / 255
+    return np.concatenate([np.repeat(m, 3, axis=-1), np.ones_like(m[:, :1].repeat(3, -1)), stamped], axis=1)
+
+
+def _read_trigger(out_dir, run_id: str):
+    """(mask (H,W), pattern (H,W,3)) of a finished run's trigger.npz, or None."""
+    path = Path(out_dir) / "trigger_inv" / run_id / "trigger.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["mask"], npz["pattern"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+GALLERY_NOTE = ("left: the inverted mask (0 black .. 1 white); right: its pattern over grey, weighted by the mask. "
+                "This is the smallest trigger DECREE found, not the planted one:\nany small patch that sends the "
+                "images to the target embedding counts, so it need not coincide with the planted trigger")
+
+
 def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
-    """The inverted triggers (fusion = mask * pattern), most suspicious first, captioned with PL1 and verdict.
+    """The inverted triggers (trigger_panel), most suspicious first, captioned with PL1, verdict and truth.
 
     Panels are drawn large, pixel by pixel (nearest neighbour, with a pixel grid for images up to 64 px);
-    planted: optional {run_id: bool (H,W) mask} of the trigger known to be planted, outlined in green.
+    planted: optional {run_id: bool (H,W) mask} of the trigger known to be planted, outlined in green on both
+    halves.
     """
     import matplotlib.pyplot as plt
     planted = planted or {}
@@ -256,26 +297,28 @@ def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
     shown = done[:GALLERY_MAX_TILES]
     cols = max(1, min(GALLERY_COLUMNS, len(shown)))
     nrows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.7 * nrows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 2.9 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, shown):
-        fusion = Path(out_dir) / "trigger_inv" / row["run_id"] / "fusion.png"
-        if fusion.is_file():
-            image = plt.imread(fusion)
+        trigger = _read_trigger(out_dir, row["run_id"])
+        if trigger is not None:
+            image = trigger_panel(*trigger)
             ax.axis("on")
-            ax.imshow(image, interpolation="nearest")
+            ax.imshow(image, interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if image.shape[0] <= 64:
-                _pixel_grid(ax, image.shape[0])
+                _pixel_grid(ax, *image.shape[:2])
             if row["run_id"] in planted:
-                _outline(ax, np.asarray(planted[row["run_id"]], bool))
+                for left in (0, image.shape[0] + 1):
+                    _outline(ax, np.asarray(planted[row["run_id"]], bool), left=left)
         pl1 = "no trigger" if row["pl1"] is None else f"PL1 {row['pl1']:.4f}"
-        ax.set_title(f"{_short_name(row['path'], 40)}\n{pl1}: {row['verdict'].upper()} (truth: {row['label']})",
-                     fontsize=9, color=LABEL_COLOURS[row["label"]])
+        ax.set_title(f"{_short_name(row['path'], 48)}\n{pl1}: {row['verdict'].upper()} ({truth_text(row['label'])})",
+                     fontsize=9, color=LABEL_COLOURS.get(row["label"], LABEL_COLOURS[UNKNOWN]))
     more = f" ({len(shown)} of {len(done)})" if len(shown) < len(done) else ""
     note = "; green outline: the planted trigger" if planted else ""
-    fig.suptitle(f"inverted triggers, mask x pattern{more}{note}", fontsize=11)
+    fig.suptitle(f"inverted triggers{more}{note}\n{GALLERY_NOTE}", fontsize=9)
     _save_figure(fig, path)
 
 
@@ -294,15 +337,21 @@ def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> 
         raise FileNotFoundError(f"{norm}: no finished or failed runs to report")
     metrics = detection_metrics(rows, threshold)
     atomic.write_text(norm / "summary.csv", summary_csv(rows))
-    outputs = {"summary_csv": norm / "summary.csv", "pl1_plot": norm / "pl1.png", "gallery": norm / "gallery.png"}
+    figures = {"pl1_plot": norm / "pl1.png", "gallery": norm / "gallery.png"}
+    finished = any(row["status"] == "done" for row in rows)
+    if not finished:  # nothing to draw: no empty figures, and none left from an earlier report
+        for figure in figures.values():
+            figure.unlink(missing_ok=True)
+    outputs = {"summary_csv": norm / "summary.csv", **(figures if finished else {})}
     atomic.write_json(norm / "summary.json", {"metrics": metrics, "files": outputs,
                                               "failed": {r["run_id"]: r["error"] for r in rows
                                                          if r["status"] == "failed"},
                                               "not_run": [r["path"] for r in rows if r["status"] == "not run"],
                                               "scores": {r["run_id"]: r["score"] for r in rows
                                                          if r["status"] == "done"}})
-    plot_pl1(rows, threshold, outputs["pl1_plot"])
-    plot_gallery(rows, out_dir, outputs["gallery"], planted)
+    if finished:
+        plot_pl1(rows, threshold, outputs["pl1_plot"])
+        plot_gallery(rows, out_dir, outputs["gallery"], planted)
     return metrics
 
 
@@ -310,15 +359,20 @@ def format_metrics(metrics: dict) -> str:
     """Metrics as a few printable lines."""
     def pct(value):
         return "n/a" if value is None else f"{value:.3f}"
-    return "\n".join([
-        f"{metrics['encoders']} encoders: {metrics['done']} finished, {metrics['failed']} failed, "
-        f"{metrics['not_run']} not run; "
-        f"{metrics['backdoor']} backdoor / {metrics['clean']} clean among the finished",
-        f"at PL1 threshold {metrics['threshold']:g}: accuracy {pct(metrics['accuracy'])}, "
-        f"TPR {pct(metrics['tpr'])} ({metrics['tp']}/{metrics['backdoor']}), "
-        f"FPR {pct(metrics['fpr'])} ({metrics['fp']}/{metrics['clean']}); AUROC over PL1 {pct(metrics['auroc'])} "
-        "(= over the score thr/(thr+PL1))",
-    ] + _recovery_lines(metrics.get("target_recovery")))
+    unknown = metrics.get("unknown", 0)
+    counts = (f"{metrics['encoders']} encoders: {metrics['done']} finished, {metrics['failed']} failed, "
+              f"{metrics['not_run']} not run; among the finished {metrics['backdoor']} backdoor / "
+              f"{metrics['clean']} clean" + (f" / {unknown} truth unknown" if unknown else ""))
+    if not metrics["backdoor"] + metrics["clean"]:
+        rates = (f"at PL1 threshold {metrics['threshold']:g}: no accuracy, TPR or FPR: truth unknown for every "
+                 "finished encoder (give it in a --manifest label column)")
+    else:
+        rates = (f"at PL1 threshold {metrics['threshold']:g}: accuracy {pct(metrics['accuracy'])}, "
+                 f"TPR {pct(metrics['tpr'])} ({metrics['tp']}/{metrics['backdoor']}), "
+                 f"FPR {pct(metrics['fpr'])} ({metrics['fp']}/{metrics['clean']}); AUROC over PL1 "
+                 f"{pct(metrics['auroc'])} (= over the score thr/(thr+PL1))"
+                 + (f"; over the {metrics['backdoor'] + metrics['clean']} of known truth only" if unknown else ""))
+    return "\n".join([counts, rates] + _recovery_lines(metrics.get("target_recovery")))
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:

@@ -34,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import USAGE_INFOS
+from models import DEFAULT_USAGE_INFO, USAGE_INFOS, CheckpointError
+from models.formats import WEIGHT_NAMES, hub_folder_of, usage_info_from
 from models.registry import ARCH_MODULES_ENV
 
 from common import io as atomic
@@ -48,6 +49,7 @@ CHECKPOINT_PATTERNS = ("*.pth", "*.pt", "*.safetensors")  # what folder discover
 # a file a glob names directly may also be a hub's torch weights (pytorch_model.bin): main.py reads them all
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 LABELS = ("clean", "backdoor")
+UNKNOWN = "unknown"  # the label of an encoder whose truth nobody gave (not in the paper's folders, no manifest label)
 # the paper's folders under output/: the first folder names the usage info
 USAGE_FOLDERS = {"cifar10": "cifar10", "stl10": "stl10", "imagenet": "imagenet", "CLIP": "CLIP",
                  "CLIP_text": "CLIP", "moco": "moco"}
@@ -65,8 +67,8 @@ MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "referen
 
 @dataclass(frozen=True)
 class Encoder:
-    """One encoder of a sweep; label is 'clean' or 'backdoor'; reference/reference_text: its attack's known target;
-    family: the manifest's free-text group (attack)."""
+    """One encoder of a sweep; label is 'clean', 'backdoor' or 'unknown'; reference/reference_text: its attack's
+    known target; family: the manifest's free-text group (attack)."""
     path: str
     usage_info: str
     arch: str | None
@@ -83,7 +85,8 @@ class Encoder:
 # ---- discovery --------------------------------------------------------------------------------------------
 
 def infer_label(path) -> str:
-    """The paper's rule: 'clean' anywhere in the path means a clean encoder, anything else a backdoored one."""
+    """The paper's rule for the paper's folders (discover_output_folder): 'clean' anywhere in the path means a
+    clean encoder, anything else a backdoored one. Elsewhere the truth is unknown unless a manifest gives it."""
     return "clean" if "clean" in str(path).lower() else "backdoor"
 
 
@@ -107,8 +110,9 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
     folders ignored."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--output_root {root}: no such folder; put encoders in {root}/<usage_info>/... "
-                                "or pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV")
+        raise FileNotFoundError(f"--output_root {root}: no such folder; for a folder of downloaded encoders pass "
+                                "--encoders FOLDER (each hub folder one encoder, its family read from its config), "
+                                f"else put them in {root}/<usage_info>/... or pass --manifest CSV")
     encoders = [Encoder(str(path), usage, arch, infer_label(path.relative_to(root)))
                 for folder, usage in USAGE_FOLDERS.items() if (root / folder).is_dir()
                 for path in (root / folder).rglob("*") if _is_checkpoint(path)]
@@ -125,35 +129,50 @@ def _nothing_found(root: Path) -> str:
     others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
                      for path in root.rglob("*") if _is_checkpoint(path)})
     if others:
-        hints = " or ".join(f"--encoders '{top}/**/*.pth'" for top in others[:3])
+        hints = " or ".join(f"--encoders {top}" for top in others[:3])
         message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
-                    "(plus --encoder_usage_info/--arch where they are not the defaults), "
-                    "or list them in --manifest CSV")
+                    "(hub folders' families are read from their configs; --encoder_usage_info/--arch for paper "
+                    "checkpoints that are not cifar10 ones), or list them in --manifest CSV")
     else:
-        message += "; pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV"
+        message += ("; for a folder of downloaded encoders pass --encoders FOLDER, else --output_root FOLDER or "
+                    "--manifest CSV")
     return message
 
 
 def _weights_at(path: Path) -> list[Path]:
-    """What a glob match stands for: the file itself if it is a weights file, the checkpoints inside a folder."""
+    """What a glob match stands for: the file itself if it is a weights file, the checkpoints inside a folder;
+    a hub folder's weights (any of them) stand for the folder, one encoder (models.formats.hub_folder_of)."""
     if path.is_file():
-        return [path] if path.suffix in WEIGHT_FILE_SUFFIXES else []
-    return [p for p in path.rglob("*") if _is_checkpoint(p)]
+        found = [path] if path.suffix in WEIGHT_FILE_SUFFIXES else []
+    else:
+        found = [p for p in path.rglob("*") if _is_checkpoint(p) or (p.name in WEIGHT_NAMES and p.is_file())]
+    return [hub_folder_of(p) or p for p in found]
 
 
-def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:
+def detected_usage_info(path, usage_info: str | None) -> str:
+    """The usage info given (--encoder_usage_info, a manifest cell), else the hub family the path's config names,
+    else the default; an unreadable config is left for the encoder's own run to report."""
+    if usage_info:
+        return usage_info
+    try:
+        return usage_info_from(path) or DEFAULT_USAGE_INFO
+    except (CheckpointError, OSError):
+        return DEFAULT_USAGE_INFO
+
+
+def discover_globs(patterns, usage_info: str | None, arch: str | None = None) -> list[Encoder]:
     """Checkpoints matching shell globs (** recursive): weight files the glob names, and the checkpoints inside
-    folders it names; a pattern that matches none is an error."""
+    folders it names, each hub folder once; a pattern that matches none is an error. Their truth is unknown."""
     encoders = []
     for pattern in patterns:
         matches = [p for match in glob.glob(pattern, recursive=True) for p in _weights_at(Path(match))]
         if not matches:
             raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt/.safetensors/.bin file")
-        encoders += [Encoder(str(p), usage_info, arch, infer_label(p)) for p in matches]
+        encoders += [Encoder(str(p), detected_usage_info(p, usage_info), arch, UNKNOWN) for p in matches]
     return _sorted_unique(encoders)
 
 
-def read_manifest(path, usage_info: str = "cifar10", arch: str | None = None) -> list[Encoder]:
+def read_manifest(path, usage_info: str | None = None, arch: str | None = None) -> list[Encoder]:
     """CSV with columns path[,usage_info][,arch][,label][,reference][,reference_text][,family]; empty cells take
     the command-line defaults (reference: the attack's reference npz; reference_text: its target caption;
     family: a free group name carried into the report).
@@ -185,12 +204,12 @@ def _manifest_row(manifest: Path, line: int, row: dict, usage_info: str, arch: s
     if not row.get("path"):
         raise ValueError(f"{where}: empty path")
     encoder = _beside(manifest, row["path"])
-    usage = row.get("usage_info") or usage_info
+    usage = detected_usage_info(encoder, row.get("usage_info") or usage_info)
     if usage not in USAGE_INFOS:
         raise ValueError(f"{where}: usage_info {usage!r} is not one of {', '.join(USAGE_INFOS)}")
-    label = row.get("label") or infer_label(row["path"])
-    if label not in LABELS:
-        raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor'")
+    label = row.get("label") or UNKNOWN
+    if label not in (*LABELS, UNKNOWN):
+        raise ValueError(f"{where}: label {label!r} is not 'clean' or 'backdoor' (leave it empty when unknown)")
     reference = str(_beside(manifest, row["reference"])) if row.get("reference") else None
     return Encoder(str(encoder), usage, row.get("arch") or arch, label, reference, row.get("reference_text") or None,
                    row.get("family", ""))
@@ -202,7 +221,7 @@ def _beside(manifest: Path, cell: str) -> Path:
     return path if path.is_absolute() else manifest.parent / path
 
 
-def find_encoders(manifest=None, patterns=None, root="output", usage_info: str = "cifar10",
+def find_encoders(manifest=None, patterns=None, root="output", usage_info: str | None = None,
                   arch: str | None = None) -> list[Encoder]:
     """The sweep's encoders, sorted: from a manifest, else from globs, else from the paper's output/ folders."""
     if manifest:
@@ -697,7 +716,8 @@ def outcome_line(enc: Encoder, outcome: dict) -> str:
     else:
         record = outcome["record"]
         pl1 = "no trigger found" if record["pl1"] is None else f"PL1 {record['pl1']:.4f}"
-        line = f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({enc.label})"
+        truth = "truth unknown" if enc.label == UNKNOWN else enc.label
+        line = "; ".join([f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({truth})", *record.get("notes", ())])
     return "; ".join([line, *outcome["warnings"]])
 
 

@@ -11,7 +11,10 @@
   imagenet.py `imagenet_prompts`; open_clip ships them as OPENAI_IMAGENET_TEMPLATES).
 - Score: thr / (thr + PL1) in [0, 1]; see ranking_score.
 """
+import hashlib
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,11 @@ from common import io as atomic
 from .inversion import stamp
 
 TOP_NAMES = 5
-TEMPLATE_SETS = ("paper", "simple")
+TEMPLATE_SETS = ("auto", "paper", "simple", "one")
+ONE_TEMPLATE = "a photo of a {}."
+# shadow_spread at or above this: the clean images' embeddings already nearly coincide (a random-weight or
+# collapsed encoder), so a small trigger that makes them coincide is no evidence of a backdoor (docs/target.md)
+COLLAPSED_SPREAD = 0.9
 EMBED_BATCH = 256  # images per forward pass when embedding the whole shadow set
 
 
@@ -81,6 +88,24 @@ class RecoveredTarget:
     images: int
 
 
+def shadow_spread(encoder, shadow, mean, std, device) -> float | None:
+    """Mean pairwise cosine of the unstamped shadow embeddings (None for fewer than 2 images): how close together
+    the encoder puts clean images before any trigger."""
+    if len(shadow) < 2:
+        return None
+    return mean_pairwise_cos_of_units(unit_embeddings(encoder, shadow, mean, std, device))
+
+
+def verdict_notes(found: bool, spread: float | None, thres: float) -> list[str]:
+    """What the paper's verdict does not say: no trigger converged (CLEAN by the epoch budget, not by a large
+    trigger), or the embeddings were collapsed before any trigger (TROJANED on no evidence)."""
+    notes = [] if found else [f"no trigger converged (none reached |cos| > {thres:g})"]
+    if spread is not None and spread >= COLLAPSED_SPREAD:
+        notes.append(f"collapsed embeddings (shadow spread {spread:.3f} >= {COLLAPSED_SPREAD:g}: a small trigger is "
+                     "no evidence)")
+    return notes
+
+
 def recover_target(encoder, shadow, mask, pattern, mean, std, device) -> RecoveredTarget:
     """The target embedding an inverted trigger (mask (S,S), pattern (S,S,3)) sends shadow images (N,S,S,3) to."""
     units = unit_embeddings(encoder, shadow, mean, std, device, mask, pattern)
@@ -106,14 +131,27 @@ def load_target(path) -> torch.Tensor:
 
 def check_template_set(kind: str) -> None:
     if kind not in TEMPLATE_SETS:
-        raise ValueError(f"--target_templates {kind!r}: choose paper (80 prompts) or simple (7)")
+        raise ValueError(f"--target_templates {kind!r}: choose auto, paper (80 prompts), simple (7) or one")
+
+
+def resolve_templates(kind: str, device) -> str:
+    """--target_templates auto: the paper's 80 on CUDA, one on the CPU, where the text tower runs 80 x the
+    vocabulary (80,000 prompts for the ImageNet classes) at a few prompts a second."""
+    check_template_set(kind)
+    if kind != "auto":
+        return kind
+    return "paper" if torch.device(device).type == "cuda" else "one"
 
 
 def prompt_templates(kind: str = "paper") -> list:
     """'paper': CLIP's 80 ImageNet templates (as in DECREE's imagenet.py); 'simple': open_clip's 7-template subset,
-    about 11x cheaper. Each template is a callable name -> prompt."""
+    about 11x cheaper; 'one': 'a photo of a {name}.' (one of the 80). Each template is a callable name -> prompt."""
     check_template_set(kind)
+    if kind == "auto":
+        raise ValueError("--target_templates auto is resolved per device first (resolve_templates)")
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+    if kind == "one":
+        return [ONE_TEMPLATE.format]
     return list(OPENAI_IMAGENET_TEMPLATES if kind == "paper" else SIMPLE_IMAGENET_TEMPLATES)
 
 
@@ -132,12 +170,51 @@ def read_vocabulary(path=None) -> list[str]:
     return names
 
 
+NAMING_BATCH = 256  # prompts per progress step
+
+
 @torch.no_grad()
-def name_embeddings(encode_text, names: list[str], templates: list) -> torch.Tensor:
+def name_embeddings(encode_text, names: list[str], templates: list, progress: bool = False) -> torch.Tensor:
     """Zero-shot classifier rows: per name, the normalised mean of its normalised prompt embeddings: (V,D)."""
-    prompts = [template(name) for name in names for template in templates]
-    units = F.normalize(encode_text(prompts).float(), dim=1).view(len(names), len(templates), -1)
-    return F.normalize(units.mean(dim=1), dim=1).cpu()
+    from tqdm import tqdm
+    step = max(1, NAMING_BATCH // len(templates))  # names per text-tower call
+    rows = []
+    with tqdm(total=len(names), desc="naming the target", unit="name", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for first in range(0, len(names), step):
+            chunk = names[first:first + step]
+            prompts = [template(name) for name in chunk for template in templates]
+            units = F.normalize(encode_text(prompts).float(), dim=1).view(len(chunk), len(templates), -1)
+            rows.append(F.normalize(units.mean(dim=1), dim=1).cpu())
+            bar.update(len(chunk))
+    return torch.cat(rows)
+
+
+def name_cache_path(folder: Path, encode_text, names: list[str], templates: list) -> Path:
+    """The cache file of a vocabulary's name embeddings: keyed by the text tower's weights, the names and the
+    prompts (as the shadow cache is keyed by what its tensor depends on)."""
+    text = json.dumps({"tower": encode_text.fingerprint(), "names": names,
+                       "templates": [template("{}") for template in templates]})
+    return Path(folder) / f"names-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
+
+
+def cached_name_embeddings(encode_text, names: list[str], templates: list, cache_dir=None,
+                           progress: bool = False) -> tuple[torch.Tensor, bool]:
+    """(name embeddings (V,D), whether they came from the cache); cached under cache_dir when the text encoder
+    has a fingerprint (models.text_tower.TextEncoder). A cache file of the wrong shape is recomputed."""
+    path = name_cache_path(cache_dir, encode_text, names, templates) \
+        if cache_dir is not None and hasattr(encode_text, "fingerprint") else None
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(cached, torch.Tensor) and cached.dim() == 2 and cached.shape[0] == len(names):
+                return cached.float(), True
+        except (OSError, RuntimeError, ValueError, EOFError):
+            pass  # a damaged cache file is recomputed below
+    embeddings = name_embeddings(encode_text, names, templates, progress)
+    if path is not None:
+        atomic.write_torch(path, embeddings.contiguous().clone())
+    return embeddings, False
 
 
 def top_names(target: torch.Tensor, embeddings: torch.Tensor, names: list[str], k: int = TOP_NAMES) -> list[dict]:
@@ -158,14 +235,26 @@ class TargetSetup:
     encode_text: object = None                  # list[str] -> float (N,D), or None without a text tower
     vocabulary: list | None = None
     vocabulary_source: str | None = None
-    templates: str = "paper"
+    templates: str = "paper"                    # a TEMPLATE_SETS entry other than auto (resolve_templates)
+    name_cache: Path | None = None              # folder of cached name embeddings, or None
+
+
+def check_target_flags(job, usage_info: str) -> None:
+    """What can be checked of the target flags before the encoder loads (which takes a while for big ones)."""
+    check_template_set(job.target_templates)
+    for flag, path in (("--reference_file", job.reference_file), ("--text_tower", job.text_tower)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if job.reference_text and not job.text_tower and usage_info != "CLIP":
+        raise DataError(f"--reference_text needs a CLIP text tower and {job.encoder_path} has none; pass a full "
+                        f"CLIP file of the same arch (e.g. OpenAI's RN50.pt) with --text_tower")
 
 
 def prepare_target(job, spec, device) -> TargetSetup:
     """Load the truth (reference images / text) and the text tower a run's flags ask for (job: DetectionJob)."""
     setup = TargetSetup(reference_file=job.reference_file, reference_text=job.reference_text,
-                        templates=job.target_templates)
-    check_template_set(job.target_templates)  # fail now, not after the inversion
+                        templates=resolve_templates(job.target_templates, device),
+                        name_cache=job.shadow_cache_dir())
     if job.reference_file:
         images, _ = load_reference(job.reference_file)
         if images.shape[1:3] != (spec.input_size, spec.input_size):
@@ -183,6 +272,11 @@ def prepare_target(job, spec, device) -> TargetSetup:
     if setup.encode_text is not None and not job.no_target_names:
         setup.vocabulary = read_vocabulary(job.target_vocab)
         setup.vocabulary_source = job.target_vocab or "ImageNet classes (open_clip.zero_shot_metadata)"
+        if job.target_templates == "auto":
+            count = len(prompt_templates(setup.templates))
+            print(f"naming the target: {len(setup.vocabulary)} names x {count} template(s) ({setup.templates}, "
+                  f"--target_templates auto on {torch.device(device).type}; paper = CLIP's 80 templates), name "
+                  f"embeddings cached per text tower", flush=True)
     return setup
 
 
@@ -203,10 +297,12 @@ def check_dims(vector: torch.Tensor, other: torch.Tensor, what: str) -> None:
                         f"{vector.shape[-1]}; is it the text tower of the same CLIP arch?")
 
 
-def analyse_target(setup: TargetSetup, encoder, spec, shadow, result, device, path: Path) -> dict | None:
+def analyse_target(setup: TargetSetup, encoder, spec, shadow, result, device, path: Path,
+                   progress: bool = False) -> dict | None:
     """Recover the target under the best trigger, write it to `path`, compare it with the truth and name it.
 
     Returns the run JSON's `target` section, or None when no trigger was found (any old target file is removed).
+    Interrupted or failed after writing `path` (e.g. Ctrl-C while naming), it removes it: no partial output.
     """
     path = Path(path)
     if not result.found:
@@ -214,6 +310,15 @@ def analyse_target(setup: TargetSetup, encoder, spec, shadow, result, device, pa
         return None
     target = recover_target(encoder, shadow, result.mask, result.pattern, spec.mean, spec.std, device)
     save_target(path, target.vector)
+    try:
+        return _describe_target(setup, target, encoder, spec, device, path, progress)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _describe_target(setup: TargetSetup, target: RecoveredTarget, encoder, spec, device, path: Path,
+                     progress: bool) -> dict:
     summary = {"file": path.name, "dim": int(target.vector.numel()), "spread": target.spread,
                "images": target.images}
     truth = true_target(setup, encoder, spec, device)
@@ -222,11 +327,15 @@ def analyse_target(setup: TargetSetup, encoder, spec, shadow, result, device, pa
         check_dims(target.vector, vector, f"the {kind} target")
         summary["reference"] = {"kind": kind, "source": source, "cos": float(vector @ target.vector)}
     if setup.vocabulary:
-        embeddings = name_embeddings(setup.encode_text, setup.vocabulary, prompt_templates(setup.templates))
+        templates = prompt_templates(setup.templates)
+        started = time.time()
+        embeddings, cached = cached_name_embeddings(setup.encode_text, setup.vocabulary, templates, setup.name_cache,
+                                                    progress)
         check_dims(target.vector, embeddings[0], "the text tower")
         summary["names"] = top_names(target.vector, embeddings, setup.vocabulary)
         summary["vocabulary"] = {"source": setup.vocabulary_source, "size": len(setup.vocabulary),
-                                 "templates": setup.templates}
+                                 "templates": setup.templates, "prompts": len(setup.vocabulary) * len(templates),
+                                 "cached": cached, "seconds": time.time() - started}
     return summary
 
 
@@ -242,6 +351,7 @@ def target_lines(record: dict) -> list[str]:
         lines.append(f"cos(recovered, true {ref['kind']} target {ref['source']!r}) = {ref['cos']:.4f}")
     if "names" in target:
         names = ", ".join(f"{n['name']} ({n['similarity']:.3f})" for n in target["names"])
-        lines.append(f"target named ({target['vocabulary']['size']} names, {target['vocabulary']['templates']} "
-                     f"templates): {names}")
+        vocab = target["vocabulary"]
+        how = "cached" if vocab.get("cached") else f"{vocab.get('seconds', 0):.0f} s"
+        lines.append(f"target named ({vocab['size']} names, {vocab['templates']} templates, {how}): {names}")
     return lines

@@ -10,7 +10,7 @@ from .checkpoint import CheckpointError, UnsafeCheckpointError, adapt_state_dict
 from .registry import CUSTOM_ARCHS, drop_head, import_arch_modules, register_arch
 from .mobilenet import arch_name as mobilenet_arch  # importing it registers --arch mobilenet_v2[_<px>]
 from .arch_inference import infer_arch
-from .formats import FORMATS, HUB_FAMILIES, locate, read_weights, save_safetensors
+from .formats import FORMATS, HUB_FAMILIES, locate, read_weights, save_safetensors, usage_info_from
 from .hub import export_state_dict, hub_config_of, load_hub_encoder
 from .clip import clip_arch, clip_embed_dim, clip_model, clip_tokenizer, clip_visual, open_clip_name
 from .simclr import SimCLR, SimCLRBackbone, embed_dim
@@ -80,14 +80,26 @@ def get_encoder(usage_info: str, arch: str | None = None) -> nn.Module:
     return net
 
 
-def load_encoder(path, usage_info: str, arch: str | None = None, device="cpu",
-                 trust_checkpoint: bool = False, clip_normalization: bool = False, encoder_format: str = "auto"):
-    """Load an encoder (any SPEC 3 layout, safetensors, or a hub folder: docs/formats.md).
+DEFAULT_USAGE_INFO = "cifar10"  # the paper's main.py default, for a checkpoint that names no family
+
+
+def resolve_usage_info(path, usage_info: str | None, config_path=None) -> str:
+    """--encoder_usage_info, or when it is not given the hub family the path (or --model_config) names, else
+    the default: a hub folder needs no family flag."""
+    return usage_info or usage_info_from(path, config_path) or DEFAULT_USAGE_INFO
+
+
+def load_encoder(path, usage_info: str | None, arch: str | None = None, device="cpu",
+                 trust_checkpoint: bool = False, clip_normalization: bool = False, encoder_format: str = "auto",
+                 model_config=None):
+    """Load an encoder (any SPEC 3 layout, safetensors, or a hub folder: docs/formats.md); usage_info None:
+    resolve_usage_info; model_config: a hub or open_clip model config JSON for weights without one beside them.
 
     Returns (model in eval mode on device, EncoderSpec); its parameters are left as they are (trainable),
     the callers that only run it (DECREE, validation) freeze them.
     """
-    files = locate(path, encoder_format)
+    usage_info = resolve_usage_info(path, usage_info, model_config)
+    files = locate(path, encoder_format, model_config)
     sd, embedded = read_weights(files, trust_checkpoint)
     if usage_info in HUB_FAMILIES:
         hub = load_hub_encoder(files, sd, embedded, usage_info, arch)
@@ -136,4 +148,4 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_s
            "load_encoder", "NonFiniteEmbeddings", "check_finite", "SimCLR", "SimCLRBackbone", "clip_model",
            "clip_visual", "clip_tokenizer",
            "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules",
-           "FORMATS", "HUB_FAMILIES", "export_state_dict", "hub_config_of", "save_safetensors", "mobilenet_arch"]
+           "FORMATS", "HUB_FAMILIES", "DEFAULT_USAGE_INFO", "resolve_usage_info", "export_state_dict", "hub_config_of", "save_safetensors", "mobilenet_arch"]

@@ -1,12 +1,15 @@
 """Weight files and hub folders: which format a path is, and reading it without running anything from it.
 
 Detection rules (docs/formats.md), overridden by --encoder_format:
-- a folder is a hub snapshot: `open_clip_config.json` -> open_clip; `config.json` with a CLIP `model_type` or
-  `architectures` -> hf_clip; `config.json` with a timm `architecture` -> timm. Its weights file is the first
-  of WEIGHT_NAMES present (else the folder's only weights file).
+- a folder is a hub snapshot: `open_clip_config.json` (or an open_clip model config: `embed_dim` and
+  `vision_cfg`) -> open_clip; `config.json` with a CLIP `model_type` or `architectures` -> hf_clip; `config.json`
+  with a timm `architecture` -> timm; another Hugging Face `model_type` is refused by name. Its weights file is
+  the first of WEIGHT_NAMES present (else the folder's only weights file); a folder holding one of WEIGHT_NAMES
+  is one encoder, whichever of its weight files a glob names (hub_folder_of).
 - a file ending in .safetensors, or starting with a safetensors header, is read as safetensors; anything else
   (.pth, .pt, .bin) by read_checkpoint (torch.load with weights_only=True; TorchScript archives by their
-  tensors). A hub config file next to a weights file is used as that file's config.
+  tensors). A hub config file next to a weights file is used as that file's config (open_clip's training
+  checkpoints, epoch_N.pt, load beside the run's model config); --model_config names one explicitly.
 """
 import json
 import math
@@ -58,16 +61,37 @@ def read_json_config(path: Path) -> dict:
     return obj
 
 
+def is_open_clip_model_config(config: dict) -> bool:
+    """open_clip's own model config (open_clip/model_configs/*.json, or a custom one): embed_dim + vision_cfg."""
+    return isinstance(config.get("embed_dim"), int) and isinstance(config.get("vision_cfg"), dict)
+
+
 def config_family(path: Path, config: dict) -> str | None:
-    """open_clip | hf_clip | timm for a hub config, None for any other JSON (e.g. a training run's config)."""
-    if path.name == "open_clip_config.json" or "model_cfg" in config:
+    """open_clip | hf_clip | timm for a hub config, None for any other JSON (e.g. a training run's config).
+
+    A Hugging Face config of another model type (DINOv2, ViT-MAE, ...) is refused by name: its embedding is not
+    a CLIP image embedding, and guessing which output stands for it would make verdicts about another model."""
+    if path.name == "open_clip_config.json" or "model_cfg" in config or is_open_clip_model_config(config):
         return "open_clip"
     if config.get("model_type") in HF_CLIP_MODEL_TYPES or \
             set(config.get("architectures") or ()) & set(HF_CLIP_ARCHITECTURES):
         return "hf_clip"
     if isinstance(config.get("architecture"), str):
         return "timm"
+    if isinstance(config.get("model_type"), str) and "transformers_version" in config:
+        kind = " ".join(map(str, config.get("architectures") or [config["model_type"]]))
+        raise CheckpointError(
+            f"{path}: a Hugging Face {kind} model; supported are CLIP image encoders ({', '.join(HF_CLIP_ARCHITECTURES)}), "
+            "open_clip and timm folders (timm exports of DINOv2, MAE, ... load as timm: vit_small_patch14_dinov2, "
+            "vit_base_patch16_224.mae)")
     return None
+
+
+def as_hub_config(family: str, config: dict) -> dict:
+    """An open_clip model config (embed_dim, vision_cfg, ...) in the hub layout {model_cfg, preprocess_cfg}."""
+    if family == "open_clip" and "model_cfg" not in config and is_open_clip_model_config(config):
+        return {"model_cfg": config, "preprocess_cfg": {}}
+    return config
 
 
 def _hub_config(folder: Path, beside_a_file: bool = False):
@@ -87,8 +111,50 @@ def _hub_config(folder: Path, beside_a_file: bool = False):
                 raise
             family = config_family(path, config)
             if family:
-                return family, config, path
+                return family, as_hub_config(family, config), path
     return None, None, None
+
+
+def model_config(path) -> tuple[str, dict, Path]:
+    """(family, config, path) of a --model_config file: a hub config, or an open_clip model config JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--model_config {path}: no such file; give the model's config JSON "
+                              "(open_clip_config.json, an open_clip model config, a Hugging Face/timm config.json)")
+    config = read_json_config(path)
+    family = config_family(path, config)
+    if family is None:
+        raise CheckpointError(f"--model_config {path}: not an open_clip, Hugging Face CLIP or timm config "
+                              "(an open_clip model config has embed_dim and vision_cfg)")
+    return family, as_hub_config(family, config), path
+
+
+def hub_folder_of(path) -> Path | None:
+    """The hub folder a weights file belongs to (a folder with a hub config and one of WEIGHT_NAMES), or None.
+
+    Such a folder is one encoder: open_clip's folders hold the same weights twice (.safetensors and .bin)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name not in WEIGHT_NAMES:
+        return None
+    if not any((folder / name).is_file() for name in WEIGHT_NAMES):
+        return None
+    try:
+        family, _, _ = _hub_config(folder)
+    except CheckpointError:
+        return None
+    return folder if family else None
+
+
+def usage_info_from(path, config_path=None) -> str | None:
+    """The hub family of --encoder_path (a hub folder, a weights file beside a hub config, or --model_config),
+    or None when nothing names one (a paper checkpoint: --encoder_usage_info decides)."""
+    if config_path:
+        return model_config(config_path)[0]
+    path = Path(path)
+    if path.is_dir():
+        return _hub_config(path)[0]
+    return _hub_config(path.parent, beside_a_file=True)[0] if path.is_file() else None
 
 
 def _weights_in(folder: Path) -> Path:
@@ -114,8 +180,9 @@ def sniff_format(path: Path) -> str:
     return "torch"
 
 
-def locate(path, encoder_format: str = "auto") -> EncoderFiles:
-    """Resolve --encoder_path (file or hub folder) into its weights file, format and hub config."""
+def locate(path, encoder_format: str = "auto", config_path=None) -> EncoderFiles:
+    """Resolve --encoder_path (file or hub folder) into its weights file, format and hub config (config_path:
+    --model_config, which wins over a config beside the weights)."""
     path = Path(path)
     if encoder_format not in FORMATS:
         raise ValueError(f"--encoder_format {encoder_format!r}: choose one of {', '.join(FORMATS)}")
@@ -127,6 +194,8 @@ def locate(path, encoder_format: str = "auto") -> EncoderFiles:
         family, config, config_path = _hub_config(path.parent, beside_a_file=True)
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder; check --encoder_path")
+    if config_path:
+        family, config, config_path = model_config(config_path)
     fmt = sniff_format(weights) if encoder_format == "auto" else encoder_format
     extra = {}
     preprocessor = weights.parent / "preprocessor_config.json"

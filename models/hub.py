@@ -290,6 +290,8 @@ def load_hub_encoder(files: EncoderFiles, sd: dict, embedded: dict | None, famil
     if files.family is not None and files.family != family:
         raise ValueError(f"{files.config_path}: is a {files.family} config; pass --encoder_usage_info {files.family}")
     config = files.config
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel (open_clip's training)
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     if config is None and embedded is not None:
         if embedded.get("family") != family or not isinstance(embedded.get("config"), dict):
             raise CheckpointError(f"{files.weights}: its {CONFIG_METADATA_KEY} is for {embedded.get('family')!r}, "

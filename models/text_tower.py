@@ -6,6 +6,8 @@ TorchScript archives): its `token_embedding.`, `transformer.`, `ln_final.`, `pos
 the same arch (e.g. OpenAI's RN50.pt) can lend its text tower. Other formats plug in by returning a TextEncoder
 (any object with `encode_text(tokens)` and a tokenizer) from `load_text_encoder`.
 """
+import hashlib
+
 import torch
 
 from .checkpoint import CheckpointError, extract_state_dict, load_into, read_checkpoint
@@ -20,6 +22,16 @@ class TextEncoder:
 
     def __init__(self, model, tokenizer, device="cpu", batch_size: int = 512):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, torch.device(device), batch_size
+
+    def fingerprint(self) -> str:
+        """sha256 of the text tower's weights (names, dtypes, shapes, bytes): what its text embeddings depend on
+        besides the tokenizer, so a cache keyed by it serves every encoder that shares the tower."""
+        digest = hashlib.sha256(type(self.tokenizer).__name__.encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+        return digest.hexdigest()
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
