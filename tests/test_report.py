@@ -57,7 +57,8 @@ def merged_shards(tmp_path):
     for path, pl1, flag in ((BAD, 0.02, "backdoor"), (CLEAN, 0.3, "clean"), (OTHER_BAD, 0.15, ""),
                             (NO_TRIGGER, None, "clean")):
         atomic.write_json(tmp_path / "trigger_norm" / f"{run_id_for(path)}.json", finished_record(path, pl1, flag))
-    atomic.write_png(tmp_path / "trigger_inv" / run_id_for(BAD) / "fusion.png", np.full((32, 32, 3), 200, np.uint8))
+    atomic.write_npz(tmp_path / "trigger_inv" / run_id_for(BAD) / "trigger.npz", mask=np.full((32, 32), 0.5, np.float32),
+                     pattern=np.full((32, 32, 3), 200, np.uint8))
     for path in (BROKEN, BAD):
         atomic.write_json(failure_path(tmp_path, run_id_for(path)), {
             "run_id": run_id_for(path), "encoder_path": path, "usage_info": "cifar10", "arch": "resnet18",
@@ -76,9 +77,10 @@ def test_report_merges_records_into_a_table_metrics_and_figures(merged_shards):
     assert list(rows) == [BROKEN, CLEAN, NO_TRIGGER, OTHER_BAD, BAD]  # sorted by path
     assert rows[BAD]["status"] == "done" and rows[BAD]["verdict"] == "trojaned"  # finished beats old failure
     assert rows[BROKEN]["status"] == "failed" and rows[BROKEN]["error"] == "CUDA out of memory"
-    assert rows[OTHER_BAD]["label"] == "backdoor"  # no recorded flag: the paper's path rule
+    assert rows[OTHER_BAD]["label"] == "unknown"  # no recorded flag, no manifest: nobody gave its truth
     assert rows[NO_TRIGGER]["pl1"] == "" and rows[NO_TRIGGER]["verdict"] == "clean"
-    assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"], metrics["failed"]) == (1, 1, 2, 0, 1)
+    assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"], metrics["failed"]) == (1, 0, 2, 0, 1)
+    assert metrics["unknown"] == 1 and metrics["accuracy"] == 1.0  # rates over the encoders of known truth only
     assert metrics["auroc"] == 1.0
     for figure in ("pl1.png", "gallery.png"):
         assert (merged_shards / "trigger_norm" / figure).read_bytes()[:4] == b"\x89PNG"
@@ -92,9 +94,28 @@ def test_report_can_rethreshold_and_relabel_without_rerunning(merged_shards):
     rows = read_summary(merged_shards)
     assert rows[OTHER_BAD]["verdict"] == "trojaned" and rows[CLEAN]["label"] == "backdoor"
     assert rows[never_run]["status"] == "not run" and metrics["not_run"] == 1
-    assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"]) == (2, 1, 1, 0)
+    assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"]) == (1, 1, 1, 0)  # OTHER_BAD: truth unknown
 
 
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished or failed runs"):
         write_report(tmp_path)
+
+
+def test_without_any_known_truth_no_rates_are_printed():
+    m = detection_metrics([row(0.01, "unknown"), row(None, "unknown"), row(0.3, "unknown")], threshold=0.1)
+    assert (m["done"], m["unknown"], m["backdoor"], m["clean"]) == (3, 3, 0, 0)
+    assert m["accuracy"] is None and m["tpr"] is None and m["fpr"] is None
+    text = format_metrics(m)
+    assert "3 truth unknown" in text and "truth unknown for every finished" in text
+    assert "accuracy 0" not in text and "accuracy n/a" not in text and "TPR n/a" not in text
+
+
+def test_an_all_failed_sweep_writes_a_table_and_no_empty_figures(tmp_path, recwarn):
+    atomic.write_png(tmp_path / "trigger_norm" / "pl1.png", np.zeros((4, 4, 3), np.uint8))  # an earlier report's
+    atomic.write_json(failure_path(tmp_path, run_id_for(BROKEN)), {
+        "run_id": run_id_for(BROKEN), "encoder_path": BROKEN, "status": "failed", "error": "bad", "seconds": 1.0})
+    metrics = write_report(tmp_path)
+    assert metrics["failed"] == 1 and (tmp_path / "trigger_norm" / "summary.csv").is_file()
+    assert not (tmp_path / "trigger_norm" / "pl1.png").exists() and not (tmp_path / "trigger_norm" / "gallery.png").exists()
+    assert not [w for w in recwarn if "matplotlib" in str(w.filename) or "Matplotlib" in str(w.message)]
