@@ -180,8 +180,8 @@ def sniff_format(path: Path) -> str:
     return "torch"
 
 
-def locate(path, encoder_format: str = "auto", config_path=None) -> EncoderFiles:
-    """Resolve --encoder_path (file or hub folder) into its weights file, format and hub config (config_path:
+def locate(path, encoder_format: str = "auto", given_config=None) -> EncoderFiles:
+    """Resolve --encoder_path (file or hub folder) into its weights file, format and hub config (given_config:
     --model_config, which wins over a config beside the weights)."""
     path = Path(path)
     if encoder_format not in FORMATS:
@@ -194,8 +194,8 @@ def locate(path, encoder_format: str = "auto", config_path=None) -> EncoderFiles
         family, config, config_path = _hub_config(path.parent, beside_a_file=True)
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder; check --encoder_path")
-    if config_path:
-        family, config, config_path = model_config(config_path)
+    if given_config:
+        family, config, config_path = model_config(given_config)
     fmt = sniff_format(weights) if encoder_format == "auto" else encoder_format
     extra = {}
     preprocessor = weights.parent / "preprocessor_config.json"

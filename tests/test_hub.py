@@ -2,6 +2,7 @@
 through load_encoder; broken configs and forged files give one line naming the file and the fix."""
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,7 +246,8 @@ def test_safetensors_header_that_lies_about_sizes_is_one_line(hub_folders, tmp_p
 
 
 def test_hub_folder_under_another_usage_info_names_the_right_one(hub_folders, capsys):
-    err = _one_line_error(["--encoder_path", str(hub_folders["hf_clip"][0])], capsys)
+    err = _one_line_error(["--encoder_path", str(hub_folders["hf_clip"][0]), "--encoder_usage_info", "cifar10"],
+                          capsys)
     assert "--encoder_usage_info hf_clip" in err
 
 
@@ -255,12 +257,15 @@ def test_hub_folder_under_another_usage_info_names_the_right_one(hub_folders, ca
 def test_main_runs_to_a_verdict_on_each_family(hub_folders, tmp_path, family, capsys):
     shadow = tmp_path / "shadow.npz"
     save_npz_dataset(shadow, smooth_images(20, 48, seed=2))  # 48 px: resized to the model's 32 px on load
-    main.main(["--encoder_path", str(hub_folders[family][0]), "--encoder_usage_info", family, "--shadow_data",
+    main.main(["--encoder_path", str(hub_folders[family][0]), "--shadow_data",  # no family flag: from the config
                str(shadow), "--epochs", "2", "--batch_size", "8", "--device", "cpu", "--out_dir", str(tmp_path),
                "--id", family, "--quiet"])
     verdict = capsys.readouterr().out.splitlines()[-1]
     record = json.loads((tmp_path / "trigger_norm" / f"{family}.json").read_text())
-    assert record["verdict"].upper() in verdict
+    assert record["verdict"].upper() in verdict and record["usage_info"] == family
+    assert -1 <= record["shadow_spread"] <= 1 and all(note in verdict for note in record["notes"])
+    if record["pl1"] is None:  # 2 epochs: the paper's CLEAN, saying why
+        assert "no trigger converged" in verdict
 
 
 # ---- DECREE end to end on a hub family -------------------------------------------------------------------
@@ -341,6 +346,112 @@ def test_sweep_manifest_takes_hub_folders_with_their_usage_info(hub_folders, tmp
     run_decree.main(["--manifest", str(tmp_path / "encoders.csv"), "--list", "--out_dir", str(tmp_path)])
     listing = capsys.readouterr().out
     assert all(f" {family} " in listing for family in BUILDERS) and "3 encoders" in listing
+
+
+# ---- what people download, scanned without ceremony -------------------------------------------------------
+
+def build_dinov2(folder):
+    """A tiny transformers DINOv2, saved with save_pretrained: a readable config.json of an unsupported type."""
+    import transformers
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    transformers.Dinov2Model(config).save_pretrained(folder)
+
+
+def test_a_hugging_face_model_that_is_not_clip_is_refused_by_name(tmp_path, capsys):
+    build_dinov2(tmp_path / "dinov2")
+    capsys.readouterr()  # save_pretrained's own progress bar
+    err = _one_line_error(["--encoder_path", str(tmp_path / "dinov2")], capsys)
+    assert "Dinov2Model" in err and "supported are CLIP image encoders" in err and "timm" in err
+
+
+def open_clip_training_checkpoint(hub_folders, path):
+    """What open_clip's training (and CleanCLIP/BadCLIP-style fine-tuning) saves: epoch, name, the DDP-wrapped
+    model's state dict (module.*, text tower included) and the optimizer's."""
+    _, model, _ = hub_folders["open_clip"]
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"epoch": 3, "name": "finetune", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, path)
+
+
+def test_open_clip_training_checkpoint_beside_its_config_loads(hub_folders, tmp_path):
+    run = tmp_path / "checkpoints"
+    run.mkdir()
+    (run / "open_clip_config.json").write_bytes((hub_folders["open_clip"][0] / "open_clip_config.json").read_bytes())
+    open_clip_training_checkpoint(hub_folders, run / "epoch_3.pt")
+    model, spec = load_encoder(run / "epoch_3.pt", None)  # the family from the config beside it
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert spec.usage_info == "open_clip" and torch.equal(model(x), hub_folders["open_clip"][2](x))
+
+
+def test_model_config_flag_takes_an_open_clip_model_config_for_a_bare_state_dict(hub_folders, tmp_path, capsys):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))  # the model config open_clip was built from
+    torch.save(hub_folders["open_clip"][1].state_dict(), tmp_path / "finetuned.pt")
+    model, spec = load_encoder(tmp_path / "finetuned.pt", None, model_config=tmp_path / "tiny.json")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert spec.usage_info == "open_clip" and torch.equal(model(x), hub_folders["open_clip"][2](x))
+    err = _one_line_error(["--encoder_path", str(tmp_path / "finetuned.pt"), "--model_config",
+                           str(tmp_path / "missing.json")], capsys)
+    assert "--model_config" in err and "no such file" in err
+
+
+def downloads_folder(hub_folders, root):
+    """A folder of downloads as people keep them: an open_clip hub folder (its weights twice, .safetensors and
+    .bin, as open_clip's hub uploads hold them), a Hugging Face CLIP folder, a timm folder, an open_clip training
+    checkpoint beside its config, and a paper-layout .pth."""
+    from conftest import RandomFeatureEncoder
+    root.mkdir()
+    for family in BUILDERS:
+        _copy(hub_folders[family][0], root)
+    clip = root / "open_clip"
+    torch.save(load_file_tensors(clip / "open_clip_model.safetensors"), clip / "open_clip_pytorch_model.bin")
+    (root / "finetune").mkdir()
+    (root / "finetune" / "open_clip_config.json").write_bytes((clip / "open_clip_config.json").read_bytes())
+    open_clip_training_checkpoint(hub_folders, root / "finetune" / "epoch_3.pt")
+    torch.save(RandomFeatureEncoder(dim=64, seed=1).state_dict(), root / "paper_encoder.pth")
+    return root
+
+
+EXPECTED_DOWNLOADS = {"finetune/epoch_3.pt": "open_clip", "hf_clip": "hf_clip", "open_clip": "open_clip",
+                      "paper_encoder.pth": "cifar10", "timm": "timm"}
+
+
+@pytest.mark.parametrize("pattern", ["{root}", "{root}/**"])
+def test_a_folder_of_downloads_lists_each_encoder_once_with_its_family(hub_folders, tmp_path, capsys, pattern):
+    import run_decree
+    from decree.sweep import discover_globs
+    root = downloads_folder(hub_folders, tmp_path / "downloads")
+    found = discover_globs([pattern.format(root=root)], None)
+    assert {Path(e.path).relative_to(root).as_posix(): e.usage_info for e in found} == EXPECTED_DOWNLOADS
+    assert len({e.run_id for e in found}) == len(found) == 5 and {e.label for e in found} == {"unknown"}
+    run_decree.main(["--encoders", str(root), "--list", "--out_dir", str(tmp_path / "out")])
+    assert "5 encoders" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_folder_of_downloads_is_swept_with_one_command_and_no_family_flags(hub_folders, tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+    root = downloads_folder(hub_folders, tmp_path / "downloads")
+    shadow = tmp_path / "shadow.npz"
+    save_npz_dataset(shadow, smooth_images(16, 32, seed=2))
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "run_decree.py"), "--encoders", str(root), "--shadow_data",
+                           str(shadow), "--epochs", "2", "--devices", "cpu", "--workers", "1", "--quiet",
+                           "--out_dir", str(tmp_path / "out")], cwd=repo, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    verdicts = [line for line in done.stdout.splitlines() if line.startswith(("CLEAN", "TROJANED"))]
+    assert len(verdicts) == 5 and all("(truth unknown)" in line for line in verdicts)
+    assert "truth unknown for every finished encoder" in done.stdout and "accuracy 0" not in done.stdout
+    with open(tmp_path / "out" / "trigger_norm" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["usage_info"] for r in rows) == sorted(EXPECTED_DOWNLOADS.values())
+    assert all(r["status"] == "done" and r["label"] == "unknown" and r["shadow_spread"] for r in rows)
 
 
 # ---- one shadow set for every input size -----------------------------------------------------------------
