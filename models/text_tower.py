@@ -30,7 +30,7 @@ class TextEncoder:
         for name, tensor in sorted(self.model.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
     @torch.no_grad()

@@ -401,7 +401,7 @@ def downloads_folder(hub_folders, root):
     """A folder of downloads as people keep them: an open_clip hub folder (its weights twice, .safetensors and
     .bin, as open_clip's hub uploads hold them), a Hugging Face CLIP folder, a timm folder, an open_clip training
     checkpoint beside its config, and a paper-layout .pth."""
-    from conftest import RandomFeatureEncoder
+    from models import SimCLRBackbone
     root.mkdir()
     for family in BUILDERS:
         _copy(hub_folders[family][0], root)
@@ -410,7 +410,8 @@ def downloads_folder(hub_folders, root):
     (root / "finetune").mkdir()
     (root / "finetune" / "open_clip_config.json").write_bytes((clip / "open_clip_config.json").read_bytes())
     open_clip_training_checkpoint(hub_folders, root / "finetune" / "epoch_3.pt")
-    torch.save(RandomFeatureEncoder(dim=64, seed=1).state_dict(), root / "paper_encoder.pth")
+    torch.manual_seed(0)
+    torch.save({"epoch": 200, "state_dict": SimCLRBackbone("resnet18_w16").state_dict()}, root / "paper_encoder.pth")
     return root
 
 

@@ -18,7 +18,8 @@ from decree.outputs import RunPaths, run_id_for
 from decree.report import auroc, detection_metrics, score_auroc
 from decree.sweep import main_py_command, read_manifest, worker_imports
 from decree.target import (TargetSetup, analyse_target, load_target, mean_pairwise_cos_of_units, name_embeddings,
-                           prompt_templates, ranking_score, read_vocabulary, recover_target, unit_embeddings)
+                           prompt_templates, ranking_score, read_vocabulary, recover_target, resolve_templates,
+                           unit_embeddings, verdict_notes)
 from models import encoder_spec
 from models.text_tower import TextEncoder, load_text_encoder
 
@@ -140,6 +141,61 @@ def test_reference_text_cosine_for_a_text_target(tmp_path):
                              found(*planted_trigger()), "cpu", tmp_path / "t.pt")
     assert summary["reference"] == {"kind": "text", "source": caption, "cos": pytest.approx(1, abs=0.01)}
     assert "names" not in summary
+
+
+class CountingTextEncoder(TextEncoder):
+    """A text tower that counts the prompts it embeds."""
+    prompts = 0
+
+    def __call__(self, texts):
+        CountingTextEncoder.prompts += len(texts)
+        return super().__call__(texts)
+
+
+class InterruptedTextEncoder(TextEncoder):
+    def __call__(self, texts):
+        raise KeyboardInterrupt
+
+
+def test_naming_shows_progress_and_reuses_its_cache_on_the_next_encoder(tmp_path, capsys):
+    tower = tiny_clip()
+    encode_text = CountingTextEncoder(tower.model, tower.tokenizer)
+    names = read_vocabulary()[::40]
+    setup = TargetSetup(encode_text=encode_text, vocabulary=names, vocabulary_source="test", templates="simple",
+                        name_cache=tmp_path / "cache")
+    rows = name_embeddings(tower, names, prompt_templates("simple"))
+    for i, chosen in enumerate((3, 17)):  # two encoders of one sweep sharing the text tower
+        summary = analyse_target(setup, planted_clip_visual(rows[chosen]), encoder_spec("CLIP"),
+                                 smooth_images(16, 32, seed=4), found(*planted_trigger()), "cpu", tmp_path / f"{i}.pt",
+                                 progress=True)
+        assert summary["names"][0]["name"] == names[chosen]
+        assert summary["vocabulary"]["cached"] == (i == 1)
+        if i == 0:
+            assert "naming the target" in capsys.readouterr().err  # a progress bar
+            prompts = CountingTextEncoder.prompts
+    assert prompts == len(names) * 7 and CountingTextEncoder.prompts == prompts, "the second encoder embeds nothing"
+
+
+def test_ctrl_c_while_naming_leaves_no_target_file(tmp_path):
+    tower = tiny_clip()
+    setup = TargetSetup(encode_text=InterruptedTextEncoder(tower.model, tower.tokenizer),
+                        vocabulary=read_vocabulary()[:4], templates="one")
+    with pytest.raises(KeyboardInterrupt):
+        analyse_target(setup, planted_clip_visual(F.normalize(torch.ones(32), dim=0)), encoder_spec("CLIP"),
+                       smooth_images(8, 32, seed=4), found(*planted_trigger()), "cpu", tmp_path / "t.target.pt")
+    assert not (tmp_path / "t.target.pt").exists()
+
+
+def test_auto_templates_are_the_papers_on_cuda_and_one_on_the_cpu():
+    assert resolve_templates("auto", "cuda") == "paper" and resolve_templates("auto", "cpu") == "one"
+    assert resolve_templates("simple", "cpu") == "simple"
+    assert [t("truck") for t in prompt_templates("one")] == ["a photo of a truck."]
+
+
+def test_verdict_notes_say_what_the_verdict_does_not():
+    assert verdict_notes(True, 0.3, 0.99) == []
+    assert verdict_notes(False, 0.3, 0.99) == ["no trigger converged (none reached |cos| > 0.99)"]
+    assert verdict_notes(True, 0.95, 0.99)[0].startswith("collapsed embeddings (shadow spread 0.950 >= 0.9")
 
 
 def test_a_visual_only_checkpoint_has_no_text_tower(tmp_path):
