@@ -116,7 +116,8 @@ def test_sweep_flags_the_planted_encoders_and_reports(sweep):
     summary = pd.read_csv(norm / "summary.csv")
     assert list(summary.columns) == ["path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict",
                                      "epochs", "seconds", "status", "error", "score", "target_cos", "target_name",
-                                     "family"]
+                                     "family", "shadow_spread", "stamped_spread", "notes"]
+    assert summary.shadow_spread.notna().sum() == 4  # every finished run records its unstamped spread
     finished = summary[summary.status == "done"]
     assert len(finished) == 4 and (finished.verdict == finished.label.map(
         {"backdoor": "trojaned", "clean": "clean"})).all()
@@ -200,6 +201,12 @@ def test_slurm_array_variables_give_the_same_shard_as_the_flag(encoders, capsys,
     assert shard_from_slurm({}) is None
 
 
+def test_globbed_encoders_have_unknown_truth_whatever_their_names(tmp_path):
+    for name in ("clean_encoder.pth", "backdoored.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert {e.label for e in discover_globs([str(tmp_path / "*.pth")], None)} == {"unknown"}
+
+
 def test_labels_follow_the_papers_path_rule():
     assert infer_label("output/cifar10/clean_encoder/model_1000.pth") == "clean"
     assert infer_label("output/CLIP/Clean_CLIP.pth") == "clean"
@@ -244,13 +251,13 @@ def test_sweep_passes_main_py_flags_through_to_every_encoder():
         run_decree.sweep_options(run_decree.parse_args(["--encoders", "x.pth"])))
 
 
-def test_manifest_labels_override_the_path_rule_and_paths_are_relative_to_it(tmp_path):
+def test_manifest_labels_are_the_truth_and_paths_are_relative_to_it(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\nclean_but_trojaned.pth,backdoor\nsub/x.pth,\n")
     encoders = read_manifest(manifest, "stl10", "resnet18")
     assert [(e.path, e.label, e.usage_info, e.arch) for e in encoders] == [
         (str(tmp_path / "clean_but_trojaned.pth"), "backdoor", "stl10", "resnet18"),
-        (str(tmp_path / "sub" / "x.pth"), "backdoor", "stl10", "resnet18")]
+        (str(tmp_path / "sub" / "x.pth"), "unknown", "stl10", "resnet18")]  # no label: nobody said
     assert encoders[0].run_id == run_id_for(tmp_path / "clean_but_trojaned.pth")
 
 
