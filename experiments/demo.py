@@ -149,11 +149,13 @@ def cached_detection(job: DetectionJob) -> dict | None:
     return record if record.get("job") == settings else None
 
 
-def detect(cfg: DemoConfig, encoder_path: Path, shadow_path: Path, out_dir: Path, device, progress: bool,
+def detect(cfg: DemoConfig, encoder_path: Path, data: dict, out_dir: Path, device, progress: bool,
            log=print) -> tuple[dict, bool]:
-    """DECREE on one demo encoder (or its cached result) under out_dir; returns (record, cached)."""
+    """DECREE on one demo encoder (or its cached result) under out_dir, its recovered target compared with the
+    attack's reference patch; returns (record, cached)."""
     job = DetectionJob(encoder_path=str(encoder_path), encoder_usage_info=USAGE_INFO, arch=cfg.arch,
-                       shadow_data=str(shadow_path), shadow_size=cfg.shadow_images,  # all of it, not 10%/class
+                       shadow_data=str(data["shadow"]), shadow_size=cfg.shadow_images,  # all of it, not 10%/class
+                       reference_file=str(data["reference"]),
                        out_dir=str(out_dir), model_flag=LABELS[encoder_path.parent.name],
                        device=str(device), lr=cfg.decree_lr, epochs=cfg.decree_epochs,
                        pl1_threshold=cfg.pl1_threshold)
@@ -193,7 +195,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu"
     backdoored = backdoored_encoder(cfg, data, clean, encoders / "demo_backdoored_encoder", device, retrain, progress,
                                     log)
     log("3/3 DECREE on both encoders (labels are not given to it)")
-    rows, cached = zip(*(detect(cfg, path, data["shadow"], out_dir, device, progress, log)
+    rows, cached = zip(*(detect(cfg, path, data, out_dir, device, progress, log)
                          for path in (clean, backdoored)))
     planted = {rows[1]["run_id"]: load_trigger(data["trigger"]).keep[0, :, :, 0] == 0}
     metrics = report(out_dir, cfg.pl1_threshold, all(cached), planted, log)
@@ -201,10 +203,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir="output/demo", device="cpu"
 
 
 def result_table(rows) -> str:
-    """encoder | truth | PL1-norm | threshold | verdict, one line each."""
-    lines = [f"{'encoder':<48} {'truth':<9} {'PL1-norm':>9} {'threshold':>9}  verdict"]
+    """encoder | truth | PL1-norm | threshold | verdict | cos(recovered target, the reference patch's embedding),
+    one line each."""
+    lines = [f"{'encoder':<48} {'truth':<9} {'PL1-norm':>9} {'threshold':>9}  {'verdict':<9} target cos"]
     for row in rows:
         pl1 = "none" if row["pl1"] is None else f"{row['pl1']:.4f}"
         name = str(Path(row["encoder_path"]).relative_to(Path(row["encoder_path"]).parents[2]))
-        lines.append(f"{name:<48} {row['model_flag']:<9} {pl1:>9} {row['pl1_threshold']:>9}  {row['verdict'].upper()}")
+        cos = ((row.get("target") or {}).get("reference") or {}).get("cos")
+        lines.append(f"{name:<48} {row['model_flag']:<9} {pl1:>9} {row['pl1_threshold']:>9}  "
+                     f"{row['verdict'].upper():<9} {'-' if cos is None else format(cos, '.3f')}")
+    lines.append("target cos: cosine of the recovered target (the stamped shadow images' mean embedding) with the "
+                 "reference patch's embedding, the attack's target")
     return "\n".join(lines)

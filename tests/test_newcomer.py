@@ -56,7 +56,7 @@ def test_sweep_discovery_names_where_it_looked_and_the_flag_that_finds_the_demo(
         discover_output_folder(tmp_path)
     message = str(err.value)
     assert f"{tmp_path}/cifar10/" in message and f"{tmp_path}/CLIP_text/" in message
-    assert f"--encoders '{tmp_path}/demo/**/*.pth'" in message and "--manifest" in message
+    assert f"--encoders {tmp_path}/demo " in message and "--manifest" in message
     with pytest.raises(FileNotFoundError, match="--output_root .*no such folder.*--encoders"):
         discover_output_folder(tmp_path / "missing")
 
@@ -144,7 +144,7 @@ def test_demo_reuses_a_detection_only_for_the_same_settings_and_a_newer_result(t
 
 
 def _finished_runs(out_dir, n: int) -> list[str]:
-    """n finished run records with a black 32 px fusion image holding one grey pixel; returns their run ids."""
+    """n finished run records with a 32 px trigger of one grey pixel; returns their run ids."""
     run_ids = []
     for i in range(n):
         path = f"output/cifar10/encoder_{i}_backdoored/model_{i}.pth"
@@ -152,9 +152,10 @@ def _finished_runs(out_dir, n: int) -> list[str]:
         atomic.write_json(out_dir / "trigger_norm" / f"{run_id}.json", {
             "run_id": run_id, "encoder_path": path, "usage_info": "cifar10", "arch": "resnet18", "l1": 30.0 + i,
             "pl1": (30.0 + i) / 3072, "verdict": "trojaned", "epochs": 40, "seconds": 2.5, "model_flag": "backdoor"})
-        fusion = np.zeros((32, 32, 3), np.uint8)
-        fusion[i % 32, 5] = 128
-        atomic.write_png(out_dir / "trigger_inv" / run_id / "fusion.png", fusion)
+        mask = np.zeros((32, 32), np.float32)
+        mask[i % 32, 5] = 1
+        atomic.write_npz(out_dir / "trigger_inv" / run_id / "trigger.npz", mask=mask,
+                         pattern=np.full((32, 32, 3), 128, np.uint8))
         run_ids.append(run_id)
     return run_ids
 
