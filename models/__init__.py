@@ -148,4 +148,5 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "EncoderSpec", "encoder_s
            "load_encoder", "NonFiniteEmbeddings", "check_finite", "SimCLR", "SimCLRBackbone", "clip_model",
            "clip_visual", "clip_tokenizer",
            "read_checkpoint", "USAGE_INFOS", "DEFAULT_ARCH", "register_arch", "import_arch_modules",
-           "FORMATS", "HUB_FAMILIES", "DEFAULT_USAGE_INFO", "resolve_usage_info", "export_state_dict", "hub_config_of", "save_safetensors", "mobilenet_arch"]
+           "FORMATS", "HUB_FAMILIES", "DEFAULT_USAGE_INFO", "resolve_usage_info", "export_state_dict", "hub_config_of",
+           "save_safetensors", "mobilenet_arch"]

@@ -81,8 +81,8 @@ def config_family(path: Path, config: dict) -> str | None:
     if isinstance(config.get("model_type"), str) and "transformers_version" in config:
         kind = " ".join(map(str, config.get("architectures") or [config["model_type"]]))
         raise CheckpointError(
-            f"{path}: a Hugging Face {kind} model; supported are CLIP image encoders ({', '.join(HF_CLIP_ARCHITECTURES)}), "
-            "open_clip and timm folders (timm exports of DINOv2, MAE, ... load as timm: vit_small_patch14_dinov2, "
+            f"{path}: a Hugging Face {kind} model; supported are CLIP image encoders "
+            f"({', '.join(HF_CLIP_ARCHITECTURES)}), open_clip and timm folders (timm exports of DINOv2, MAE, ... load as timm: vit_small_patch14_dinov2, "
             "vit_base_patch16_224.mae)")
     return None
 

@@ -57,8 +57,8 @@ def merged_shards(tmp_path):
     for path, pl1, flag in ((BAD, 0.02, "backdoor"), (CLEAN, 0.3, "clean"), (OTHER_BAD, 0.15, ""),
                             (NO_TRIGGER, None, "clean")):
         atomic.write_json(tmp_path / "trigger_norm" / f"{run_id_for(path)}.json", finished_record(path, pl1, flag))
-    atomic.write_npz(tmp_path / "trigger_inv" / run_id_for(BAD) / "trigger.npz", mask=np.full((32, 32), 0.5, np.float32),
-                     pattern=np.full((32, 32, 3), 200, np.uint8))
+    atomic.write_npz(tmp_path / "trigger_inv" / run_id_for(BAD) / "trigger.npz",
+                     mask=np.full((32, 32), 0.5, np.float32), pattern=np.full((32, 32, 3), 200, np.uint8))
     for path in (BROKEN, BAD):
         atomic.write_json(failure_path(tmp_path, run_id_for(path)), {
             "run_id": run_id_for(path), "encoder_path": path, "usage_info": "cifar10", "arch": "resnet18",
@@ -117,5 +117,5 @@ def test_an_all_failed_sweep_writes_a_table_and_no_empty_figures(tmp_path, recwa
         "run_id": run_id_for(BROKEN), "encoder_path": BROKEN, "status": "failed", "error": "bad", "seconds": 1.0})
     metrics = write_report(tmp_path)
     assert metrics["failed"] == 1 and (tmp_path / "trigger_norm" / "summary.csv").is_file()
-    assert not (tmp_path / "trigger_norm" / "pl1.png").exists() and not (tmp_path / "trigger_norm" / "gallery.png").exists()
+    assert not any((tmp_path / "trigger_norm" / name).exists() for name in ("pl1.png", "gallery.png"))
     assert not [w for w in recwarn if "matplotlib" in str(w.filename) or "Matplotlib" in str(w.message)]
