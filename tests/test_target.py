@@ -198,6 +198,15 @@ def test_verdict_notes_say_what_the_verdict_does_not():
     assert verdict_notes(True, 0.95, 0.99)[0].startswith("collapsed embeddings (shadow spread 0.950 >= 0.9")
 
 
+def test_text_embeddings_equal_open_clips_full_length_forward():
+    tower = tiny_clip()
+    prompts = [template("tench") for template in prompt_templates("paper")[:9]] + ["a photo of a great white shark."]
+    with torch.no_grad():
+        full = tower.model.encode_text(tower.tokenizer(prompts))  # all 77 positions, open_clip's own forward
+    assert torch.allclose(tower(prompts), full, atol=1e-5)
+    assert tower.model.positional_embedding.shape[0] == 77 and tower.model.attn_mask.shape == (77, 77)
+
+
 def test_a_visual_only_checkpoint_has_no_text_tower(tmp_path):
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, tmp_path / "visual.pth")
     assert load_text_encoder(tmp_path / "visual.pth", "RN50") is None
