@@ -211,8 +211,8 @@ def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> 
                        help="names to rank against the target, one per line (default: the 1,000 ImageNet classes)")
     group.add_argument("--target_templates", default="auto", choices=TEMPLATE_SETS,
                        help="prompt templates: paper = CLIP's 80 ImageNet templates, simple = 7, one = 'a photo of "
-                            "a {name}.'; auto (default) = paper on CUDA, one on the CPU (80,000 text-tower passes "
-                            "for 1,000 names take hours there). Name embeddings are cached per text tower")
+                            "a {name}.'; auto (default) = paper on CUDA, one on the CPU (80x fewer text-tower passes: "
+                            "docs/target.md). Name embeddings are cached per text tower")
     group.add_argument("--no_target_names", action="store_true",
                        help="skip naming the target (zero-shot ranking of the vocabulary) for CLIP encoders")
 

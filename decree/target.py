@@ -135,8 +135,8 @@ def check_template_set(kind: str) -> None:
 
 
 def resolve_templates(kind: str, device) -> str:
-    """--target_templates auto: the paper's 80 on CUDA, one on the CPU, where the text tower runs 80 x the
-    vocabulary (80,000 prompts for the ImageNet classes) at a few prompts a second."""
+    """--target_templates auto: the paper's 80 on CUDA, one on the CPU, where 80 prompts per name (80,000 for the
+    ImageNet classes) keep the text tower busy for about an hour (docs/target.md)."""
     check_template_set(kind)
     if kind != "auto":
         return kind
