@@ -91,16 +91,23 @@ def _rule_text(selection: dict, seed: int, labelled: bool, paper: bool) -> str:
     return "all of it; --shadow_size/--shadow_fraction to sample"
 
 
+def shadow_path(usage_info: str, path=None, input_size: int | str = "S") -> Path:
+    """The shadow data a run reads (--shadow_data, else the usage info's default), checked to exist: callers
+    check it before loading the encoder, which can take a minute."""
+    path = Path(path or default_shadow_path(usage_info))
+    if not path.exists():
+        raise DataError(f"{path}: shadow data not found; pass --shadow_data (an npz with x uint8 "
+                        f"(N,{input_size},{input_size},3), or a folder of images)")
+    return path
+
+
 def load_shadow_set(usage_info: str, input_size: int, path=None, size: int | None = None,
                     fraction: float | None = None, seed: int = 0, progress: bool = True,
                     read_folder=load_image_folder) -> ShadowSet:
     """The shadow set of a run: the paper's rule on its default files, all of a file the user names (image
     folders capped at IMAGE_FOLDER_CAP), or the --shadow_size/--shadow_fraction sample when one is given.
     `read_folder` decodes an image folder (same arguments as load_image_folder; e.g. through a cache)."""
-    path = Path(path or default_shadow_path(usage_info))
-    if not path.exists():
-        raise DataError(f"{path}: shadow data not found; pass --shadow_data (an npz with x uint8 "
-                        f"(N,{input_size},{input_size},3), or a folder of images)")
+    path = shadow_path(usage_info, path, input_size)
     paper = _paper_selection(path)
     explicit = size is not None or fraction is not None
     selection = {"count": size, "fraction": fraction} if explicit else (paper or {})

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from datasets import load_shadow_set
+from datasets.shadow import shadow_path
 from models import load_encoder, resolve_usage_info
 
 from common import io as atomic
@@ -123,6 +124,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     atomic.check_writable(paths.out_dir)
     cfg = job.inversion_config()
     check_target_flags(job, job.encoder_usage_info)  # before the encoder loads, which can take a minute
+    shadow_path(job.encoder_usage_info, job.shadow_data)
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
                                trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
                                encoder_format=job.encoder_format, model_config=job.model_config)

@@ -177,8 +177,9 @@ def _edit_json(path, change):
 
 
 def _one_line_error(argv, capsys):
+    # any existing path passes main.py's early check of the shadow data; the encoder's error comes first
     with pytest.raises(SystemExit) as exit_info:
-        main.main(argv)
+        main.main(argv + ["--shadow_data", str(Path(__file__).parent)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     return err
@@ -493,3 +494,16 @@ def test_pretrain_saves_safetensors_that_load_with_the_arch_inferred(tmp_path):
         assert torch.equal(full(x), backbone(x))
     assert spec.arch == "resnet18_w2"
     assert read_safetensors_header(tmp_path / "clean" / "model_1.safetensors")[1]["epoch"] == "1"
+
+
+def test_input_errors_come_before_the_encoder_loads(hub_folders, tmp_path, capsys, monkeypatch):
+    from decree import detect
+
+    def never(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before the input was checked")
+    monkeypatch.setattr(detect, "load_encoder", never)
+    for flags, message in ((["--shadow_data", str(tmp_path / "missing.npz")], "shadow data not found"),
+                           (["--reference_file", str(tmp_path / "missing.npz")], "--reference_file")):
+        with pytest.raises(SystemExit):
+            main.main(["--encoder_path", str(hub_folders["timm"][0]), "--shadow_data", str(tmp_path), *flags])
+        assert message in capsys.readouterr().err
