@@ -17,7 +17,6 @@ import contextlib
 import csv
 import fcntl
 import fnmatch
-import glob
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from models.registry import ARCH_MODULES_ENV
 
 from common import io as atomic
 from common.device import resolve_device
+from common.files import printable, safe_glob, walk_files
 from common.isolated import ROOT, isolated_command
 from common.threads import threads_per_worker, usable_cores
 from .outputs import RunPaths, read_run, run_id_for
@@ -111,7 +111,7 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
                                 "or pass --output_root FOLDER, --encoders 'GLOB' or --manifest CSV")
     encoders = [Encoder(str(path), usage, arch, infer_label(path.relative_to(root)))
                 for folder, usage in USAGE_FOLDERS.items() if (root / folder).is_dir()
-                for path in (root / folder).rglob("*") if _is_checkpoint(path)]
+                for path in walk_files(root / folder) if _is_checkpoint(path)]
     if not encoders:
         raise FileNotFoundError(_nothing_found(root))
     return _sorted_unique(encoders)
@@ -123,7 +123,7 @@ def _nothing_found(root: Path) -> str:
     message = f"no *.pth/*.pt/*.safetensors checkpoints in the paper's folders {looked}"
     # the top folder under root of every other checkpoint (root itself for one lying directly in it)
     others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
-                     for path in root.rglob("*") if _is_checkpoint(path)})
+                     for path in walk_files(root) if _is_checkpoint(path)})
     if others:
         hints = " or ".join(f"--encoders '{top}/**/*.pth'" for top in others[:3])
         message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
@@ -138,15 +138,15 @@ def _weights_at(path: Path) -> list[Path]:
     """What a glob match stands for: the file itself if it is a weights file, the checkpoints inside a folder."""
     if path.is_file():
         return [path] if path.suffix in WEIGHT_FILE_SUFFIXES else []
-    return [p for p in path.rglob("*") if _is_checkpoint(p)]
+    return [p for p in walk_files(path) if _is_checkpoint(p)]
 
 
 def discover_globs(patterns, usage_info: str, arch: str | None = None) -> list[Encoder]:
-    """Checkpoints matching shell globs (** recursive): weight files the glob names, and the checkpoints inside
-    folders it names; a pattern that matches none is an error."""
+    """Checkpoints matching shell globs (** recursive, symlinked folders never entered: common/files.py): weight
+    files the glob names, and the checkpoints inside folders it names; a pattern that matches none is an error."""
     encoders = []
     for pattern in patterns:
-        matches = [p for match in glob.glob(pattern, recursive=True) for p in _weights_at(Path(match))]
+        matches = [p for match in safe_glob(pattern) for p in _weights_at(Path(match))]
         if not matches:
             raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt/.safetensors/.bin file")
         encoders += [Encoder(str(p), usage_info, arch, infer_label(p)) for p in matches]

@@ -20,7 +20,7 @@ from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION
 
-from .checkpoint import CheckpointError, load_into
+from .checkpoint import CheckpointError, check_model_fits, load_into
 from .formats import CONFIG_METADATA_KEY, HF_CLIP_ARCHITECTURES, EncoderFiles, embed_config
 
 MAX_CONFIG_INT = 1 << 20  # no width, depth, size or vocabulary of a real model comes near this
@@ -137,6 +137,7 @@ def _build_and_load(build, sd: dict, files: EncoderFiles, family: str, tried: st
         with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": only the fit is checked
             warnings.simplefilter("ignore", UserWarning)
             load_into(skeleton, sd, files.weights, tried)
+        check_model_fits(skeleton, sd, files.weights)
     try:
         model = build()
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as err:
