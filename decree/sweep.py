@@ -57,7 +57,7 @@ SMALL_IMAGE_USAGE = ("cifar10", "stl10")  # usage infos of 32-px encoders
 # exit statuses of an interrupted main.py (decree.cli.user_errors, or killed by SIGINT)
 INTERRUPTED = (130, -signal.SIGINT)
 # per-encoder flags: set by the sweep for each encoder, never passed through from the command line
-PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
+PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu", "max_memory")
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
 CLAIM_GRACE = 60  # seconds past its owner's timeout after which a claim is stale wherever its owner runs
 MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text", "family")
@@ -407,7 +407,7 @@ def passthrough_argv(options: dict) -> list[str]:
     for name, value in options.items():
         if name in PER_ENCODER_FLAGS or value is None or value is False:
             continue
-        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        argv.append(f"--{name}" if value is True else flag(name, value))
     return argv
 
 
@@ -444,16 +444,30 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: 
     return isolated_command(MAIN_PY, main_py_args(enc, device, out_dir, options), *imports, parent=os.getpid())
 
 
+def flag(name: str, value) -> str:
+    """`--name=value`: one argument, so a value starting with '-' (a file `-evil.pth`) is never read as an option."""
+    return f"--{name}={value}"
+
+
+def path_value(path) -> str:
+    """A relative path as ./path, so that even outside --name=value it never starts with '-'."""
+    text = str(path)
+    return text if Path(text).is_absolute() or text.startswith("./") else f"./{text}"
+
+
 def main_py_args(enc: Encoder, device: str, out_dir, options: dict) -> list[str]:
-    """main.py's arguments for one encoder of a sweep."""
-    args = ["--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info, "--device", device,
-            "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
+    """main.py's arguments for one encoder of a sweep (CPU workers under --max_memory when the options have it)."""
+    args = [flag("encoder_path", path_value(enc.path)), flag("encoder_usage_info", enc.usage_info),
+            flag("device", device), flag("out_dir", path_value(out_dir)), flag("id", enc.run_id),
+            flag("model_flag", enc.label), "--quiet"]
     if enc.arch:
-        args += ["--arch", enc.arch]
+        args.append(flag("arch", enc.arch))
     if enc.reference:
-        args += ["--reference_file", enc.reference]
+        args.append(flag("reference_file", path_value(enc.reference)))
     if enc.reference_text:
-        args += ["--reference_text", enc.reference_text]
+        args.append(flag("reference_text", enc.reference_text))
+    if device == "cpu" and options.get("max_memory"):
+        args.append(flag("max_memory", options["max_memory"]))
     return args + passthrough_argv(options)
 
 
@@ -691,14 +705,14 @@ def outcome_line(enc: Encoder, outcome: dict) -> str:
         holder = outcome["holder"]
         where = (f"running in another sweep ({holder.get('host', '?')} pid {holder.get('pid', '?')} since "
                  f"{holder.get('started_at', '?')})") if holder is not None else "finished by another sweep"
-        return f"SKIPPED  {enc.path}: {where}"
+        return f"SKIPPED  {printable(enc.path)}: {where}"
     if outcome["status"] == "failed":
-        line = f"FAILED   {enc.path}: {outcome['error']}"
+        line = f"FAILED   {printable(enc.path)}: {printable(outcome['error'])}"
     else:
         record = outcome["record"]
         pl1 = "no trigger found" if record["pl1"] is None else f"PL1 {record['pl1']:.4f}"
-        line = f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({enc.label})"
-    return "; ".join([line, *outcome["warnings"]])
+        line = f"{record['verdict'].upper():8s} {printable(enc.path)}: {pl1} ({enc.label})"
+    return "; ".join([line, *map(printable, outcome["warnings"])])
 
 
 def run_sweep(encoders, out_dir, slots: list[str], options: dict, force: bool = False,
