@@ -29,6 +29,7 @@ from common.files import printable
 from common.io import check_writable
 from common.memory import default_max_memory
 from decree.export import export_predictions
+from decree.outputs import check_output_folders
 from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
                           cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
@@ -145,6 +146,7 @@ def main(argv=None):
             print(describe(encoders, shard))
             return
         check_writable(args.out_dir)
+        check_output_folders(args.out_dir)
         counts = {"failed": 0} if args.report else sweep(args, encoders, shard)
         metrics = write_report(args.out_dir, args.pl1_threshold, encoders)
         if args.export:

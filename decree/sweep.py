@@ -41,7 +41,7 @@ from common.device import resolve_device
 from common.files import printable, safe_glob, walk_files
 from common.isolated import ROOT, isolated_command
 from common.threads import threads_per_worker, usable_cores
-from .outputs import RunPaths, read_run, run_id_for
+from .outputs import RunPaths, finished_result, read_run, run_id_for
 
 MAIN_PY = ROOT / "main.py"
 CHECKPOINT_PATTERNS = ("*.pth", "*.pt", "*.safetensors")  # what folder discovery and ** globs pick up
@@ -365,8 +365,9 @@ def worker_log_path(out_dir, run_id: str) -> Path:
 
 
 def pending(encoders, out_dir, force: bool = False) -> list[Encoder]:
-    """Encoders still to run: all with --force, else those without a finished trigger_norm JSON."""
-    return [enc for enc in encoders if force or not RunPaths(Path(out_dir), enc.run_id).finished()]
+    """Encoders still to run: all with --force, else those without a finished trigger_norm JSON that is theirs
+    (decree.outputs.is_result_for: same file, same content)."""
+    return [enc for enc in encoders if force or finished_result(out_dir, enc.path, enc.run_id) is None]
 
 
 def cpu_workers(encoders, threads: int | None = None) -> int:
@@ -592,7 +593,8 @@ class Sweep:
             return {"status": "elsewhere", "holder": claim}
         try:
             json_path = RunPaths(self.out_dir, enc.run_id).json
-            if json_path.is_file() and (not self.force or json_path.stat().st_mtime >= self.started):
+            if finished_result(self.out_dir, enc.path, enc.run_id) is not None and \
+                    (not self.force or json_path.stat().st_mtime >= self.started):
                 return {"status": "elsewhere", "holder": None}  # finished since this sweep listed it
             return self._run_claimed(enc, slot)
         finally:
