@@ -90,7 +90,8 @@ def print_plan(encoders, out_dir, force: bool) -> None:
     todo = {enc.run_id for enc in pending(encoders, out_dir, force)}
     for enc in encoders:
         state = "to run" if enc.run_id in todo else "finished"
-        print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {printable(enc.path)}  [{enc.run_id}]")
+        print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {printable(enc.path)}  "
+              f"[{enc.run_id}]")
 
 
 def describe(encoders, shard) -> str:

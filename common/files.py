@@ -101,8 +101,9 @@ def check_regular(path, what: str = "file") -> int:
                                "check the path and its permissions") from None
     special = any(real == Path(tree) or Path(tree) in real.parents for tree in SPECIAL_TREES)
     if not stat.S_ISREG(info.st_mode) or special:
-        raise SpecialFileError(f"{printable(path)}: not a regular file ({printable(real)} is a device, pipe or "
-                               f"kernel file); point to the {what} itself")
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe, socket or kernel file"
+        raise SpecialFileError(f"{printable(path)}: not a regular file ({printable(real)} is {kind}); point to "
+                               f"the {what} itself")
     return info.st_size
 
 

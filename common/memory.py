@@ -1,8 +1,9 @@
 """Memory: a per-process address-space limit for sweep workers, and recognising out-of-memory errors.
 
 Whatever a hostile file still manages to allocate should cost its own encoder's run, recorded as failed with
-the reason, not the machine: a CPU worker runs under RLIMIT_AS (`--max_memory`). CUDA reserves far more
-address space than it uses, so GPU workers run without it.
+the reason, not the machine: a CPU worker runs under RLIMIT_AS (`--max_memory` on top of what the process has
+mapped when it starts: torch's libraries). CUDA reserves far more address space than it uses, so GPU workers
+run without it.
 """
 import os
 import re
@@ -37,16 +38,28 @@ def default_max_memory(workers: int) -> int:
     return max(MIN_MEMORY, total // max(1, workers)) if total else 0
 
 
+def mapped_bytes() -> int:
+    """This process's address space now (VmSize): torch's libraries alone map a few GiB they never touch."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def limit_address_space(nbytes: int) -> None:
-    """Cap this process's address space at `nbytes` (Linux RLIMIT_AS; 0 or elsewhere: nothing)."""
+    """Let this process map at most `nbytes` more than it has mapped now (Linux RLIMIT_AS; 0, or a system
+    without it: no limit)."""
     try:
         import resource
     except ImportError:
         return
     if nbytes > 0:
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard),
-                                                hard))
+        soft = mapped_bytes() + nbytes
+        resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
 # how torch reports a failed allocation: a RuntimeError (CPU), torch.OutOfMemoryError (CUDA, a RuntimeError)

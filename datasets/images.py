@@ -56,7 +56,7 @@ def check_npz_headers(path) -> None:
 
 def _open_npz(path):
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file; pass an existing .npz")
     check_regular(path, ".npz file")
     if not zipfile.is_zipfile(path):
