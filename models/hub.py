@@ -110,9 +110,10 @@ def _check_values(obj, where: str, source) -> None:
         value, at, depth = stack.pop()
         seen += 1
         if seen > MAX_CONFIG_NODES or depth > MAX_CONFIG_DEPTH:
-            limit = f"{MAX_CONFIG_NODES} values" if seen > MAX_CONFIG_NODES else f"nesting {MAX_CONFIG_DEPTH} deep"
-            raise CheckpointError(f"{source}: {where} holds more than {limit}, too much for a model config; "
-                                  "use the config that came with the weights")
+            what = f"holds more than {MAX_CONFIG_NODES} values" if seen > MAX_CONFIG_NODES else \
+                f"is nested more than {MAX_CONFIG_DEPTH} deep"
+            raise CheckpointError(f"{source}: {where} {what}, too much for a model config; use the config that came "
+                                  "with the weights")
         if isinstance(value, dict):
             stack += [(v, f"{at}.{k}", depth + 1) for k, v in value.items()]
         elif isinstance(value, (list, tuple)):
