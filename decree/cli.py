@@ -33,8 +33,8 @@ def user_errors(prog: str):
             raise
         detail = str(err).split("\n", 1)[0][:160] or type(err).__name__
         print(f"{prog}: error: out of memory ({printable(detail)}); an input (checkpoint, config or data) needs "
-              "more memory than this process may use: check it, lower --batch_size, or raise --max_memory",
-              file=sys.stderr)
+              "more memory than this process may use: check it, lower --batch_size, or give the run more memory "
+              "(main.py, run_decree.py: --max_memory)", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
