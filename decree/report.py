@@ -35,11 +35,13 @@ def _records(folder: Path, required=("encoder_path",)) -> list[dict]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            print(f"warning: skipped {printable(path)}: not a readable run record ({type(err).__name__})", file=sys.stderr)
+            print(f"warning: skipped {printable(path)}: not a readable run record ({type(err).__name__})",
+                  file=sys.stderr)
             continue
         if isinstance(record, dict) and record.get("run_id") == path.stem:
             if not all(key in record for key in required):
-                print(f"warning: skipped {printable(path)}: a run record without {', '.join(required)}", file=sys.stderr)
+                print(f"warning: skipped {printable(path)}: a run record without {', '.join(required)}",
+                      file=sys.stderr)
                 continue
             records.append(record)
     return records
