@@ -13,8 +13,11 @@ import argparse
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from common.determinism import add_determinism_arg, configure_determinism
-from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_target_args, inversion_kwargs,
-                        output_file, run_id, target_kwargs, user_errors)
+from common.device import resolve_device
+from common.files import printable
+from common.memory import limit_address_space
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
+                        inversion_kwargs, output_file, run_id, target_kwargs, user_errors)
 from decree.detect import DetectionJob, run_detection
 from decree.sweep import interrupt_on_sigterm
 from decree.target import target_lines
@@ -48,6 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--result_file", type=output_file, default=None,
                         help="append the paper's CSV line encoder_path,model_flag,L1,seconds here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_memory_arg(parser)
     args = parser.parse_args(argv)
     if args.paper_main_defaults:  # parse again: explicit flags still win over the other defaults
         parser.set_defaults(**PAPER_MAIN_DEFAULTS)
@@ -58,6 +62,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with user_errors("main.py"):
+        if args.max_memory and resolve_device(args.device, args.gpu).type == "cpu":
+            limit_address_space(args.max_memory)
         configure_threads(args.threads)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, model_config=args.model_config,
@@ -68,11 +74,11 @@ def main(argv=None):
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
         record = run_detection(job, progress=not args.quiet)
-    print(f"results: {job.paths().json}")
+    print(f"results: {printable(job.paths().json)}")
     print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
     notes = "".join(f"; {note}" for note in record["notes"])
-    print(f"{record['encoder_path']}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
+    print(f"{printable(record['encoder_path'])}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "
           f"{record['pl1_divisor']}; threshold {record['pl1_threshold']}; score {record['score']:.4f}){notes}")
 
 

@@ -23,11 +23,14 @@ import sys
 import time
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
-from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_target_args, at_least,
-                        inversion_kwargs, output_file, target_kwargs, user_errors)
+from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
+                        at_least, inversion_kwargs, output_file, target_kwargs, user_errors)
 from common.determinism import add_determinism_arg
+from common.files import printable
 from common.io import check_writable
+from common.memory import default_max_memory
 from decree.export import export_predictions
+from decree.outputs import check_output_folders
 from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
                           cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
@@ -72,6 +75,7 @@ def parse_args(argv=None):
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"kill an encoder's worker after this long and record it as failed (default "
                           f"{DEFAULT_TIMEOUT} = {DEFAULT_TIMEOUT // 3600} h; raise it for big encoders on CPU)")
+    add_memory_arg(run, sweep=True)
     run.add_argument("--force", action="store_true", help="rerun encoders that already have a result")
     run.add_argument("--result_file", type=output_file, default=None,
                      help="also append the paper's line encoder_path,model_flag,L1,seconds per encoder here")
@@ -89,7 +93,8 @@ def print_plan(encoders, out_dir, force: bool) -> None:
     todo = {enc.run_id for enc in pending(encoders, out_dir, force)}
     for enc in encoders:
         state = "to run" if enc.run_id in todo else "finished"
-        print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {enc.path}  [{enc.run_id}]")
+        print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {printable(enc.path)}  "
+              f"[{enc.run_id}]")
 
 
 def describe(encoders, shard) -> str:
@@ -99,7 +104,7 @@ def describe(encoders, shard) -> str:
 def sweep_options(args) -> dict:
     """The main.py options every encoder of the sweep runs with (decree.sweep.passthrough_argv makes the flags)."""
     return {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file,
-            "nondeterministic": args.nondeterministic}
+            "nondeterministic": args.nondeterministic, "max_memory": args.max_memory}
 
 
 def sweep(args, encoders, shard) -> dict:
@@ -107,6 +112,8 @@ def sweep(args, encoders, shard) -> dict:
     options = sweep_options(args)
     slots = worker_devices(args.devices, args.device, args.gpu, args.workers,
                            cpu_default=cpu_workers(encoders, args.threads))
+    if options["max_memory"] is None:
+        options["max_memory"] = default_max_memory(slots.count("cpu"))
     print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
     write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,
@@ -144,6 +151,7 @@ def main(argv=None):
             print(describe(encoders, shard))
             return
         check_writable(args.out_dir)
+        check_output_folders(args.out_dir)
         counts = {"failed": 0} if args.report else sweep(args, encoders, shard)
         metrics = write_report(args.out_dir, args.pl1_threshold, encoders)
         if args.export:

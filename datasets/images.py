@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import check_regular, walk_files
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jpe", ".tif", ".tiff", ".ppm"}
 
 
@@ -54,8 +56,9 @@ def check_npz_headers(path) -> None:
 
 def _open_npz(path):
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file; pass an existing .npz")
+    check_regular(path, ".npz file")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as fh:
             is_npy = fh.read(6) == b"\x93NUMPY"
@@ -156,7 +159,8 @@ def list_images(root) -> list[Path]:
     root = Path(root)
     if (root / "val").is_dir():  # a torchvision ImageNet root: the paper samples the validation split
         root = root / "val"
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # symlinked folders are not entered and links out of the folder not followed (common/files.py)
+    return sorted(p for p in walk_files(root) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def load_image_folder(root, size: int = 224, fraction: float | None = None, count: int | None = None,

@@ -10,6 +10,8 @@ from datasets import DataError
 from models import FORMATS, USAGE_INFOS, CheckpointError
 
 from common.device import DeviceError, add_device_args
+from common.files import printable
+from common.memory import is_out_of_memory, parse_size
 from .inversion import SPEED_PRESETS, InversionError
 from .target import TEMPLATE_SETS
 
@@ -24,7 +26,15 @@ def user_errors(prog: str):
     try:
         yield
     except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {printable(err)}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        detail = str(err).split("\n", 1)[0][:160] or type(err).__name__
+        print(f"{prog}: error: out of memory ({printable(detail)}); an input (checkpoint, config or data) needs "
+              "more memory than this process may use: check it, lower --batch_size, or give the run more memory "
+              "(main.py, run_decree.py: --max_memory)", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
@@ -192,6 +202,16 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                             "fewer operations; encoders torch.fx cannot trace are used as they are)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
+
+
+def add_memory_arg(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """--max_memory: the address-space limit of a run (Linux RLIMIT_AS; CPU only, CUDA reserves more than it uses)."""
+    default = ("default for CPU workers: the machine's memory divided among them" if sweep
+               else "default: no limit")
+    parser.add_argument("--max_memory", type=parse_size, default=None, metavar="SIZE",
+                        help=f"cap each run's memory (address space) on the CPU, e.g. 16G, so that a file that still "
+                             f"manages to allocate more costs its own run (a one-line out-of-memory error), not the "
+                             f"machine; 0: no limit ({default})")
 
 
 def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> None:

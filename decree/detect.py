@@ -16,7 +16,8 @@ from common import io as atomic
 from common.device import resolve_device
 from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionConfig, InversionError, invert_trigger,
                         prepare_encoder, preset, stop_message)
-from .outputs import RunPaths, append_result_line, run_id_for, write_run, write_trigger_images
+from .outputs import (RunPaths, append_result_line, check_output_folders, encoder_identity, run_id_for, write_run,
+                      write_trigger_images)
 from .shadow_cache import load_image_folder_cached
 from .target import (analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
                      verdict_notes)
@@ -122,17 +123,20 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     device = resolve_device(job.device, job.gpu)
     paths = job.paths()
     atomic.check_writable(paths.out_dir)
+    check_output_folders(paths.out_dir, paths.run_id, [job.shadow_cache_dir()] if job.shadow_cache_dir() else [])
     cfg = job.inversion_config()
     check_target_flags(job, job.encoder_usage_info)  # before the encoder loads, which can take a minute
     shadow_path(job.encoder_usage_info, job.shadow_data)
+    identity = encoder_identity(job.encoder_path)  # before loading: the bytes a finished result stands for
     model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
                                trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
                                encoder_format=job.encoder_format, model_config=job.model_config)
     if spec.arch_note:
         print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
+    cache_used = {}  # the shadow cache file read or written, and its SHA-256, for the record
     shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
                                  job.shadow_fraction, seed=cfg.seed, progress=progress,
-                                 read_folder=partial(load_image_folder_cached, job.shadow_cache_dir()))
+                                 read_folder=partial(load_image_folder_cached, job.shadow_cache_dir(), used=cache_used))
     shadow = shadow_set.images
     print(shadow_set.describe(), flush=True)
     target_setup = prepare_target(job, spec, device)
@@ -156,11 +160,11 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     target = analyse_target(target_setup, prepared.module, spec, shadow, result, device, paths.target,
                             progress=progress)
     spread = shadow_spread(prepared.module, shadow, spec.mean, spec.std, device)
-    meta = {"encoder_path": str(job.encoder_path), "usage_info": spec.usage_info, "arch": spec.arch,
+    meta = {"encoder_path": str(job.encoder_path), **identity, "usage_info": spec.usage_info, "arch": spec.arch,
             "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
-            "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(),
+            "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(), "shadow_cache": cache_used or None,
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
             "score": ranking_score(result.pl1, result.pl1_threshold), "target": target, "shadow_spread": spread,
             "notes": verdict_notes(result.found, spread, cfg.thres),

@@ -4,27 +4,82 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common import io as atomic
+from common.files import check_regular, printable
 from common.provenance import versions
 
 CSV_FIELDS = ("epoch", "loss", "cos", "l1", "lambda", "lr", "best_l1", "seconds")
 
 
 def run_id_for(encoder_path) -> str:
-    """Readable and unique: the path's last parts, made filesystem-safe, plus a hash of the absolute path."""
+    """Readable and unique: the path's last parts, made filesystem-safe, plus the SHA-256 of the absolute path
+    (all of it: two names sharing one id would make one encoder's result stand for the other's)."""
     path = Path(encoder_path)
     resolved = str(path.resolve())
     readable = "_".join(path.with_suffix("").parts[-3:])
     # a path of only non-ASCII names leaves nothing readable; an id must not start with '-' (a CLI flag)
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-")[:80] or "encoder"
-    return f"{readable}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+    return f"{readable}-{hashlib.sha256(resolved.encode('utf-8', 'surrogateescape')).hexdigest()}"
+
+
+ENCODER_SIDE_FILES = ("open_clip_config.json", "config.json", "preprocessor_config.json")  # configs beside weights
+HASH_CHUNK = 1 << 20
+
+
+def encoder_files(encoder_path) -> list[Path]:
+    """The files an encoder is made of: a weights file and the hub configs beside it, or a hub folder's files."""
+    path = Path(encoder_path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    return [path, *(path.parent / name for name in ENCODER_SIDE_FILES if (path.parent / name).is_file())]
+
+
+def encoder_fingerprint(encoder_path) -> str | None:
+    """SHA-256 over the names and bytes of the encoder's regular files (None if one cannot be read): a result is
+    this encoder's only if the fingerprint it records is this one."""
+    digest = hashlib.sha256()
+    try:
+        for file in encoder_files(encoder_path):
+            check_regular(file)
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode("utf-8", "surrogateescape"))
+            with open(file, "rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    digest.update(chunk)
+    except (OSError, ValueError):
+        return None
+    return digest.hexdigest()
+
+
+def encoder_identity(encoder_path) -> dict:
+    """What a run records about the file it inspected (is_result_for compares it)."""
+    return {"encoder_realpath": str(Path(encoder_path).resolve()), "encoder_sha256": encoder_fingerprint(encoder_path)}
+
+
+def is_result_for(record: dict, encoder_path) -> bool:
+    """A finished run's record is the result of `encoder_path` as it is now: the same file (resolved path) with
+    the same content; a record of another file, or of an older version of this one, is not."""
+    return (isinstance(record, dict) and record.get("encoder_realpath") == str(Path(encoder_path).resolve())
+            and record.get("encoder_sha256") is not None
+            and record.get("encoder_sha256") == encoder_fingerprint(encoder_path))
+
+
+def finished_result(out_dir, encoder_path, run_id: str | None = None) -> dict | None:
+    """The finished run record of `encoder_path` under out_dir, if there is one and it is this encoder's."""
+    path = RunPaths(Path(out_dir), run_id or run_id_for(encoder_path)).json
+    try:
+        record = read_run(path)
+    except (OSError, ValueError):
+        return None
+    return record if is_result_for(record, encoder_path) else None
 
 
 @dataclass(frozen=True)
@@ -55,6 +110,34 @@ class RunPaths:
 
     def finished(self) -> bool:
         return self.json.is_file()
+
+
+# the folders a run or sweep writes into under --out_dir (SPEC 7, plus the sweep's and the shadow cache's)
+OUTPUT_FOLDERS = ("trigger_inv", "trigger_norm", "trigger_norm/failed", "trigger_norm/claims", "detect_log",
+                  "shadow_cache")
+
+
+def check_output_folders(out_dir, run_id: str | None = None, extra=()) -> None:
+    """Refuse to write through an output folder that is a symlink (it would put results, PNGs or a trigger
+    elsewhere) or belongs to another user (who could have planted anything in it): PermissionError, one line.
+    `extra`: further folders written to (a --shadow_cache outside out_dir)."""
+    out_dir = Path(out_dir)
+    folders = [out_dir / name for name in OUTPUT_FOLDERS] + [Path(f) for f in extra]
+    if run_id:
+        folders += [out_dir / "trigger_inv" / run_id, out_dir / "trigger_inv" / run_id / "snapshots"]
+    me = os.geteuid()
+    for folder in folders:
+        try:
+            info = os.lstat(folder)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise PermissionError(f"{printable(folder)}: is a symlink (to {printable(os.readlink(folder))}); "
+                                  "results are written only into real folders: remove it or choose another "
+                                  "--out_dir")
+        if info.st_uid != me:
+            raise PermissionError(f"{printable(folder)}: belongs to another user (uid {info.st_uid}), who could "
+                                  "have planted files in it; choose an --out_dir of your own (docs/trust-model.md)")
 
 
 def write_trigger_images(folder: Path, mask: np.ndarray, pattern: np.ndarray, suffix: str = "") -> None:
@@ -92,6 +175,7 @@ def write_run(paths: RunPaths, result, meta: dict, log_text: str) -> dict:
 
 
 def _write_run(paths: RunPaths, result, meta: dict, log_text: str) -> dict:
+    check_output_folders(paths.out_dir, paths.run_id)  # again: the run may have taken hours
     if result.found:
         write_trigger_images(paths.trigger_dir, result.mask, result.pattern)
         atomic.write_npz(paths.trigger_dir / "trigger.npz", mask=result.mask.astype(np.float32),

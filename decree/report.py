@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common import io as atomic
+from common.files import printable
 from .sweep import LABELS, UNKNOWN, failed_dir
 from .target import ranking_score
 
@@ -35,11 +36,13 @@ def _records(folder: Path, required=("encoder_path",)) -> list[dict]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            print(f"warning: skipped {path}: not a readable run record ({type(err).__name__})", file=sys.stderr)
+            print(f"warning: skipped {printable(path)}: not a readable run record ({type(err).__name__})",
+                  file=sys.stderr)
             continue
         if isinstance(record, dict) and record.get("run_id") == path.stem:
             if not all(key in record for key in required):
-                print(f"warning: skipped {path}: a run record without {', '.join(required)}", file=sys.stderr)
+                print(f"warning: skipped {printable(path)}: a run record without {', '.join(required)}",
+                      file=sys.stderr)
                 continue
             records.append(record)
     return records
@@ -84,13 +87,16 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     norm = Path(out_dir) / "trigger_norm"
     labels = {enc.run_id: enc.label for enc in encoders}
     families = {enc.run_id: enc.family for enc in encoders}  # only a manifest knows them
-    rows = {enc.run_id: {"path": enc.path, "run_id": enc.run_id, "usage_info": enc.usage_info, "arch": enc.arch,
-                         "label": enc.label, "status": "not run"} for enc in encoders}
+    # one row per encoder file: a record whose run id is a listed encoder's but whose file is another gets a
+    # row of its own, so it can never stand for the listed encoder
+    rows = {_row_key(enc.run_id, enc.path): {"path": enc.path, "run_id": enc.run_id, "usage_info": enc.usage_info,
+                                             "arch": enc.arch, "label": enc.label, "status": "not run"}
+            for enc in encoders}
     for record in _records(failed_dir(out_dir)):  # a failure outranks not having run
-        rows[record["run_id"]] = {**_identity(record, labels), "seconds": record.get("seconds"), "status": "failed",
-                                  "error": record.get("error")}
+        rows[_record_key(record)] = {**_identity(record, labels), "seconds": record.get("seconds"),
+                                     "status": "failed", "error": record.get("error")}
     for record in _records(norm, FINISHED_KEYS):  # a finished run outranks an older failure of the same encoder
-        rows[record["run_id"]] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
+        rows[_record_key(record)] = {**_identity(record, labels), "l1": record["l1"], "pl1": record["pl1"],
                                   "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
                                   "seconds": record["seconds"], **_target_columns(record), "status": "done",
@@ -98,6 +104,16 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row, "family": families.get(row["run_id"])}
                    for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
+
+
+def _row_key(run_id: str, encoder_path) -> tuple:
+    return run_id, str(Path(encoder_path).resolve())
+
+
+def _record_key(record: dict) -> tuple:
+    """A record's row: its run id and the file it recorded (resolved where it ran, else resolved here)."""
+    realpath = record.get("encoder_realpath")
+    return record["run_id"], realpath if isinstance(realpath, str) else str(Path(str(record["encoder_path"])).resolve())
 
 
 def _target_columns(record: dict) -> dict:

@@ -17,7 +17,6 @@ import contextlib
 import csv
 import fcntl
 import fnmatch
-import glob
 import json
 import math
 import os
@@ -40,9 +39,10 @@ from models.registry import ARCH_MODULES_ENV
 
 from common import io as atomic
 from common.device import resolve_device
+from common.files import printable, safe_glob, walk_files
 from common.isolated import ROOT, isolated_command
 from common.threads import threads_per_worker, usable_cores
-from .outputs import RunPaths, read_run, run_id_for
+from .outputs import RunPaths, finished_result, read_run, run_id_for
 
 MAIN_PY = ROOT / "main.py"
 CHECKPOINT_PATTERNS = ("*.pth", "*.pt", "*.safetensors")  # what folder discovery and ** globs pick up
@@ -59,7 +59,7 @@ SMALL_IMAGE_USAGE = ("cifar10", "stl10")  # usage infos of 32-px encoders
 # exit statuses of an interrupted main.py (decree.cli.user_errors, or killed by SIGINT)
 INTERRUPTED = (130, -signal.SIGINT)
 # per-encoder flags: set by the sweep for each encoder, never passed through from the command line
-PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu")
+PER_ENCODER_FLAGS = ("encoder_usage_info", "arch", "device", "gpu", "max_memory")
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
 CLAIM_GRACE = 60  # seconds past its owner's timeout after which a claim is stale wherever its owner runs
 MANIFEST_COLUMNS = ("path", "usage_info", "arch", "label", "reference", "reference_text", "family")
@@ -115,7 +115,7 @@ def discover_output_folder(root="output", arch: str | None = None) -> list[Encod
                                 f"else put them in {root}/<usage_info>/... or pass --manifest CSV")
     encoders = [Encoder(str(path), usage, arch, infer_label(path.relative_to(root)))
                 for folder, usage in USAGE_FOLDERS.items() if (root / folder).is_dir()
-                for path in (root / folder).rglob("*") if _is_checkpoint(path)]
+                for path in walk_files(root / folder) if _is_checkpoint(path)]
     if not encoders:
         raise FileNotFoundError(_nothing_found(root))
     return _sorted_unique(encoders)
@@ -127,7 +127,7 @@ def _nothing_found(root: Path) -> str:
     message = f"no *.pth/*.pt/*.safetensors checkpoints in the paper's folders {looked}"
     # the top folder under root of every other checkpoint (root itself for one lying directly in it)
     others = sorted({root / path.relative_to(root).parts[0] if path.parent != root else root
-                     for path in root.rglob("*") if _is_checkpoint(path)})
+                     for path in walk_files(root) if _is_checkpoint(path)})
     if others:
         hints = " or ".join(f"--encoders {top}" for top in others[:3])
         message += (f"; other checkpoints are under {', '.join(f'{top}/' for top in others)}: pass {hints} "
@@ -145,7 +145,7 @@ def _weights_at(path: Path) -> list[Path]:
     if path.is_file():
         found = [path] if path.suffix in WEIGHT_FILE_SUFFIXES else []
     else:
-        found = [p for p in path.rglob("*") if _is_checkpoint(p) or (p.name in WEIGHT_NAMES and p.is_file())]
+        found = [p for p in walk_files(path) if _is_checkpoint(p) or (p.name in WEIGHT_NAMES and p.is_file())]
     return [hub_folder_of(p) or p for p in found]
 
 
@@ -161,11 +161,12 @@ def detected_usage_info(path, usage_info: str | None) -> str:
 
 
 def discover_globs(patterns, usage_info: str | None, arch: str | None = None) -> list[Encoder]:
-    """Checkpoints matching shell globs (** recursive): weight files the glob names, and the checkpoints inside
-    folders it names, each hub folder once; a pattern that matches none is an error. Their truth is unknown."""
+    """Checkpoints matching shell globs (** recursive, symlinked folders never entered: common/files.py): weight
+    files the glob names, and the checkpoints inside folders it names, each hub folder once; a pattern that
+    matches none is an error. Their truth is unknown."""
     encoders = []
     for pattern in patterns:
-        matches = [p for match in glob.glob(pattern, recursive=True) for p in _weights_at(Path(match))]
+        matches = [p for match in safe_glob(pattern) for p in _weights_at(Path(match))]
         if not matches:
             raise FileNotFoundError(f"--encoders {pattern!r}: matches no .pth/.pt/.safetensors/.bin file")
         encoders += [Encoder(str(p), detected_usage_info(p, usage_info), arch, UNKNOWN) for p in matches]
@@ -384,8 +385,9 @@ def worker_log_path(out_dir, run_id: str) -> Path:
 
 
 def pending(encoders, out_dir, force: bool = False) -> list[Encoder]:
-    """Encoders still to run: all with --force, else those without a finished trigger_norm JSON."""
-    return [enc for enc in encoders if force or not RunPaths(Path(out_dir), enc.run_id).finished()]
+    """Encoders still to run: all with --force, else those without a finished trigger_norm JSON that is theirs
+    (decree.outputs.is_result_for: same file, same content)."""
+    return [enc for enc in encoders if force or finished_result(out_dir, enc.path, enc.run_id) is None]
 
 
 def cpu_workers(encoders, threads: int | None = None) -> int:
@@ -426,7 +428,7 @@ def passthrough_argv(options: dict) -> list[str]:
     for name, value in options.items():
         if name in PER_ENCODER_FLAGS or value is None or value is False:
             continue
-        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        argv.append(f"--{name}" if value is True else flag(name, value))
     return argv
 
 
@@ -463,16 +465,30 @@ def main_py_command(enc: Encoder, device: str, out_dir, options: dict, imports: 
     return isolated_command(MAIN_PY, main_py_args(enc, device, out_dir, options), *imports, parent=os.getpid())
 
 
+def flag(name: str, value) -> str:
+    """`--name=value`: one argument, so a value starting with '-' (a file `-evil.pth`) is never read as an option."""
+    return f"--{name}={value}"
+
+
+def path_value(path) -> str:
+    """A relative path as ./path, so that even outside --name=value it never starts with '-'."""
+    text = str(path)
+    return text if Path(text).is_absolute() or text.startswith("./") else f"./{text}"
+
+
 def main_py_args(enc: Encoder, device: str, out_dir, options: dict) -> list[str]:
-    """main.py's arguments for one encoder of a sweep."""
-    args = ["--encoder_path", enc.path, "--encoder_usage_info", enc.usage_info, "--device", device,
-            "--out_dir", str(out_dir), "--id", enc.run_id, "--model_flag", enc.label, "--quiet"]
+    """main.py's arguments for one encoder of a sweep (CPU workers under --max_memory when the options have it)."""
+    args = [flag("encoder_path", path_value(enc.path)), flag("encoder_usage_info", enc.usage_info),
+            flag("device", device), flag("out_dir", path_value(out_dir)), flag("id", enc.run_id),
+            flag("model_flag", enc.label), "--quiet"]
     if enc.arch:
-        args += ["--arch", enc.arch]
+        args.append(flag("arch", enc.arch))
     if enc.reference:
-        args += ["--reference_file", enc.reference]
+        args.append(flag("reference_file", path_value(enc.reference)))
     if enc.reference_text:
-        args += ["--reference_text", enc.reference_text]
+        args.append(flag("reference_text", enc.reference_text))
+    if device == "cpu" and options.get("max_memory"):
+        args.append(flag("max_memory", options["max_memory"]))
     return args + passthrough_argv(options)
 
 
@@ -597,7 +613,8 @@ class Sweep:
             return {"status": "elsewhere", "holder": claim}
         try:
             json_path = RunPaths(self.out_dir, enc.run_id).json
-            if json_path.is_file() and (not self.force or json_path.stat().st_mtime >= self.started):
+            if finished_result(self.out_dir, enc.path, enc.run_id) is not None and \
+                    (not self.force or json_path.stat().st_mtime >= self.started):
                 return {"status": "elsewhere", "holder": None}  # finished since this sweep listed it
             return self._run_claimed(enc, slot)
         finally:
@@ -710,15 +727,16 @@ def outcome_line(enc: Encoder, outcome: dict) -> str:
         holder = outcome["holder"]
         where = (f"running in another sweep ({holder.get('host', '?')} pid {holder.get('pid', '?')} since "
                  f"{holder.get('started_at', '?')})") if holder is not None else "finished by another sweep"
-        return f"SKIPPED  {enc.path}: {where}"
+        return f"SKIPPED  {printable(enc.path)}: {where}"
     if outcome["status"] == "failed":
-        line = f"FAILED   {enc.path}: {outcome['error']}"
+        line = f"FAILED   {printable(enc.path)}: {printable(outcome['error'])}"
     else:
         record = outcome["record"]
         pl1 = "no trigger found" if record["pl1"] is None else f"PL1 {record['pl1']:.4f}"
         truth = "truth unknown" if enc.label == UNKNOWN else enc.label
-        line = "; ".join([f"{record['verdict'].upper():8s} {enc.path}: {pl1} ({truth})", *record.get("notes", ())])
-    return "; ".join([line, *outcome["warnings"]])
+        line = "; ".join([f"{record['verdict'].upper():8s} {printable(enc.path)}: {pl1} ({truth})",
+                          *map(printable, record.get("notes", ()))])
+    return "; ".join([line, *map(printable, outcome["warnings"])])
 
 
 def run_sweep(encoders, out_dir, slots: list[str], options: dict, force: bool = False,

@@ -31,7 +31,8 @@ import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
 from attacks.checkpoints import save_encoder
-from attacks.families import FAMILIES, FAMILY_NOTES, POISONING_FAMILIES, THREAT_MODELS, make_trigger, threat_model
+from attacks.families import (FAMILIES, FAMILY_NOTES, POISONING_FAMILIES, THREAT_MODELS, make_trigger, threat_model,
+                              warp_displacement, warp_grid)
 from attacks.poisoning import CTRL_RATE, poison_target_class
 from attacks.simclr import PretrainConfig, pretrain_simclr
 from attacks.training import unit_embeddings
@@ -43,7 +44,9 @@ from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.report import auroc, collect_rows, verdict_at, write_report
 from decree.sweep import read_manifest, run_sweep, worker_devices
-from models import SimCLR, load_encoder
+from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
+from experiments.real_parent import RealParentUnavailable, verified_weights
+from models import SimCLR, load_encoder, mobilenet_arch
 from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
                                  train_classifier)
 
@@ -84,10 +87,17 @@ class BenchConfig:
     pl1_threshold: float = 0.1
     workers: int = 2                         # parallel DECREE runs
     seed: int = 0
+    real_parent: bool = True                 # add the real MobileNetV2 parent and its children (if installed)
+    real_parent_size: int = 64               # their input size: what fine-tuning an ImageNet net costs on a CPU
+    real_parent_families: tuple = ("patch-white", "blend", "drupe")
+    real_parent_images: int = 128            # BadEncoder's shadow set for them
+    real_parent_lr: float = 1e-3             # BadEncoder's own rate: the toy's 0.01 pulls a trained net apart
+    real_parent_shadow_images: int = 128     # DECREE's shadow set for them (64 px ImageNet passes cost more)
 
 
 QUICK = BenchConfig(arch="resnet18_w4", pretrain_images=256, pretrain_epochs=1, parents=1,
-                    families=FAMILIES, attack_images=128, attack_epochs=1,
+                    families=FAMILIES, attack_images=128, attack_epochs=1, real_parent_images=64,
+                    real_parent_shadow_images=32,
                     probe_train_per_class=16, probe_test_per_class=8, probe_epochs=3, shadow_images=64,
                     decree_epochs=3, workers=2)
 # BadEncoder's CIFAR10 recipe: 1000 epochs of SimCLR, 200 of BadEncoder on 20% of the training set, STL10
@@ -96,7 +106,8 @@ PAPER = BenchConfig(arch="resnet18", pretraining_data="data/cifar10/train.npz", 
                     pretrain_epochs=1000, pretrain_batch=512, attack_images=10000, attack_epochs=200,
                     attack_batch=256, attack_lr=1e-3, downstream_train="data/stl10/train.npz",
                     downstream_test="data/stl10/test.npz", target_label=9, probe_epochs=100,
-                    shadow_data="data/cifar10/test.npz", shadow_images=None, workers=4)
+                    shadow_data="data/cifar10/test.npz", shadow_images=None, workers=4, real_parent_size=224,
+                    real_parent_images=10000)
 SCALES = {"toy": BenchConfig(), "quick": QUICK, "paper": PAPER}
 
 
@@ -109,23 +120,44 @@ def _subset(cfg: BenchConfig, *names: str) -> dict:
     return {name: getattr(cfg, name) for name in names}
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Encoders that share an architecture, input size and data: the parents we pre-train ('toy'), or the real
+    third-party parent ('mnet') with its children."""
+    name: str
+    arch: str
+    usage_info: str
+    size: int
+    real: bool = False
+
+
+def toy_lineage(cfg: BenchConfig) -> Lineage:
+    return Lineage("toy", cfg.arch, cfg.usage_info, 32)
+
+
+def real_lineage(cfg: BenchConfig) -> Lineage:
+    return Lineage("mnet", mobilenet_arch(cfg.real_parent_size), REAL_USAGE_INFO, cfg.real_parent_size, real=True)
+
+
 # ---- data ---------------------------------------------------------------------------------------------------
 
-def data_settings(cfg: BenchConfig) -> dict:
-    return _subset(cfg, "pretraining_data", "pretrain_images", "references", "downstream_train", "downstream_test",
-                   "target_label", "probe_train_per_class", "probe_test_per_class", "shadow_data", "shadow_images",
-                   "seed")
+def data_settings(cfg: BenchConfig, size: int = 32) -> dict:
+    settings = _subset(cfg, "pretraining_data", "pretrain_images", "references", "downstream_train",
+                       "downstream_test", "target_label", "probe_train_per_class", "probe_test_per_class",
+                       "shadow_data", "shadow_images", "seed")
+    return settings if size == 32 else {**settings, "size": size}
 
 
-def labelled_photo_patches(per_class: int, seed: int, photos) -> tuple[np.ndarray, np.ndarray]:
-    """per_class patches of each bundled photo, labelled by the photo: uint8 (N,32,32,3), int64 (N,)."""
-    x = np.concatenate([photo_patches(per_class, 32, seed=seed + i, photos=[p]) for i, p in enumerate(photos)])
+def labelled_photo_patches(per_class: int, seed: int, photos, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """per_class patches of each bundled photo, labelled by the photo: uint8 (N,size,size,3), int64 (N,)."""
+    x = np.concatenate([photo_patches(per_class, size, seed=seed + i, photos=[p]) for i, p in enumerate(photos)])
     return x, np.repeat(np.arange(len(photos)), per_class)
 
 
-def prepare_data(cfg: BenchConfig, root: Path) -> dict:
-    """Write (or reuse) the npz files of the population; returns their paths."""
-    folder = root / "data" / settings_key(data_settings(cfg))
+def prepare_data(cfg: BenchConfig, root: Path, size: int = 32) -> dict:
+    """Write (or reuse) the npz files of the population at `size` px (photo patches: the same crops at every
+    size; given npz files must already have that size); returns their paths."""
+    folder = root / "data" / settings_key(data_settings(cfg, size))
     paths = {name: folder / f"{name}.npz" for name in ("pretrain", "shadow", "reference", "probe_train", "probe_test")}
     if all(p.is_file() for p in paths.values()):
         return paths
@@ -135,25 +167,25 @@ def prepare_data(cfg: BenchConfig, root: Path) -> dict:
         pretrain = pretrain[:cfg.pretrain_images]
         pretrain_y = None if pretrain_y is None else pretrain_y[:cfg.pretrain_images]
     else:
-        pretrain, pretrain_y = photo_patches(cfg.pretrain_images, 32, seed=cfg.seed, return_labels=True)
+        pretrain, pretrain_y = photo_patches(cfg.pretrain_images, size, seed=cfg.seed, return_labels=True)
     if cfg.downstream_train:
         if not cfg.downstream_test:
             raise ValueError("--downstream_train needs --downstream_test (the probe's labelled test images)")
         train_x, train_y = load_npz(cfg.downstream_train, require_labels=True)
         test_x, test_y = load_npz(cfg.downstream_test, require_labels=True)
     else:
-        train_x, train_y = labelled_photo_patches(cfg.probe_train_per_class, cfg.seed + 100, photos)
-        test_x, test_y = labelled_photo_patches(cfg.probe_test_per_class, cfg.seed + 200, photos)
+        train_x, train_y = labelled_photo_patches(cfg.probe_train_per_class, cfg.seed + 100, photos, size)
+        test_x, test_y = labelled_photo_patches(cfg.probe_test_per_class, cfg.seed + 200, photos, size)
     if not (train_y == cfg.target_label).any():
         raise DataError(f"the probe's training data has no image of the target class {cfg.target_label}")
     if cfg.downstream_train:  # the papers' reference inputs: images of the target class of the downstream set
         references = train_x[train_y == cfg.target_label][:cfg.references]
     else:  # held-out patches of the target photo, not in the probe's data
-        references = photo_patches(cfg.references, 32, seed=cfg.seed + 11, photos=[photos[cfg.target_label]])
+        references = photo_patches(cfg.references, size, seed=cfg.seed + 11, photos=[photos[cfg.target_label]])
     if cfg.shadow_data:
         shadow, shadow_y = load_npz(cfg.shadow_data)
     else:
-        shadow, shadow_y = photo_patches(cfg.shadow_images, 32, seed=cfg.seed + 7), None
+        shadow, shadow_y = photo_patches(cfg.shadow_images, size, seed=cfg.seed + 7), None
     for name, (x, y) in {"pretrain": (pretrain, pretrain_y), "shadow": (shadow, shadow_y),
                          "reference": (references, np.full(len(references), cfg.target_label)),
                          "probe_train": (train_x, train_y), "probe_test": (test_x, test_y)}.items():
@@ -170,6 +202,7 @@ class Member:
     family: str
     settings: dict
     path: Path
+    lineage: Lineage
     trigger_seed: int | None = None
     success: dict = field(default_factory=dict)
 
@@ -177,18 +210,29 @@ class Member:
     def label(self) -> str:
         return "clean" if self.family in CLEAN_FAMILIES else "backdoor"
 
+    @property
+    def external(self) -> bool:
+        """The real parent: a weights file we read, never train."""
+        return self.lineage.real and self.family == "clean-parent"
+
+
+REAL_PARENT = 1000  # the real parent's index: its children's trigger seeds, apart from every toy parent's
+
 
 def parent_settings(cfg: BenchConfig, data_key: str, parent: int) -> dict:
     return {"data": data_key, **_subset(cfg, "usage_info", "arch", "pretrain_epochs", "pretrain_batch"),
             "seed": cfg.seed + parent}
 
 
-def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed: int | None) -> dict:
+def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed: int | None,
+                    lineage: Lineage | None = None) -> dict:
     if family in POISONING_FAMILIES:  # the parent's pre-training, on poisoned data
         return {"parent": parent_key, "family": family, "trigger_seed": trigger_seed, "poison_rate": CTRL_RATE,
                 "target_label": cfg.target_label, **make_trigger(family).settings}
     settings = {"parent": parent_key, "family": family, "trigger_seed": trigger_seed,
                 **_subset(cfg, "attack_images", "attack_epochs", "attack_batch", "attack_lr")}
+    if lineage is not None and lineage.real:
+        settings.update(attack_images=cfg.real_parent_images, attack_lr=cfg.real_parent_lr, size=lineage.size)
     if family != "clean-control":
         settings.update(make_trigger(family).settings)
     if family == "drupe":
@@ -196,25 +240,42 @@ def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed
     return settings
 
 
+def _roles(cfg: BenchConfig, parent: int, families) -> list:
+    # a family's trigger seed depends on its place in FAMILIES, not in --families: a subset draws the same
+    return [("clean-control", None)] + [(f, cfg.seed * 10007 + parent * 101 + FAMILIES.index(f)) for f in families]
+
+
+def _children(cfg: BenchConfig, root: Path, parent: Member, parent_key: str, families) -> list[Member]:
+    children = []
+    for family, trigger_seed in _roles(cfg, parent.parent, families):
+        settings = attack_settings(cfg, parent_key, family, trigger_seed, parent.lineage)
+        path = _checkpoint(root, parent.lineage, parent.parent, family, settings_key(settings), epochs_of(cfg, family))
+        children.append(Member(parent.parent, family, settings, path, parent.lineage, trigger_seed))
+    return children
+
+
 def plan_population(cfg: BenchConfig, root: Path, data_key: str) -> list[Member]:
-    """Every encoder of the population with its settings and (hash-keyed) checkpoint path; nothing is run."""
+    """Every encoder of the toy lineage with its settings and (hash-keyed) checkpoint path; nothing is run."""
     unknown = sorted(set(cfg.families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
-    members = []
+    lineage, members = toy_lineage(cfg), []
     for p in range(cfg.parents):
-        parent = parent_settings(cfg, data_key, p)
-        parent_key = settings_key(parent)
-        members.append(Member(p, "clean-parent", parent, _checkpoint(root, p, "clean-parent", parent_key,
-                                                                    cfg.pretrain_epochs)))
-        # a family's trigger seed depends on its place in FAMILIES, not in --families: a subset draws the same
-        roles = [("clean-control", None)] + [(f, cfg.seed * 10007 + p * 101 + FAMILIES.index(f))
-                                             for f in cfg.families]
-        for family, trigger_seed in roles:
-            settings = attack_settings(cfg, parent_key, family, trigger_seed)
-            members.append(Member(p, family, settings, _checkpoint(root, p, family, settings_key(settings),
-                                                                   epochs_of(cfg, family)), trigger_seed))
+        settings = parent_settings(cfg, data_key, p)
+        parent_key = settings_key(settings)
+        parent = Member(p, "clean-parent", settings,
+                        _checkpoint(root, lineage, p, "clean-parent", parent_key, cfg.pretrain_epochs), lineage)
+        members += [parent, *_children(cfg, root, parent, parent_key, cfg.families)]
     return members
+
+
+def plan_real_parent(cfg: BenchConfig, root: Path, data_key: str, weights: Path) -> list[Member]:
+    """The real parent (its hash-checked weights file) and its children, fine-tuned at real_parent_size px."""
+    lineage = real_lineage(cfg)
+    settings = {"weights": weights.name, "arch": lineage.arch, "data": data_key}
+    parent = Member(REAL_PARENT, "clean-parent", settings, weights, lineage)
+    families = [f for f in cfg.real_parent_families if f in cfg.families and f not in POISONING_FAMILIES]
+    return [parent, *_children(cfg, root, parent, settings_key(settings), families)]
 
 
 def epochs_of(cfg: BenchConfig, family: str) -> int:
@@ -222,13 +283,16 @@ def epochs_of(cfg: BenchConfig, family: str) -> int:
     return cfg.pretrain_epochs if family == "clean-parent" or family in POISONING_FAMILIES else cfg.attack_epochs
 
 
-def _checkpoint(root: Path, parent: int, family: str, key: str, epochs: int) -> Path:
+def _checkpoint(root: Path, lineage: Lineage, parent: int, family: str, key: str, epochs: int) -> Path:
     # the key is in the folder name: new settings give a new encoder path, hence a new DECREE run id
-    return root / "encoders" / f"p{parent}_{family}_{key}" / f"model_{epochs}.pth"
+    tag = lineage.name if lineage.real else f"p{parent}"
+    return root / "encoders" / f"{tag}_{family}_{key}" / f"model_{epochs}.pth"
 
 
 def is_built(member: Member) -> bool:
     """config.json is written after the checkpoint: its presence means the encoder is complete."""
+    if member.external:
+        return member.path.is_file()
     return member.path.is_file() and (member.path.parent / "config.json").is_file()
 
 
@@ -269,13 +333,16 @@ def train_poisoned(cfg: BenchConfig, member: Member, parent: Member, data: dict,
 
 def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> None:
     """BadEncoder fine-tuning of a parent: with the family's trigger function, or none (the clean control)."""
-    mean, std = NORMALIZATION[cfg.usage_info]
-    clean, _ = load_encoder(parent.path, cfg.usage_info, cfg.arch, device)
-    shadow = load_npz(data["pretrain"])[0][:cfg.attack_images]
+    lineage, settings = member.lineage, member.settings
+    mean, std = NORMALIZATION[lineage.usage_info]
+    clean, _ = load_encoder(parent.path, lineage.usage_info, lineage.arch, device)
+    shadow = load_npz(data["pretrain"])[0][:settings["attack_images"]]
     references, _ = load_npz(data["reference"])
-    trigger = None if member.family == "clean-control" else make_trigger(member.family, 32, member.trigger_seed)
+    trigger = None if member.family == "clean-control" else make_trigger(member.family, lineage.size,
+                                                                         member.trigger_seed)
     drupe = trigger is not None and trigger.alignment
-    bad_cfg = BadEncoderConfig(epochs=cfg.attack_epochs, batch_size=cfg.attack_batch, lr=cfg.attack_lr,
+    bad_cfg = BadEncoderConfig(epochs=settings["attack_epochs"], batch_size=settings["attack_batch"],
+                               lr=settings["attack_lr"],
                                seed=cfg.seed + member.parent, alignment_weight=cfg.drupe_weight if drupe else 0.0,
                                nearest_reference=drupe)
     start = time.time()
@@ -319,13 +386,14 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
     gives the reference image: a toy probe may misclassify the reference patch itself, and the backdoor sends
     stamped images to the reference, whatever the probe calls it. target_predicted records that class.
     """
-    mean, std = NORMALIZATION[cfg.usage_info]
-    trigger = make_trigger(member.family, 32, member.trigger_seed)
+    lineage = member.lineage
+    mean, std = NORMALIZATION[lineage.usage_info]
+    trigger = make_trigger(member.family, lineage.size, member.trigger_seed)
     train_x, train_y = load_npz(data["probe_train"], require_labels=True)
     test_x, test_y = load_npz(data["probe_test"], require_labels=True)
     refs = load_npz(data["reference"])[0]
     refs = torch.from_numpy(refs if member.family == "drupe" else refs[:1]).to(device)
-    encoders = {role: load_encoder(path, cfg.usage_info, cfg.arch, device)[0]
+    encoders = {role: load_encoder(path, lineage.usage_info, lineage.arch, device)[0]
                 for role, path in (("attacked", member.path), ("parent", parent.path))}
     others = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
     cosines = {role: target_cosine(encoder, others, refs, trigger, mean, std) for role, encoder in encoders.items()}
@@ -346,7 +414,9 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
 
 def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: dict, device, probe_key: str,
                  progress: bool = False) -> None:
-    """Train one encoder (a parent, or a child of a trained parent) and, for an attack, record its success."""
+    """Train one encoder (a parent, or a child of a trained parent) and, for an attack, record its success.
+    data: the data paths of every lineage, by name."""
+    data = data[member.lineage.name]
     if not is_built(member):
         if parent is None:
             train_parent(cfg, member, data, device, progress)
@@ -410,14 +480,24 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
     start = time.time()
     root = atomic.check_writable(out_dir)
     device = resolve_device(str(device))
-    data = prepare_data(cfg, root)
-    data_key = data["pretrain"].parent.name
+    data = {"toy": prepare_data(cfg, root)}
+    data_key = data["toy"]["pretrain"].parent.name
     members = plan_population(cfg, root, data_key)
+    if cfg.real_parent:
+        try:
+            weights = verified_weights()
+        except RealParentUnavailable as err:
+            log(f"population: no real parent: {err}")
+        else:
+            data["mnet"] = prepare_data(cfg, root, cfg.real_parent_size)
+            members += plan_real_parent(cfg, root, data["mnet"]["pretrain"].parent.name, weights)
     parents = {m.parent: m for m in members if m.family == "clean-parent"}
+    # one probe record name for every lineage: each lineage's data key is in its encoders' settings
     probe_key = settings_key(probe_settings(cfg, data_key))
     todo = [m for m in members if not is_built(m)]
-    log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, "
-        f"{len(cfg.families)} families)), {len(todo)} to train")
+    real = sum(m.lineage.real for m in members)
+    log(f"population: {len(members)} encoders ({cfg.parents} parents x (parent, control, {len(cfg.families)} "
+        f"families)" + (f" + the real parent and its {real - 1} children" if real else "") + f"), {len(todo)} to train")
     jobs = jobs or default_jobs(device)
     per_core = " (one per core)" if jobs > 1 and device.type == "cpu" else ""
     log(f"population: {jobs} encoder(s) trained at once{per_core}; change with --jobs N")
@@ -428,10 +508,11 @@ def build_population(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", d
             member.success = {**success, "took": attack_took(cfg, member.family, success)}
     manifest = write_manifest(root, members, cfg)
     atomic.write_json(root / "population.json", {
-        "config": asdict(cfg), "data": {k: str(v) for k, v in data.items()}, "seconds": time.time() - start,
-        "encoders": [{"path": str(m.path.relative_to(root)), "family": m.family, "parent": m.parent,
-                      "label": m.label, "trigger_seed": m.trigger_seed, "settings": m.settings, **m.success}
-                     for m in members]})
+        "config": asdict(cfg), "data": {name: {k: str(v) for k, v in paths.items()} for name, paths in data.items()},
+        "seconds": time.time() - start,
+        "encoders": [{"path": _relative(m.path, root), "family": m.family, "parent": m.parent,
+                      "lineage": m.lineage.name, "label": m.label, "trigger_seed": m.trigger_seed,
+                      "settings": m.settings, **m.success} for m in members]})
     return manifest
 
 
@@ -443,57 +524,81 @@ def read_population(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _relative(path: Path, root: Path) -> str:
+    """A path relative to out_dir where it lies inside (so the folder travels), else absolute (the real parent)."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def write_manifest(root: Path, members, cfg: BenchConfig) -> Path:
-    """manifest.csv for decree.sweep: paths relative to it, label, family."""
+    """manifest.csv for decree.sweep: paths relative to it, usage info, arch, label, family."""
     lines = ["path,usage_info,arch,label,family"]
-    lines += [f"{m.path.relative_to(root)},{cfg.usage_info},{cfg.arch},{m.label},{m.family}" for m in members]
+    lines += [f"{_relative(m.path, root)},{m.lineage.usage_info},{m.lineage.arch},{m.label},{m.family}"
+              for m in members]
     atomic.write_text(root / "manifest.csv", "\n".join(lines) + "\n")
     return root / "manifest.csv"
 
 
 # ---- detection ----------------------------------------------------------------------------------------------
 
-def detect_options(cfg: BenchConfig, shadow_path: Path) -> dict:
-    """main.py flags of every run (the same for every encoder and family: nothing is tuned per family)."""
+def detect_options(cfg: BenchConfig, shadow_path: Path, lineage: Lineage) -> dict:
+    """main.py flags of every run (the same for every encoder and family: nothing is tuned per family; the
+    real parent's lineage has a smaller shadow set, for what its passes cost on a CPU)."""
     options = {"lr": cfg.decree_lr, "epochs": cfg.decree_epochs, "seed": cfg.decree_seed,
                "pl1_threshold": cfg.pl1_threshold, "shadow_data": str(shadow_path.resolve())}
-    if cfg.shadow_images is not None:
-        options["shadow_size"] = cfg.shadow_images
+    shadow_images = cfg.real_parent_shadow_images if lineage.real else cfg.shadow_images
+    if shadow_images is not None:
+        options["shadow_size"] = shadow_images
     return options
 
 
-def detect_dir(cfg: BenchConfig, root: Path, shadow_path: Path) -> Path:
+def detect_dir(cfg: BenchConfig, root: Path, shadow_path: Path, lineage: Lineage) -> Path:
     """The sweep's folder, keyed by the inversion settings (the threshold only matters to the report)."""
-    options = {k: v for k, v in detect_options(cfg, shadow_path).items() if k != "pl1_threshold"}
+    options = {k: v for k, v in detect_options(cfg, shadow_path, lineage).items() if k != "pl1_threshold"}
     options["shadow_data"] = shadow_path.parent.name  # the data key, not where the checkout lives
     return root / "detect" / settings_key(options)
 
 
-def run_detect(cfg: BenchConfig, out_dir="output/bench", device="cpu", progress: bool = True, log=print) -> Path:
-    """DECREE on every manifest encoder through the sweep; returns the sweep's folder."""
+def population_lineages(cfg: BenchConfig, population: dict) -> list[Lineage]:
+    """The lineages the population holds (the real parent only where it was built)."""
+    return [lineage for lineage in (toy_lineage(cfg), real_lineage(cfg)) if lineage.name in population["data"]]
+
+
+def lineage_encoders(cfg: BenchConfig, root: Path, lineage: Lineage) -> list:
+    return [e for e in read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch) if e.arch == lineage.arch]
+
+
+def run_detect(cfg: BenchConfig, out_dir="output/bench", device="cpu", progress: bool = True,
+               log=print) -> dict[str, Path]:
+    """DECREE on every manifest encoder through the sweep, one sweep per lineage (its own shadow set); returns
+    the sweeps' folders by lineage name."""
     root = Path(out_dir)
-    shadow = Path(read_population(root)["data"]["shadow"])
-    encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
-    folder = atomic.check_writable(detect_dir(cfg, root, shadow))
-    slots = worker_devices(None, str(device), None, cfg.workers)
-    log(f"detect: DECREE on {len(encoders)} encoders, {cfg.workers} worker(s) on {', '.join(sorted(set(slots)))}")
-    counts = run_sweep(encoders, folder, slots, detect_options(cfg, shadow), progress=progress)
-    log(f"detect: {counts['done']} run, {counts['skipped']} cached, {counts['failed']} failed")
-    write_report(folder, cfg.pl1_threshold, encoders)
-    return folder
+    population = read_population(root)
+    folders = {}
+    for lineage in population_lineages(cfg, population):
+        shadow = Path(population["data"][lineage.name]["shadow"])
+        encoders = lineage_encoders(cfg, root, lineage)
+        folder = folders[lineage.name] = atomic.check_writable(detect_dir(cfg, root, shadow, lineage))
+        slots = worker_devices(None, str(device), None, cfg.workers)
+        log(f"detect: DECREE on {len(encoders)} {lineage.arch} encoders, {cfg.workers} worker(s) on "
+            f"{', '.join(sorted(set(slots)))}")
+        counts = run_sweep(encoders, folder, slots, detect_options(cfg, shadow, lineage), progress=progress)
+        log(f"detect: {counts['done']} run, {counts['skipped']} cached, {counts['failed']} failed")
+        write_report(folder, cfg.pl1_threshold, encoders)
+    return folders
 
 
 # ---- report -------------------------------------------------------------------------------------------------
 
-def family_rows(cfg: BenchConfig, root: Path, folder: Path) -> list[dict]:
-    """The sweep's summary rows joined with the population's family, parent and attack success."""
+def family_rows(cfg: BenchConfig, root: Path, folder: Path, lineage: Lineage) -> list[dict]:
+    """The lineage's sweep summary rows joined with the population's family, parent and attack success."""
     population = {str((root / e["path"]).resolve()): e for e in read_population(root)["encoders"]}
-    encoders = read_manifest(root / "manifest.csv", cfg.usage_info, cfg.arch)
     rows = []
-    for row in collect_rows(folder, cfg.pl1_threshold, encoders):
+    for row in collect_rows(folder, cfg.pl1_threshold, lineage_encoders(cfg, root, lineage)):
         member = population.get(str(Path(row["path"]).resolve()), {})
         rows.append({**row, "parent": member.get("parent"), **{k: member.get(k) for k in (
-            "target_cos", "target_cos_parent", "stamped_cos", "asr", "accuracy", "took", "displacement_px")}})
+            "trigger_seed", "target_cos", "target_cos_parent", "stamped_cos", "asr", "accuracy", "took",
+            "displacement_px")}})
     return rows
 
 
@@ -638,39 +743,55 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+ENCODER_COLUMNS = ("run_id", "family", "parent", "label", "pl1", "verdict", "asr", "target_cos", "target_cos_parent",
+                   "stamped_cos", "displacement_px", "took", "status")
+
+
+def lineage_report(cfg: BenchConfig, root: Path, population: dict, lineage: Lineage) -> tuple[dict, list]:
+    """Metrics, table and encoder rows of one lineage's sweep; returns (its report, its rows)."""
+    folder = detect_dir(cfg, root, Path(population["data"][lineage.name]["shadow"]), lineage)
+    if not (folder / "trigger_norm").is_dir():
+        raise FileNotFoundError(f"{folder}: no DECREE results for these settings; run --stage detect first")
+    rows = family_rows(cfg, root, folder, lineage)
+    families = [f for f in cfg.families if any(r["family"] == f for r in rows)]
+    metrics = family_metrics(rows, families, cfg.pl1_threshold)
+    return {"lineage": lineage.name, "arch": lineage.arch, "size": lineage.size, "detect_dir": str(folder),
+            "families": families, "metrics": metrics, "table": markdown_table(metrics, families, cfg.pl1_threshold),
+            "encoders": [{k: r[k] for k in ENCODER_COLUMNS} for r in rows]}, rows
+
+
 def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict | None = None, log=print) -> dict:
-    """The per-family report under out_dir/report; returns its JSON content."""
+    """The per-family report under out_dir/report (the toy lineage, then the real parent's); returns its JSON."""
     import matplotlib
     matplotlib.use("Agg")
     root = Path(out_dir)
     population = read_population(root)
-    folder = detect_dir(cfg, root, Path(population["data"]["shadow"]))
-    if not (folder / "trigger_norm").is_dir():
-        raise FileNotFoundError(f"{folder}: no DECREE results for these settings; run --stage detect first")
-    seeds = {str((root / e["path"]).resolve()): e["trigger_seed"] for e in population["encoders"]}
-    rows = [{**r, "trigger_seed": seeds.get(str(Path(r["path"]).resolve()))} for r in family_rows(cfg, root, folder)]
-    families = [f for f in cfg.families if any(r["family"] == f for r in rows)]
-    metrics = family_metrics(rows, families, cfg.pl1_threshold)
-    report = root / "report"
+    lineages = population_lineages(cfg, population)
+    reports = [lineage_report(cfg, root, population, lineage) for lineage in lineages]
+    (toy, rows), real = reports[0], [r for r, _ in reports[1:]]
+    families = toy["families"]
+    every = rows + [e for r in real for e in r["encoders"]]
     not_taken = [{k: r[k] for k in ("run_id", "family", "parent", "asr", "target_cos", "target_cos_parent",
                                     "stamped_cos", "pl1", "verdict")}
-                 for r in rows if r["label"] == "backdoor" and not r["took"]]
-    failed = [{k: r[k] for k in ("run_id", "family", "status", "error")} for r in rows if r["status"] != "done"]
-    table = markdown_table(metrics, families, cfg.pl1_threshold)
-    result = {"metrics": metrics, "table": table, "not_taken": not_taken, "failed": failed,
-              "threshold": cfg.pl1_threshold, "timings": timings or {},
-              "detect_dir": str(folder), "config": asdict(cfg), "versions": versions(),
-              "families": {f: {"threat_model": threat_model(f), "notes": FAMILY_NOTES[f]} for f in families},
-              "encoders": [{k: r[k] for k in ("run_id", "family", "parent", "label", "pl1", "verdict", "asr",
-                                              "target_cos", "target_cos_parent", "stamped_cos", "displacement_px",
-                                              "took", "status")} for r in rows]}
+                 for r in every if r["label"] == "backdoor" and not r["took"]]
+    failed = [{k: r.get(k) for k in ("run_id", "family", "status", "error")} for r in every if r["status"] != "done"]
+    shown = sorted({*families, *(f for r in real for f in r["families"])}, key=FAMILIES.index)
+    result = {**toy, "real_parent": real[0] if real else None, "not_taken": not_taken, "failed": failed,
+              "threshold": cfg.pl1_threshold, "timings": timings or {}, "config": asdict(cfg), "versions": versions(),
+              "family_notes": {f: {"threat_model": threat_model(f), "notes": FAMILY_NOTES[f]} for f in shown},
+              "displacement_px": _mean([r.get("displacement_px") for r in rows]),
+              "wanet_own_displacement_px": _mean([warp_displacement(warp_grid(32, r["trigger_seed"], 0.5, 4))
+                                                  for r in rows if r["family"] == "wanet"])}
+    report = root / "report"
     atomic.write_json(report / "bench.json", result)
     atomic.write_text(report / "bench.md", markdown_text(result))
-    plot_roc(rows, families, metrics, report / "roc.png")
+    plot_roc(rows, families, toy["metrics"], report / "roc.png")
     plot_strip(rows, families, cfg.pl1_threshold, report / "pl1_by_family.png")
-    example = load_npz(population["data"]["shadow"])[0][0]
-    plot_gallery(rows, families, folder, example, report / "gallery.png")
-    log(table)
+    example = load_npz(population["data"]["toy"]["shadow"])[0][0]
+    plot_gallery(rows, families, Path(toy["detect_dir"]), example, report / "gallery.png")
+    log(toy["table"])
+    for r in real:
+        log(f"real parent ({r['arch']}, {r['size']} px):\n{r['table']}")
     return result
 
 
@@ -683,7 +804,14 @@ def markdown_text(result: dict) -> str:
              "(parents and controls). '-': nothing to measure (no encoder of the family took).", "",
              "Threat models: " + "; ".join(f"{k}: {v}" for k, v in THREAT_MODELS.items()) + ".", "",
              "| family | what follows the authors, what is scaled down |", "| --- | --- |"]
-    lines += [f"| {f} | {v['notes']} |" for f, v in result["families"].items()]
+    lines += [f"| {f} | {v['notes']} |" for f, v in result["family_notes"].items()]
+    if result["displacement_px"] is not None:
+        lines += ["", f"WaNet's warp moves pixels by {result['displacement_px']:.2f} px on average here; WaNet's own "
+                  f"CIFAR setting (strength 0.5, grid 4) by {result['wanet_own_displacement_px']:.2f} px."]
+    real = result["real_parent"]
+    if real:
+        lines += ["", f"Real parent: torchvision's ImageNet MobileNetV2 ({real['arch']}, {real['size']} px), its "
+                  "fine-tuned control and attacked children, against their own clean encoders:", "", real["table"]]
     if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
         lines.append("Wall time of the last run of each stage: " + "; ".join(
             f"{k} {v['seconds']:.0f} s on {v['machine']}" for k, v in result["timings"].items()) + ".")
@@ -693,7 +821,7 @@ def markdown_text(result: dict) -> str:
                   f"{_fmt(r['target_cos'], 3)} (parent {_fmt(r['target_cos_parent'], 3)}), stamped pairwise "
                   f"cosine {_fmt(r['stamped_cos'], 3)}, PL1 {_fmt(r['pl1'], 3)}" for r in result["not_taken"]]
     if result["failed"]:
-        lines += ["", "Not finished:", ""] + [f"- {r['run_id']} ({r['family']}): {r['status']} {r['error'] or ''}"
+        lines += ["", "Not finished:", ""] + [f"- {r['run_id']} ({r['family']}): {r['status']} {r.get('error') or ''}"
                                                for r in result["failed"]]
     return "\n".join(lines) + "\n"
 
@@ -716,7 +844,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir="output/bench", device="
         if stage == "population":
             outcome["manifest"] = build_population(cfg, root, device, progress, log, jobs)
         elif stage == "detect":
-            outcome["detect_dir"] = run_detect(cfg, root, device, progress, log)
+            outcome["detect_dirs"] = run_detect(cfg, root, device, progress, log)
+            outcome["detect_dir"] = outcome["detect_dirs"]["toy"]
         else:
             outcome["report"] = write_bench_report(cfg, root, timings, log)
         timings[stage] = {"seconds": time.time() - started, "machine": describe_machine(device)}

@@ -1,4 +1,5 @@
 """Encoders: one factory (get_encoder) and one safe loader (load_encoder) for every script."""
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION, NORMALIZATION
 
-from .checkpoint import CheckpointError, UnsafeCheckpointError, adapt_state_dict, load_into, read_checkpoint
+from .checkpoint import (CheckpointError, UnsafeCheckpointError, adapt_state_dict, check_model_fits, load_into,
+                         read_checkpoint)
 from .registry import CUSTOM_ARCHS, drop_head, import_arch_modules, register_arch
 from .mobilenet import arch_name as mobilenet_arch  # importing it registers --arch mobilenet_v2[_<px>]
 from .arch_inference import infer_arch
@@ -113,15 +115,32 @@ def load_encoder(path, usage_info: str | None, arch: str | None = None, device="
     if arch is None:
         arch, note = infer_arch(sd, usage_info, path)
     spec = replace(encoder_spec(usage_info, arch, clip_normalization), arch_note=note)
-    model = get_encoder(usage_info, spec.arch)
     sd = adapt_state_dict(sd, spec.family)
     if spec.family == "custom":
         sd = drop_head(sd, CUSTOM_ARCHS[spec.arch].head_prefixes)
+    tried = f"--encoder_usage_info {usage_info} --arch {spec.arch}"
     try:
-        load_into(model, sd, path, tried=f"--encoder_usage_info {usage_info} --arch {spec.arch}")
+        skeleton = None if spec.family == "clip" else _meta_encoder(usage_info, spec.arch)
+        if skeleton is not None:  # shapes and size checked before any real memory is allocated
+            with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": only the fit is checked
+                warnings.simplefilter("ignore", UserWarning)
+                load_into(skeleton, sd, path, tried)
+            check_model_fits(skeleton, sd, path)
+        model = get_encoder(usage_info, spec.arch)
+        load_into(model, sd, path, tried)
     except CheckpointError as err:
         raise CheckpointError(f"{err}{narrow_width_hint(sd, spec)}") from None
     return model.to(device).eval(), spec
+
+
+def _meta_encoder(usage_info: str, arch: str) -> nn.Module | None:
+    """get_encoder on the meta device (no memory), or None for a factory that cannot build there. (open_clip's
+    CLIP towers, which cannot, are skipped: their sizes are fixed and known.)"""
+    try:
+        with torch.device("meta"):
+            return get_encoder(usage_info, arch)
+    except Exception:  # noqa: BLE001 - a factory (yours, with --arch_module) may fail there its own way
+        return None  # the real build reports any error of its own
 
 
 class NonFiniteEmbeddings(ValueError):

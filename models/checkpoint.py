@@ -144,6 +144,47 @@ def _check_tensor(key, value, path) -> None:
     for test, kind, fix in _UNSUPPORTED_TENSOR:
         if test(value):
             raise CheckpointError(f"{path}: entry {key!r} is {kind}, not dense weights; {fix}")
+    # an expanded view (stride 0) claims more elements than the file stores: a tiny file describing a huge model
+    if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+        raise CheckpointError(f"{path}: entry {key!r} of shape {tuple(value.shape)} is an expanded view of "
+                              f"{value.untyped_storage().nbytes()} stored bytes, not weights; save real tensors "
+                              "(model.state_dict() after .clone() of any expanded one)")
+
+
+def _view_key(tensor: torch.Tensor) -> tuple:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), \
+        tensor.dtype
+
+
+def claimed_elements(sd: dict) -> int:
+    """Elements a model loading `sd` holds: every distinct view once (a weight tied to another counts once)."""
+    return sum(t.numel() for t in {_view_key(t): t for t in sd.values()}.values())
+
+
+def stored_elements(sd: dict) -> int:
+    """Elements the file really stores for the tensors of `sd`: each storage once, in the narrowest element size
+    of the tensors viewing it (an fp16 file stores half the bytes of the float32 model it loads into)."""
+    storages = {}
+    for t in sd.values():
+        ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        storages[ptr] = max(storages.get(ptr, 0), nbytes // max(1, t.element_size()))
+    return sum(storages.values())
+
+
+def check_fits_storage(elements: int, sd: dict, path, what: str = "its tensors") -> None:
+    """Refuse when `elements` (a model's, or the views') exceed what the file stores: memory is bounded by the
+    file's size, before anything real is built."""
+    stored = stored_elements(sd)
+    if elements > stored:
+        raise CheckpointError(f"{path}: {what} would hold {elements} elements but the file stores {stored} "
+                              "(views that overlap or repeat one storage); refused, re-save the real weights "
+                              "with torch.save(model.state_dict())")
+
+
+def check_model_fits(model: torch.nn.Module, sd: dict, path) -> None:
+    """`model` (built on the meta device) holds no more than the file stores for `sd`."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # a tied weight once
+    check_fits_storage(sum(t.numel() for t in tensors.values()), sd, path, "the model it describes")
 
 
 def extract_state_dict(obj, path) -> dict:
@@ -164,6 +205,7 @@ def extract_state_dict(obj, path) -> dict:
                               "save model.state_dict(), whose keys are strings")
     for key, value in sd.items():
         _check_tensor(key, value, path)
+    check_fits_storage(claimed_elements(sd), sd, path)
     return sd
 
 

@@ -13,9 +13,12 @@ Detection rules (docs/formats.md), overridden by --encoder_format:
 """
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.files import SpecialFileError, check_regular, read_bounded
 
 from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
@@ -47,15 +50,14 @@ class EncoderFiles:
 
 
 def read_json_config(path: Path) -> dict:
-    """A JSON object from a small file: hub configs are data, parsed by us, never code."""
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: {size} bytes is too large for a model config (limit {MAX_CONFIG_BYTES}); "
-                              "use the config.json that came with the weights")
+    """A JSON object from a small regular file: hub configs are data, parsed by us, never code."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = read_bounded(path, MAX_CONFIG_BYTES, "model config").decode("utf-8")
+    except SpecialFileError as err:
+        raise CheckpointError(str(err)) from None
+    except UnicodeDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); re-download the model's config") from None
+    obj = parse_json(text, path, "re-download the model's config")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: a model config must be a JSON object; re-download the model's config")
     return obj
@@ -64,6 +66,15 @@ def read_json_config(path: Path) -> dict:
 def is_open_clip_model_config(config: dict) -> bool:
     """open_clip's own model config (open_clip/model_configs/*.json, or a custom one): embed_dim + vision_cfg."""
     return isinstance(config.get("embed_dim"), int) and isinstance(config.get("vision_cfg"), dict)
+
+
+def parse_json(text: str, source, fix: str):
+    """json.loads, with bad or absurdly nested JSON (RecursionError) as a CheckpointError naming `source`."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        what = "nested too deep" if isinstance(err, RecursionError) else str(err)
+        raise CheckpointError(f"{source}: not valid JSON ({what}); {fix}") from None
 
 
 def config_family(path: Path, config: dict) -> str | None:
@@ -102,7 +113,7 @@ def _hub_config(folder: Path, beside_a_file: bool = False):
     """
     for name in CONFIG_NAMES:
         path = folder / name
-        if path.is_file():
+        if os.path.lexists(path):  # a link to a device or /proc entry is refused by read_json_config
             try:
                 config = read_json_config(path)
             except CheckpointError:
@@ -159,7 +170,7 @@ def usage_info_from(path, config_path=None) -> str | None:
 
 def _weights_in(folder: Path) -> Path:
     for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
+        if os.path.lexists(folder / name):
             return folder / name
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if len(found) != 1:
@@ -189,17 +200,23 @@ def locate(path, encoder_format: str = "auto", given_config=None) -> EncoderFile
     if path.is_dir():
         family, config, config_path = _hub_config(path)
         weights = _weights_in(path)
-    elif path.is_file():
+    elif os.path.exists(path):
         weights = path
         family, config, config_path = _hub_config(path.parent, beside_a_file=True)
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder; check --encoder_path")
     if given_config:
         family, config, config_path = model_config(given_config)
+
+
+    try:
+        check_regular(weights, "weights file")
+    except SpecialFileError as err:
+        raise CheckpointError(str(err)) from None
     fmt = sniff_format(weights) if encoder_format == "auto" else encoder_format
     extra = {}
     preprocessor = weights.parent / "preprocessor_config.json"
-    if family == "hf_clip" and preprocessor.is_file():
+    if family == "hf_clip" and os.path.lexists(preprocessor):
         extra = read_json_config(preprocessor)
     return EncoderFiles(weights, fmt, family, config, config_path, extra)
 
@@ -280,11 +297,8 @@ def read_weights(files: EncoderFiles, trust_checkpoint: bool = False) -> tuple[d
     if files.format == "safetensors":
         sd, metadata = load_safetensors(files.weights)
         embedded = metadata.get(CONFIG_METADATA_KEY)
-        try:
-            return sd, json.loads(embedded) if embedded else None
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{files.weights}: metadata {CONFIG_METADATA_KEY} is not JSON; "
-                                  "re-create the file") from None
+        return sd, parse_json(embedded, f"{files.weights}: metadata {CONFIG_METADATA_KEY}",
+                              "re-create the file") if embedded else None
     obj = read_checkpoint(files.weights, trust_checkpoint)
     embedded = obj.get(CONFIG_METADATA_KEY) if isinstance(obj, dict) else None
     return extract_state_dict(obj, files.weights), embedded if isinstance(embedded, dict) else None

@@ -20,10 +20,14 @@ from torch import nn
 
 from datasets.normalization import CLIP_NORMALIZATION
 
-from .checkpoint import CheckpointError, load_into
+from .checkpoint import CheckpointError, check_model_fits, load_into
 from .formats import CONFIG_METADATA_KEY, HF_CLIP_ARCHITECTURES, EncoderFiles, embed_config
 
 MAX_CONFIG_INT = 1 << 20  # no width, depth, size or vocabulary of a real model comes near this
+MAX_CONFIG_DEPTH = 32      # real configs nest a few levels
+MAX_CONFIG_NODES = 100_000  # values in one config; real ones have hundreds
+MAX_INPUT_SIZE = 1024       # px: hub models take 224-518; a trigger over more pixels is beyond an inversion's use
+MIN_STD = 0.01              # a smaller normalising std would turn pixel rounding into huge inputs
 
 
 @dataclass
@@ -99,15 +103,42 @@ def hub_config_of(encoder: nn.Module) -> dict | None:
 # ---- config checks ----------------------------------------------------------------------------------------
 
 def _check_values(obj, where: str, source) -> None:
-    """Config values are JSON data of sane size: numbers bounded, no nesting beyond lists and dicts."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_values(v, f"{where}.{k}", source)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_values(v, f"{where}[{i}]", source)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and not -MAX_CONFIG_INT <= obj <= MAX_CONFIG_INT:
-        raise CheckpointError(f"{source}: {where} = {obj} is out of range for a model config; fix the config")
+    """Config values are JSON data of sane size: numbers bounded, lists and dicts only, at most MAX_CONFIG_DEPTH
+    deep and MAX_CONFIG_NODES values in all (shared references count each time: no walk can blow up)."""
+    stack, seen = [(obj, where, 0)], 0
+    while stack:
+        value, at, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES or depth > MAX_CONFIG_DEPTH:
+            what = f"holds more than {MAX_CONFIG_NODES} values" if seen > MAX_CONFIG_NODES else \
+                f"is nested more than {MAX_CONFIG_DEPTH} deep"
+            raise CheckpointError(f"{source}: {where} {what}, too much for a model config; use the config that came "
+                                  "with the weights")
+        if isinstance(value, dict):
+            stack += [(v, f"{at}.{k}", depth + 1) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, f"{at}[{i}]", depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                not -MAX_CONFIG_INT <= value <= MAX_CONFIG_INT:
+            raise CheckpointError(f"{source}: {at} = {value} is out of range for a model config; fix the config")
+
+
+def _normalization(values, default, source, what: str, low: float, high: float) -> tuple:
+    """A config's mean or std: 3 numbers (or 1, for every channel) in [low, high]; `default` when absent."""
+    if values is None:
+        return tuple(default)
+    values = [values] if isinstance(values, (int, float)) else values
+    if not (isinstance(values, (list, tuple)) and len(values) in (1, 3) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in values)):
+        raise CheckpointError(f"{source}: {what} {values!r:.80} is not 3 numbers in [{low:g}, {high:g}]; fix the "
+                              "config")
+    return tuple(float(v) for v in values) * (3 if len(values) == 1 else 1)
+
+
+def _mean_std(config: dict, mean_key: str, std_key: str, source) -> tuple[tuple, tuple]:
+    """(mean, std) of images in [0,1] from a config, each range-checked, CLIP's where absent."""
+    return (_normalization(config.get(mean_key), CLIP_NORMALIZATION[0], source, mean_key, 0.0, 1.0),
+            _normalization(config.get(std_key), CLIP_NORMALIZATION[1], source, std_key, MIN_STD, 1.0))
 
 
 def _config_error(source, family: str, err: Exception) -> CheckpointError:
@@ -117,9 +148,18 @@ def _config_error(source, family: str, err: Exception) -> CheckpointError:
 
 
 def _square(size, source) -> int:
-    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    """The square input size (px) a config gives, at most MAX_INPUT_SIZE."""
+    try:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: input size {size!r:.40} is not a size in pixels; fix the config") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
+        raise CheckpointError(f"{source}: input size {size!r:.40} is not a size in pixels; fix the config")
     if h != w:
         raise CheckpointError(f"{source}: input size {h}x{w} is not square; DECREE inverts square triggers")
+    if not 1 <= h <= MAX_INPUT_SIZE:
+        raise CheckpointError(f"{source}: input size {h} px is outside 1..{MAX_INPUT_SIZE}, the sizes an inversion "
+                              "can use (docs/formats.md); fix the config")
     return int(h)
 
 
@@ -137,6 +177,7 @@ def _build_and_load(build, sd: dict, files: EncoderFiles, family: str, tried: st
         with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": only the fit is checked
             warnings.simplefilter("ignore", UserWarning)
             load_into(skeleton, sd, files.weights, tried)
+        check_model_fits(skeleton, sd, files.weights)
     try:
         model = build()
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as err:
@@ -191,11 +232,11 @@ def load_open_clip(files: EncoderFiles, sd: dict, arch: str | None, config: dict
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     _quiet_open_clip()
     embed_dim = model_cfg["embed_dim"]
+    mean, std = _mean_std(preprocess, "mean", "std", source)
+    size = _square(preprocess.get("size", vision.get("image_size", 224)), source)
+    _square(vision.get("image_size", size), source)
     visual = _build_and_load(lambda: _build_vision_tower(embed_dim, vision, model_cfg.get("quick_gelu", False)),
                              sd, files, "open_clip", f"open_clip {name}")
-    mean = tuple(preprocess.get("mean", CLIP_NORMALIZATION[0]))
-    std = tuple(preprocess.get("std", CLIP_NORMALIZATION[1]))
-    size = _square(preprocess.get("size", vision.get("image_size", 224)), source)
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     return HubEncoder(OpenCLIPImageEncoder(visual, cfg), name, size, mean, std, embed_dim)
 
@@ -225,13 +266,15 @@ def load_hf_clip(files: EncoderFiles, sd: dict, arch: str | None, config: dict |
         hf_config = vision_config  # a vision-only class over a full CLIP config: its vision part
     # checkpoints from before transformers 4.31 also store the position_ids buffers, now rebuilt at init
     sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+    size = _square(vision_config.image_size, source)
+    preprocessor = files.weights.parent / "preprocessor_config.json"
+    _check_values(files.extra, "preprocessor_config", preprocessor)
+    mean, std = _mean_std(files.extra, "image_mean", "image_std", preprocessor)
     model = _build_and_load(lambda: model_class(hf_config), sd, files, "Hugging Face CLIP",
                             f"transformers {architecture}")
-    mean = tuple(files.extra.get("image_mean", CLIP_NORMALIZATION[0]))
-    std = tuple(files.extra.get("image_std", CLIP_NORMALIZATION[1]))
     embed_dim = getattr(hf_config, "projection_dim", None) if architecture != "CLIPVisionModel" else None
-    return HubEncoder(HFCLIPImageEncoder(model, config), architecture, _square(vision_config.image_size, source),
-                      mean, std, embed_dim or vision_config.hidden_size)
+    return HubEncoder(HFCLIPImageEncoder(model, config), architecture, size, mean, std,
+                      embed_dim or vision_config.hidden_size)
 
 
 # ---- timm -------------------------------------------------------------------------------------------------
@@ -277,8 +320,9 @@ def load_timm(files: EncoderFiles, sd: dict, arch: str | None, config: dict | No
                             sd, files, "timm", f"timm {arch}")
     data = resolve_data_config({}, pretrained_cfg=(config or {}).get("pretrained_cfg"), model=model)
     embed_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    mean, std = _mean_std(data, "mean", "std", source)
     return HubEncoder(TimmPreLogitsEncoder(model, config or {"architecture": arch, "model_args": model_args}),
-                      arch, _square(data["input_size"], source), tuple(data["mean"]), tuple(data["std"]), embed_dim)
+                      arch, _square(data["input_size"], source), mean, std, embed_dim)
 
 
 LOADERS = {"open_clip": load_open_clip, "hf_clip": load_hf_clip, "timm": load_timm}

@@ -9,6 +9,7 @@ ScriptRecord holding its state; tensors and storages become records checked agai
 dict as `torch.jit.load(path).state_dict()` for an honest archive, bit for bit.
 """
 import ast
+import math
 import pickle
 import re
 import zipfile
@@ -105,6 +106,9 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if type(offset) is not int or offset < 0 or len(size) != len(stride):
         raise TorchScriptError(f"tensor view (offset {offset!r:.40}, size {size}, stride {stride}) is malformed")
+    if math.prod(size) > storage.numel:  # an expanded (stride-0) view: a tiny archive describing a huge model
+        raise TorchScriptError(f"a tensor of size {size} is an expanded view of storage '{storage.key}', which "
+                               f"holds {storage.numel} elements")
     if all(size):  # an empty tensor reads nothing
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.numel:

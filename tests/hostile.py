@@ -104,6 +104,8 @@ def hostile_pickles(marker) -> dict:
         "storage key with path traversal": PROTO2 + module("M", (s("w"), tensor("../../etc/passwd", 2)), b) + STOP,
         "huge declared storage": PROTO2 + module("M", (s("w"), tensor("0", 1 << 40, size=(1 << 40,))), b) + STOP,
         "view past the storage": PROTO2 + module("M", (s("w"), tensor("0", 2, size=(1000,))), b) + STOP,
+        "expanded (stride-0) view": PROTO2 + module("M", (s("w"), tensor("0", 2, size=(1 << 30,), stride=(0,))),
+                                                    b) + STOP,
         "negative stride": PROTO2 + module("M", (s("w"), tensor("0", 2, stride=(-1,))), b) + STOP,
         "unknown storage type": PROTO2 + module("M", (s("w"), tensor("0", 2, storage="UntypedStorage")), b) + STOP,
         "storage declared twice": PROTO2 + module("M", w, (s("b"), tensor("0", 3, size=(3,)))) + STOP,
@@ -230,3 +232,44 @@ def scripted_payloads(folder, marker) -> dict:
         torch.jit.save(torch.jit.script(net), str(path))
         made[name] = path
     return made
+
+
+# ---- memory and time bombs: tiny files that describe huge models or endless walks ---------------------------
+
+def expanded(state_dict: dict) -> dict:
+    """Every tensor an expanded view of one stored element: a file of a few kB claiming the full shapes."""
+    return {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) if v.dim() else torch.zeros((), dtype=v.dtype)
+            for k, v in state_dict.items()}
+
+
+def one_storage(state_dict: dict) -> dict:
+    """Every float tensor a view of the same storage (the largest one's size): full shapes, overlapping bytes."""
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point() and v.dim()}
+    shared = torch.zeros(max(v.numel() for v in floats.values()))
+    return {k: shared[:v.numel()].view(v.shape) if k in floats else torch.zeros_like(v, device="cpu")
+            for k, v in state_dict.items()}
+
+
+def meta_state_dict(build) -> dict:
+    """The state dict of `build()` built on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return build().state_dict()
+
+
+def shared_nesting(depth: int) -> list:
+    """A list nested `depth` deep whose two items are the same list: 2**depth paths, a few bytes pickled."""
+    value = []
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+def deep_nesting(depth: int) -> list:
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def deep_json(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth

@@ -10,11 +10,23 @@ from common.threads import usable_cores
 from decree.report import write_report
 from decree.sweep import read_manifest
 from attacks.families import POISONING_FAMILIES
+from experiments.real_parent import RealParentUnavailable, verified_weights
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
                                          roc_curve, run_bench, settings_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
+
+
+def real_parent_installed() -> bool:
+    try:
+        verified_weights()
+    except RealParentUnavailable:
+        return False
+    return True
+
+
+REAL_ROLES = {"clean-parent", "clean-control", *QUICK.real_parent_families} if real_parent_installed() else set()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +40,12 @@ def test_quick_bench_writes_every_output(quick):
     families = {"clean-parent", "clean-control", *QUICK.families}
     with open(out / "manifest.csv", newline="") as fh:
         manifest = list(csv.DictReader(fh))
-    assert {r["family"] for r in manifest} == families and len(manifest) == len(families)
+    toy = [r for r in manifest if r["arch"] == QUICK.arch]
+    assert {r["family"] for r in toy} == families and len(toy) == len(families)
+    # the real parent's lineage: its weights file as the parent, its children at 64 px (when it is installed)
+    real = [r for r in manifest if r["arch"] == "mobilenet_v2_64"]
+    assert {r["family"] for r in real} == REAL_ROLES and len(real) == len(REAL_ROLES)
+    assert all(r["usage_info"] == "imagenet" for r in real) and len(toy) + len(real) == len(manifest)
     assert all(r["label"] == ("clean" if r["family"] in CLEAN_FAMILIES else "backdoor") for r in manifest)
     assert all((out / r["path"]).is_file() for r in manifest)
     population = json.loads((out / "population.json").read_text())
@@ -49,10 +66,14 @@ def test_quick_bench_writes_every_output(quick):
     assert set(report["metrics"]) == {"clean", *QUICK.families, "all attacks"}
     assert report["metrics"]["clean"]["n"] == 2 and report["metrics"]["all attacks"]["n"] == len(QUICK.families)
     assert len(report["encoders"]) == len(families)
-    assert {r["run_id"] for r in report["not_taken"]} == {r["run_id"] for r in report["encoders"]
+    every = report["encoders"] + (report["real_parent"]["encoders"] if REAL_ROLES else [])
+    assert {r["run_id"] for r in report["not_taken"]} == {r["run_id"] for r in every
                                                           if r["label"] == "backdoor" and not r["took"]}
     md = (out / "report" / "bench.md").read_text()
     assert report["table"] in md and "| blend |" in md and describe_machine("cpu") in md  # stage times, machine
+    assert "n/a" not in md and "| ctrl | poison |" in md and "WaNet's warp moves pixels by" in md
+    if REAL_ROLES:
+        assert report["real_parent"]["metrics"]["clean"]["n"] == 2 and report["real_parent"]["table"] in md
     for name in ("roc.png", "pl1_by_family.png", "gallery.png"):
         assert (out / "report" / name).stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["config"]["families"] == list(QUICK.families)
@@ -74,7 +95,9 @@ def test_a_rerun_reuses_every_stage_and_new_settings_redo_only_what_changed(quic
     run_bench(longer, out, stages=("population",), **QUIET)
     after = sorted(out.glob("encoders/*/model_*.pth"))
     fine_tuned = [f for f in QUICK.families if f not in POISONING_FAMILIES]  # a poisoned encoder is pre-trained
-    assert set(checkpoints) < set(after) and len(after) == len(checkpoints) + len(fine_tuned) + 1
+    real_children = len(REAL_ROLES) - 1 if REAL_ROLES else 0  # the real parent is a file we never train
+    assert set(checkpoints) < set(after)
+    assert len(after) == len(checkpoints) + len(fine_tuned) + 1 + real_children
     assert all(p.stat().st_mtime_ns == stamps[p] for p in checkpoints)
 
 

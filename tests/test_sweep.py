@@ -244,8 +244,8 @@ def test_sweep_passes_main_py_flags_through_to_every_encoder():
                                   "--min_progress", "0.1"])
     argv = sweep_module.main_py_args(Encoder("x.pth", "cifar10", None, "clean"), "cpu", "out",
                                      run_decree.sweep_options(args))
-    assert "--nondeterministic" in argv and argv[argv.index("--preset") + 1] == "triage"
-    assert argv[argv.index("--min_progress") + 1] == "0.1" and argv[argv.index("--lr") + 1] == "0.5"
+    assert "--nondeterministic" in argv and "--preset=triage" in argv  # --flag=value: one argument each
+    assert "--min_progress=0.1" in argv and "--lr=0.5" in argv
     assert "--nondeterministic" not in sweep_module.main_py_args(
         Encoder("x.pth", "cifar10", None, "clean"), "cpu", "out",
         run_decree.sweep_options(run_decree.parse_args(["--encoders", "x.pth"])))
@@ -428,10 +428,14 @@ def test_a_full_disk_fails_that_encoder_and_the_sweep_goes_on(encoders, tmp_path
     manifest = write_manifest(encoders, "disk.csv", [GOOD[0], GOOD[1]])
     out_dir = tmp_path / "out"
     trigger_dir = out_dir / "trigger_inv" / run_id_for(encoders / GOOD[0][0])
-    trigger_dir.parent.mkdir(parents=True)
-    trigger_dir.symlink_to(full_disk)  # this encoder's trigger images land on the full disk
-    done = subprocess.run(sweep_command(encoders, manifest, out_dir, 1), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    trigger_dir.mkdir(parents=True)
+    # this encoder's trigger images land on the full disk (mounted there: a symlink would be refused)
+    subprocess.run(["mount", "--bind", str(full_disk), str(trigger_dir)], check=True)
+    try:
+        done = subprocess.run(sweep_command(encoders, manifest, out_dir, 1), cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(trigger_dir)], check=True)
     assert done.returncode == 1, done.stdout + done.stderr
     summary = pd.read_csv(out_dir / "trigger_norm" / "summary.csv").set_index("path")
     failed = summary.loc[str(encoders / GOOD[0][0])]

@@ -7,6 +7,7 @@ check the same through the command line: SIGTERM, a looping TorchScript payload,
 a sweep whose workers meet hostile encoders.
 """
 import argparse
+import contextlib
 import errno
 import importlib.util
 import os
@@ -404,6 +405,7 @@ INVERSION_FLAGS = [("--batch_size", v) for v in ("0", "1", "-3", "abc")] + \
     [("--arch", "resnet18_w99999999"), ("--arch", "resnet18_w0")]
 FLAG_CASES = [(script, flag, value) for script in ("main.py", "run_decree.py") for flag, value in INVERSION_FLAGS]
 FLAG_CASES += [("main.py", "--id", v) for v in ("../escape", "a/b", "..", "-x", "a\\b")]
+FLAG_CASES += [(script, "--max_memory", v) for script in ("main.py", "run_decree.py") for v in ("lots", "512M", "-1G")]
 FLAG_CASES += [("run_decree.py", "--workers", "0"), ("run_decree.py", "--shard", "3/2"),
                ("run_decree.py", "--shard", "x")]
 FLAG_CASES += [("attack_encoder.py", flag, value) for flag, value in (
@@ -501,13 +503,423 @@ def test_full_disk(script, when, good, tmp_path, monkeypatch, capsys):
 
 
 
+# ---- third look: memory and time bombs, discovery, names, special files, shared output folders ----------------
+
+MEMORY_BOUND = 3 << 30  # bytes a refused bomb may map on top of the test process (the bombs describe 11-76 GiB)
+TIME_BOUND = 60         # seconds a refusal may take on one slow core
+
+
+@contextlib.contextmanager
+def bounded_memory(extra: int = MEMORY_BOUND):
+    """Run the block under an address-space limit `extra` above what this process maps now (a bomb that got
+    through would end in an out-of-memory error instead of the expected refusal), then lift it."""
+    import resource
+    from common.memory import mapped_bytes
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped_bytes() + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+TINY_TIMM = dict(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=1, num_classes=0)
+TINY_VISION = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModelWithProjection"],
+               "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
+               "image_size": 32, "patch_size": 8, "projection_dim": 8}
+TINY_OPEN_CLIP_CFG = {"model_cfg": {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
+                                                                   "head_width": 8, "patch_size": 8}}}
+
+
+def _timm_folder(folder: Path, edit_config=None, weights=None) -> Path:
+    """A tiny timm ViT saved by timm (config.json + model.safetensors), its config edited by `edit_config`."""
+    import json
+    import timm
+    from timm.models import save_for_hf
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_TIMM)
+    save_for_hf(model, folder, safe_serialization=True)
+    if weights is not None:
+        (folder / "model.safetensors").unlink()
+        torch.save(weights, folder / "pytorch_model.bin")
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _json_file(path: Path, obj) -> None:
+    import json
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _one_tensor(folder: Path, name: str = "model.safetensors") -> None:
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, folder / name)
+
+
+def bomb_input(row: str, folder: Path) -> tuple:
+    """(encoder path, --encoder_usage_info) of one bomb row, built here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hub = folder / "hub"
+    if row == "expanded views: width-1024 ResNet18 in a small .pth":
+        sd = hostile.expanded(hostile.meta_state_dict(lambda: SimCLRBackbone("resnet18_w1024")))
+        torch.save({"state_dict": sd}, folder / "wide.pth")
+        return folder / "wide.pth", "cifar10"
+    if row == "views repeating one storage":
+        sd = hostile.one_storage(hostile.meta_state_dict(lambda: SimCLRBackbone("resnet18_w16")))
+        torch.save({"state_dict": sd}, folder / "shared.pth")
+        return folder / "shared.pth", "cifar10"
+    if row == "expanded views beside a timm config":
+        import timm
+        huge = dict(img_size=224, patch_size=14, depth=48, embed_dim=6144, num_heads=48, num_classes=0)
+        sd = hostile.expanded(hostile.meta_state_dict(
+            lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, **huge)))
+        hub.mkdir()
+        _json_file(hub / "config.json", {"architecture": "vit_tiny_patch16_224", "model_args": huge})
+        torch.save(sd, hub / "pytorch_model.bin")
+        return hub, "timm"
+    if row == "timm input size 8000 px":
+        hub.mkdir()
+        return _timm_folder(hub, lambda c: c.setdefault("pretrained_cfg", {}).update(input_size=[3, 8000, 8000])), \
+            "timm"
+    if row == "open_clip preprocess size 30000 px":
+        hub.mkdir()
+        _json_file(hub / "open_clip_config.json", {**TINY_OPEN_CLIP_CFG, "preprocess_cfg": {"size": 30000}})
+        _one_tensor(hub, "open_clip_model.safetensors")
+        return hub, "open_clip"
+    if row in ("Hugging Face image_std of 0", "Hugging Face image_mean NaN"):
+        hub.mkdir()
+        _json_file(hub / "config.json", TINY_VISION)
+        bad = {"image_std": [0, 0, 0]} if "std" in row else {"image_mean": [float("nan")] * 3}
+        _json_file(hub / "preprocessor_config.json", bad)
+        _one_tensor(hub)
+        return hub, "hf_clip"
+    if row in ("embedded config 24 deep with shared references", "embedded config nested 100 deep"):
+        nested = hostile.shared_nesting(24) if "shared" in row else hostile.deep_nesting(100)
+        torch.save({"state_dict": {"x": torch.zeros(2)}, "decree_encoder_config":
+                    {"family": "timm", "config": {"architecture": "vit_tiny_patch16_224", "model_args": nested}}},
+                   folder / "nested.pth")
+        return folder / "nested.pth", "timm"
+    if row == "config.json nested 100,000 deep":
+        hub.mkdir()
+        _json_file(hub / "config.json", hostile.deep_json(100_000))
+        _one_tensor(hub)
+        return hub, "timm"
+    raise KeyError(row)
+
+
+BOMB_ROWS = {  # row -> what the message says
+    "expanded views: width-1024 ResNet18 in a small .pth": "expanded view",
+    "views repeating one storage": "the file stores",
+    "expanded views beside a timm config": "expanded view",
+    "timm input size 8000 px": "outside 1..1024",
+    "open_clip preprocess size 30000 px": "outside 1..1024",
+    "Hugging Face image_std of 0": "image_std",
+    "Hugging Face image_mean NaN": "image_mean",
+    "embedded config 24 deep with shared references": "more than 100000 values",
+    "embedded config nested 100 deep": "nested more than 32 deep",
+    "config.json nested 100,000 deep": "nested too deep",
+}
+
+
+def hub_argv(good: Path, out: Path, encoder, usage_info: str) -> list:
+    return ["--encoder_path", encoder, "--encoder_usage_info", usage_info, "--shadow_data", good / "shadow.npz",
+            "--out_dir", out, "--epochs", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("row", list(BOMB_ROWS))
+def test_memory_and_time_bombs_are_refused_within_bounds(row, good, tmp_path, monkeypatch, capsys):
+    encoder, usage_info = bomb_input(row, tmp_path / "in")
+    started = time.time()
+    with bounded_memory():
+        status, out, err = run_main("main.py", hub_argv(good, tmp_path / "out", encoder, usage_info), monkeypatch,
+                                    capsys, tmp_path)
+    assert time.time() - started < TIME_BOUND
+    names = encoder.name if encoder.is_file() else encoder.name
+    assert_one_line_refusal("main.py", status, out, err, names, BOMB_ROWS[row], tmp_path / "out")
+
+
+def test_torchscript_reader_refuses_expanded_views(tmp_path):
+    from models.torchscript import TorchScriptError, read_torchscript_state_dict
+    path = hostile.write_archive(tmp_path / "expanded.pt", data_pkl=hostile.hostile_pickles("m")[
+        "expanded (stride-0) view"])
+    with pytest.raises(TorchScriptError, match="expanded view"):
+        read_torchscript_state_dict(path)
+
+
+def test_tied_and_half_precision_weights_still_load(tmp_path):
+    """The storage bound counts a tied weight once and an fp16 file's elements, not its bytes."""
+    from models import load_encoder
+    torch.manual_seed(0)
+    weights = SimCLRBackbone(ARCH).state_dict()
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}},
+               tmp_path / "half.pth")
+    load_encoder(tmp_path / "half.pth", "cifar10", ARCH)
+    tied = dict(weights, **{"extra_alias": weights["f.0.weight"]})  # the same view twice
+    torch.save(tied, tmp_path / "tied.pth")
+    from models.checkpoint import extract_state_dict
+    extract_state_dict(torch.load(tmp_path / "tied.pth"), tmp_path / "tied.pth")
+
+
+# discovery: a downloaded folder with symlink loops and links out of the tree
+DISCOVERY_ROWS = ("symlink loops x -> ..", "link to a folder outside", "link to a file outside")
+DISCOVERY_MODES = ("--encoders 'dl/**/*.pth'", "--encoders dl (a folder)", "--output_root")
+
+
+def _downloaded_folder(root: Path, row: str, good: Path) -> Path:
+    """root/dl/cifar10/{a.pth, sub/b.pth} plus the row's links; root/elsewhere/c.pth must never be found."""
+    inner = root / "dl" / "cifar10"
+    (inner / "sub").mkdir(parents=True)
+    for path in (inner / "a.pth", inner / "sub" / "b.pth"):
+        path.write_bytes((good / "good.pth").read_bytes())
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "c.pth").write_bytes(b"not inside the tree")
+    if row == "symlink loops x -> ..":
+        (inner / "sub" / "x").symlink_to("..")
+        (inner / "y").symlink_to("../..")
+    elif row == "link to a folder outside":
+        (inner / "out").symlink_to(root / "elsewhere")
+    else:
+        (inner / "c.pth").symlink_to(root / "elsewhere" / "c.pth")
+    return root / "dl"
+
+
+@pytest.mark.parametrize("mode", DISCOVERY_MODES)
+@pytest.mark.parametrize("row", DISCOVERY_ROWS)
+def test_discovery_never_follows_symlinked_folders_or_leaves_the_tree(row, mode, good, tmp_path, monkeypatch,
+                                                                      capsys):
+    _downloaded_folder(tmp_path, row, good)
+    which = {"--encoders 'dl/**/*.pth'": ["--encoders", "dl/**/*.pth"], "--encoders dl (a folder)":
+             ["--encoders", "dl"], "--output_root": ["--output_root", "dl"]}[mode]
+    started = time.time()
+    status, out, err = run_main("run_decree.py", which + ["--list", "--arch", ARCH, "--out_dir", tmp_path / "out"],
+                                monkeypatch, capsys, tmp_path)
+    assert time.time() - started < TIME_BOUND and status == 0, err
+    listed = sorted(Path(line.split()[-2]).name for line in out.splitlines() if line.startswith("to run"))
+    assert listed == ["a.pth", "b.pth"], out
+
+
+# run ids: one result can never stand for another file
+def _finished_record(out_dir: Path, encoder: Path, **identity) -> None:
+    from common import io as atomic
+    from decree.outputs import RunPaths, run_id_for
+    run_id = run_id_for(encoder)
+    atomic.write_json(RunPaths(out_dir, run_id).json, {"run_id": run_id, "encoder_path": str(encoder), "l1": 1.0,
+                                                       "pl1": 0.5, "epochs": 1, "seconds": 1.0, **identity})
+
+
+STALE_ROWS = ("result of another file under this run id", "result of an older version of this file",
+              "result without a content hash")
+
+
+@pytest.mark.parametrize("row", STALE_ROWS)
+def test_a_result_is_reused_only_for_the_same_file_and_content(row, good, tmp_path):
+    from decree.outputs import encoder_identity, run_id_for
+    from decree.sweep import Encoder, pending
+    mine, other = tmp_path / "mine.pth", tmp_path / "other.pth"
+    for path in (mine, other):
+        path.write_bytes((good / "good.pth").read_bytes())
+    identity = encoder_identity(mine)
+    if row == "result of another file under this run id":
+        identity = encoder_identity(other)
+    elif row == "result of an older version of this file":
+        identity["encoder_sha256"] = "0" * 64
+    else:
+        del identity["encoder_sha256"]
+    _finished_record(tmp_path / "out", mine, **identity)
+    enc = Encoder(str(mine), "cifar10", ARCH, "clean")
+    assert pending([enc], tmp_path / "out") == [enc]
+    _finished_record(tmp_path / "out", mine, **encoder_identity(mine))  # the real result is reused
+    assert pending([enc], tmp_path / "out") == []
+    assert len(run_id_for(mine).rsplit("-", 1)[1]) == 64  # the full SHA-256 of the path
+
+
+def test_the_report_lists_every_encoder_by_path_even_when_a_record_claims_its_run_id(good, tmp_path):
+    from decree.outputs import encoder_identity
+    from decree.report import collect_rows
+    from decree.sweep import Encoder
+    mine, other = tmp_path / "mine.pth", tmp_path / "other.pth"
+    for path in (mine, other):
+        path.write_bytes((good / "good.pth").read_bytes())
+    _finished_record(tmp_path / "out", mine, **encoder_identity(other), **{"encoder_path": str(other)})
+    rows = collect_rows(tmp_path / "out", 0.1, [Encoder(str(mine), "cifar10", ARCH, "clean")])
+    assert sorted((Path(r["path"]).name, r["status"]) for r in rows) == [("mine.pth", "not run"),
+                                                                         ("other.pth", "done")]
+
+
+# names: '-' first, control characters
+NAME_ROWS = {"newline": "x\nmain.py: error: forged.pth", "terminal escape": "x\x1b[2Jclear.pth",
+             "line separator": "x\u2028forged.pth", "carriage return": "x\rCLEAN forged.pth"}
+
+
+@pytest.mark.parametrize("row", list(NAME_ROWS))
+def test_names_with_control_characters_stay_on_one_line(row, good, tmp_path, monkeypatch, capsys):
+    from common.files import printable
+    name = NAME_ROWS[row]
+    status, out, err = run_main("main.py", argv_for("main.py", good, tmp_path / "out", encoder=tmp_path / name),
+                                monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal("main.py", status, out, err, printable(name), "no such", tmp_path / "out")
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / name).with_suffix(".pth").write_bytes((good / "good.pth").read_bytes())
+    status, out, err = run_main("run_decree.py", ["--encoders", "dl", "--list", "--arch", ARCH], monkeypatch, capsys,
+                                tmp_path)
+    assert status == 0 and len(out.splitlines()) == 2 and "\r" not in out and "\x1b" not in out, out
+
+
+def test_names_starting_with_a_dash_reach_main_py_as_files(good, tmp_path, monkeypatch, capsys):
+    from decree.sweep import Encoder, main_py_args
+    spec = importlib.util.spec_from_file_location("main_for_args", REPO / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(main_py_args(Encoder("-evil.pth", "cifar10", "--arch", "clean"), "cpu", "-out", {}))
+    assert args.encoder_path == "./-evil.pth" and args.out_dir == "./-out" and args.arch == "--arch"
+    (tmp_path / "-evil.pth").write_bytes((good / "good.pth").read_bytes())
+    argv = main_py_args(Encoder("-evil.pth", "cifar10", ARCH, "clean"), "cpu", "out", {"epochs": 1}) + [
+        "--shadow_data", good / "shadow.npz"]
+    status, _, err = run_main("main.py", argv, monkeypatch, capsys, tmp_path)
+    assert status == 0 and list((tmp_path / "out" / "trigger_norm").glob("*.json")), err
+
+
+# special files behind symlinks
+SPECIAL_ROWS = {"weights link to /proc/self/status": "/proc/self/status", "weights link to /dev/zero": "/dev/zero",
+                "weights are a FIFO": None, "hub config.json links to /proc/self/status": "/proc/self/status",
+                "hub model.safetensors links to /proc/self/mem": "/proc/self/mem",
+                "--shadow_data links to /dev/zero": "/dev/zero"}
+
+
+@pytest.mark.parametrize("row", list(SPECIAL_ROWS))
+def test_special_files_behind_symlinks_are_refused(row, good, tmp_path, monkeypatch, capsys):
+    target = SPECIAL_ROWS[row]
+    if target is not None and not Path(target).exists():
+        pytest.skip(f"no {target} here")
+    argv, named = None, None
+    if row.startswith("weights"):
+        named = tmp_path / "special.pth"
+        os.mkfifo(named) if target is None else named.symlink_to(target)
+        argv = argv_for("main.py", good, tmp_path / "out", encoder=named)
+    elif row.startswith("hub"):
+        hub = _timm_folder(tmp_path / "hub")
+        named = hub / ("config.json" if "config" in row else "model.safetensors")
+        named.unlink()
+        named.symlink_to(target)
+        argv = hub_argv(good, tmp_path / "out", hub, "timm")
+    else:
+        named = tmp_path / "shadow.npz"
+        named.symlink_to(target)
+        argv = argv_for("main.py", good, tmp_path / "out", data=named)
+    status, out, err = run_main("main.py", argv, monkeypatch, capsys, tmp_path)
+    assert_one_line_refusal("main.py", status, out, err, named.name, "not a regular file", tmp_path / "out")
+
+
+# shared output folders: planted symlinks, other users' folders, replaced cache files
+OUTPUT_ROWS = ("trigger_inv", "trigger_norm", "detect_log", "shadow_cache", "trigger_inv/<run_id>",
+               "trigger_norm of another user")
+
+
+@pytest.mark.parametrize("script", ("main.py", "run_decree.py"))
+@pytest.mark.parametrize("row", OUTPUT_ROWS)
+def test_planted_output_folders_are_refused(row, script, good, tmp_path, monkeypatch, capsys):
+    from decree.outputs import run_id_for
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = out / row.replace("<run_id>", run_id_for(good / "good.pth")).split(" ")[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if row.endswith("another user"):
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        folder.mkdir()
+        os.chown(folder, 54321, 54321)
+    else:
+        folder.symlink_to(elsewhere)
+    status, out_text, err = run_main(script, argv_for(script, good, out), monkeypatch, capsys, tmp_path)
+    if script == "run_decree.py" and "<run_id>" in row:  # one encoder's folder: that encoder fails, with the reason
+        failures = list((out / "trigger_norm" / "failed").glob("*.json"))
+        assert status == 1 and len(failures) == 1 and "is a symlink" in failures[0].read_text(), err
+    else:
+        assert_one_line_refusal(script, status, out_text, err, folder.name, "", out)
+    assert files_under(elsewhere) == []
+
+
+def test_a_replaced_or_forged_shadow_cache_file_is_not_used(tmp_path):
+    from PIL import Image
+    from decree import shadow_cache
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(smooth_images(4, 40, seed=3)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    used = {}
+    first = shadow_cache.load_image_folder_cached(tmp_path / "cache", folder, 32, 0, False, used=used, count=3)
+    path = Path(used["file"])
+    np.savez(path, x=np.zeros_like(first))  # another user's content under the same name
+    again = {}
+    assert np.array_equal(shadow_cache.load_image_folder_cached(tmp_path / "cache", folder, 32, 0, False,
+                                                                used=again, count=3), first)
+    path.write_bytes(_npy_zip({"x.npy": _npy_header((40 << 30,), "|u1")}))  # a 40 GiB header: not read
+    with bounded_memory():
+        assert np.array_equal(shadow_cache.load_image_folder_cached(tmp_path / "cache", folder, 32, 0, False,
+                                                                    count=3), first)
+
+
+def _npy_zip(entries: dict) -> bytes:
+    import io
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_the_run_record_names_the_shadow_cache_file_and_its_hash(good, tmp_path, monkeypatch, capsys):
+    import hashlib
+    import json
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(smooth_images(4, 32, seed=3)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    status, _, err = run_main("main.py", argv_for("main.py", good, tmp_path / "out", data=folder) +
+                              ["--shadow_fraction", "1"], monkeypatch, capsys, tmp_path)
+    assert status == 0, err
+    record = json.loads(next((tmp_path / "out" / "trigger_norm").glob("*.json")).read_text())
+    cache = record["shadow_cache"]
+    assert hashlib.sha256(Path(cache["file"]).read_bytes()).hexdigest() == cache["sha256"]
+    assert record["encoder_sha256"] and record["encoder_realpath"] == str((good / "good.pth").resolve())
+
+
+# a worker's memory
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    from decree.cli import user_errors
+    for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough "
+                                              "memory: you tried to allocate 11811160064 bytes.")):
+        with pytest.raises(SystemExit) as stop, user_errors("main.py"):
+            raise error
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and "out of memory" in err and "--max_memory" in err
+
+
+def test_max_memory_bounds_a_process_and_is_passed_to_cpu_workers_only(tmp_path):
+    from decree.sweep import Encoder, main_py_args
+    code = ("import numpy\nfrom common.memory import limit_address_space\nfrom decree.cli import user_errors\n"
+            "limit_address_space(1 << 30)\nwith user_errors('main.py'):\n    numpy.ones(8 << 30, numpy.uint8)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert_one_line_refusal("main.py", proc.returncode, proc.stdout, proc.stderr, "out of memory", "--max_memory")
+    enc = Encoder("x.pth", "cifar10", None, "clean")
+    assert f"--max_memory={4 << 30}" in main_py_args(enc, "cpu", "out", {"max_memory": 4 << 30})
+    assert not any(a.startswith("--max_memory") for a in main_py_args(enc, "cuda:0", "out", {"max_memory": 4 << 30}))
+
+
 def matrix_counts() -> dict:
     """Cases of the in-process matrix, by kind of input."""
     return {"checkpoint (torch.save family)": len(CHECKPOINT_ROWS) * len(LOADERS),
             "TorchScript archive": len(TORCHSCRIPT_ROWS) * len(LOADERS), "image data (npz, folders)": len(DATA_CASES),
             "trigger file": len(TRIGGER_ROWS) * len(TRIGGER_SCRIPTS), "reference file": len(REFERENCE_ROWS),
             "flag value": len(FLAG_CASES), "result file is a folder": len(FOLDER_FLAGS),
-            "device / output folder": 2 * len(DEVICE_SCRIPTS), "full disk (ENOSPC)": 2 * len(ENOSPC_SCRIPTS)}
+            "device / output folder": 2 * len(DEVICE_SCRIPTS), "full disk (ENOSPC)": 2 * len(ENOSPC_SCRIPTS),
+            "memory and time bomb": len(BOMB_ROWS), "discovery (symlinks)": len(DISCOVERY_ROWS) * len(DISCOVERY_MODES),
+            "result of another file": len(STALE_ROWS), "name with control characters": len(NAME_ROWS),
+            "special file": len(SPECIAL_ROWS), "shared output folder": 2 * len(OUTPUT_ROWS)}
 
 
 def test_matrix_has_at_least_250_cases():
