@@ -35,7 +35,7 @@ from decree.report import format_metrics, write_report
 from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
                           cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
                           worker_devices, write_sweep_config)
-from models import HUB_FAMILIES, encoder_spec, import_arch_modules
+from models import DEFAULT_USAGE_INFO, HUB_FAMILIES, encoder_spec, import_arch_modules
 
 PROG = "run_decree.py"
 
@@ -137,8 +137,9 @@ def main(argv=None):
         interrupt_on_sigterm()
         check_timeout(args.timeout)
         import_arch_modules(args.arch_module)
-        if args.encoder_usage_info not in (None, *HUB_FAMILIES):  # a bad --arch fails here, not in every worker
-            encoder_spec(args.encoder_usage_info, args.arch)
+        usage_info = args.encoder_usage_info or DEFAULT_USAGE_INFO
+        if usage_info not in HUB_FAMILIES:  # a bad --arch fails here, not in every worker
+            encoder_spec(usage_info, args.arch)
         encoders = []  # --report alone reports whatever is under --out_dir
         if not args.report or args.manifest or args.encoders:
             encoders = find_encoders(args.manifest, args.encoders, args.output_root, args.encoder_usage_info,
