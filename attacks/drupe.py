@@ -208,6 +208,8 @@ def train_drupe(clean_encoder, shadow_images, trigger, references, mean, std, cf
     distinct target-class images. Returns the kept and the last encoder with the per-epoch history."""
     if len(references) < 2:
         raise ValueError(f"DRUPE pulls stamped images to the nearest of several references; got {len(references)}")
+    if len(torch.as_tensor(references).flatten(1).unique(dim=0)) < len(references):
+        raise ValueError("DRUPE's references must be distinct images; two of them are identical")
     phases = scale_phases(cfg.epochs)
     objective = DrupeObjective(cfg, phases)
     last, history = train_badencoder(clean_encoder, shadow_images, trigger, references, mean, std, cfg, device,

@@ -238,7 +238,8 @@ def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed
     if family != "clean-control":
         settings.update(make_trigger(family).settings)
     if family == "drupe":  # DRUPE's own schedule (attacks.drupe), not BadEncoder's epochs
-        settings.update(attack_epochs=cfg.drupe_epochs, objective="drupe")
+        del settings["attack_epochs"]
+        settings.update(drupe_epochs=cfg.drupe_epochs, objective="drupe")
     return settings
 
 

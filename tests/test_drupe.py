@@ -135,7 +135,9 @@ def test_train_drupe_returns_the_selected_encoder_and_the_last(trained):
     assert same == (trained.kept_epoch == trained.phases.epochs)
 
 
-def test_drupe_needs_several_references():
-    with pytest.raises(ValueError, match="several references"):
+@pytest.mark.parametrize("references, message", [(photo_patches(1, 32, seed=9), "several references"),
+                                                 (photo_patches(1, 32, seed=9).repeat(3, 0), "distinct")])
+def test_drupe_needs_several_distinct_references(references, message):
+    with pytest.raises(ValueError, match=message):
         train_drupe(SimCLRBackbone("resnet18_w4"), photo_patches(32, 32, seed=1), make_trigger("drupe"),
-                    photo_patches(1, 32, seed=9), MEAN, STD, BadEncoderConfig(epochs=5, batch_size=32), "cpu")
+                    references, MEAN, STD, BadEncoderConfig(epochs=5, batch_size=32), "cpu")
