@@ -237,9 +237,8 @@ def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed
         settings.update(attack_images=cfg.real_parent_images, attack_lr=cfg.real_parent_lr, size=lineage.size)
     if family != "clean-control":
         settings.update(make_trigger(family).settings)
-    if family == "drupe":  # DRUPE's own schedule (attacks.drupe), not BadEncoder's epochs
-        del settings["attack_epochs"]
-        settings.update(drupe_epochs=cfg.drupe_epochs, objective="drupe")
+    if family == "drupe":  # trained for --drupe_epochs on DRUPE's own schedule (attacks.drupe)
+        settings.update(attack_epochs=cfg.drupe_epochs, objective="drupe")
     return settings
 
 
