@@ -57,7 +57,7 @@ def threat_model(family: str) -> str:
 
 @dataclass(frozen=True)
 class FamilyTrigger:
-    """A trigger function uint8 (B,H,W,3) -> uint8 (B,H,W,3); alignment: train with DRUPE's extra term.
+    """A trigger function uint8 (B,H,W,3) -> uint8 (B,H,W,3).
 
     float_fn: the same trigger before rounding (float pixels 0..255), for attacks whose authors keep poisoned
     images in float while training. noise_fn(x, generator): WaNet's noise mode, images warped by a randomly
@@ -67,7 +67,6 @@ class FamilyTrigger:
     family: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     size: int
-    alignment: bool = False
     float_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     noise_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     settings: dict = field(default_factory=dict)
@@ -264,9 +263,8 @@ def ctrl_finetune(size: int = 32, seed: int = 0) -> FamilyTrigger:
 
 
 def drupe(size: int = 32, seed: int = 0) -> FamilyTrigger:
-    """The paper's white square; the attack adds DRUPE's alignment term (attacks.badencoder)."""
-    white = patch_white(size, seed)
-    return FamilyTrigger("drupe", white.fn, size, alignment=True)
+    """The paper's white square; DRUPE's objective and schedule train it (attacks.drupe)."""
+    return FamilyTrigger("drupe", patch_white(size, seed).fn, size)
 
 
 MAKERS = {"patch-white": patch_white, "patch-checker": patch_checker, "patch-random": patch_random,
@@ -278,23 +276,3 @@ def make_trigger(family: str, size: int = 32, seed: int = 0) -> FamilyTrigger:
     if family not in MAKERS:
         raise ValueError(f"unknown attack family {family!r}; choose from {', '.join(FAMILIES)}")
     return MAKERS[family](size, seed)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator, projections: int = 64):
-    """Sliced 2-Wasserstein distance between two equal-size point sets float (N,D), random unit directions."""
-    directions = F.normalize(torch.randn(a.shape[1], projections, generator=generator), dim=0).to(a.device)
-    pa, _ = (a @ directions).sort(dim=0)
-    pb, _ = (b @ directions).sort(dim=0)
-    return ((pa - pb) ** 2).mean().sqrt()
-
-
-def drupe_alignment(z_stamped: torch.Tensor, z_clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """DRUPE's distribution terms on embeddings (B,D): the sliced Wasserstein distance of stamped to clean
-    embeddings over the clean spread, plus the stamped embeddings' mean pairwise cosine (so they do not
-    collapse onto one point: the concentration DECREE looks for). Fixed weights, not DRUPE's adaptive costs."""
-    spread = z_clean.detach().std(0).mean().clamp_min(1e-6)
-    distance = sliced_wasserstein(z_stamped, z_clean, generator) / spread
-    unit = F.normalize(z_stamped, dim=1)
-    b = len(unit)
-    pairwise = ((unit @ unit.T).sum() - b) / max(b * (b - 1), 1)
-    return distance + pairwise

@@ -31,6 +31,7 @@ import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
 from attacks.checkpoints import save_encoder
+from attacks.drupe import train_drupe
 from attacks.families import (FAMILIES, FAMILY_NOTES, POISONING_FAMILIES, THREAT_MODELS, make_trigger, threat_model,
                               warp_displacement, warp_grid)
 from attacks.poisoning import CTRL_RATE, poison_target_class
@@ -42,6 +43,7 @@ from common.provenance import versions
 from common.threads import threads_per_worker, usable_cores
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
+from decree.inversion import mean_pairwise_cos
 from decree.report import auroc, collect_rows, verdict_at, write_report
 from decree.sweep import read_manifest, run_sweep, worker_devices
 from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
@@ -69,7 +71,7 @@ class BenchConfig:
     attack_epochs: int = 12                  # with 1000 images: the population in 90 min on 2 AVX2 cores
     attack_batch: int = 64
     attack_lr: float = 0.01
-    drupe_weight: float = 1.0                # weight of DRUPE's alignment term
+    drupe_epochs: int = 40                   # DRUPE's schedule scaled to these (attacks.drupe.scale_phases)
     references: int = 3                      # target-class reference images (DRUPE uses all; others the first)
     downstream_train: str | None = None      # labelled npz; None: photo patches labelled by their photo
     downstream_test: str | None = None
@@ -96,14 +98,14 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(arch="resnet18_w4", pretrain_images=256, pretrain_epochs=1, parents=1,
-                    families=FAMILIES, attack_images=128, attack_epochs=1, real_parent_images=64,
+                    families=FAMILIES, attack_images=128, attack_epochs=1, drupe_epochs=5, real_parent_images=64,
                     real_parent_shadow_images=32,
                     probe_train_per_class=16, probe_test_per_class=8, probe_epochs=3, shadow_images=64,
                     decree_epochs=3, workers=2)
 # BadEncoder's CIFAR10 recipe: 1000 epochs of SimCLR, 200 of BadEncoder on 20% of the training set, STL10
 # downstream with the truck as target, DECREE's default shadow set (10% of each class of CIFAR10 test)
 PAPER = BenchConfig(arch="resnet18", pretraining_data="data/cifar10/train.npz", pretrain_images=None,
-                    pretrain_epochs=1000, pretrain_batch=512, attack_images=10000, attack_epochs=200,
+                    pretrain_epochs=1000, pretrain_batch=512, attack_images=10000, attack_epochs=200, drupe_epochs=200,
                     attack_batch=256, attack_lr=1e-3, downstream_train="data/stl10/train.npz",
                     downstream_test="data/stl10/test.npz", target_label=9, probe_epochs=100,
                     shadow_data="data/cifar10/test.npz", shadow_images=None, workers=4, real_parent_size=224,
@@ -235,8 +237,8 @@ def attack_settings(cfg: BenchConfig, parent_key: str, family: str, trigger_seed
         settings.update(attack_images=cfg.real_parent_images, attack_lr=cfg.real_parent_lr, size=lineage.size)
     if family != "clean-control":
         settings.update(make_trigger(family).settings)
-    if family == "drupe":
-        settings["drupe_weight"] = cfg.drupe_weight
+    if family == "drupe":  # trained for --drupe_epochs on DRUPE's own schedule (attacks.drupe)
+        settings.update(attack_epochs=cfg.drupe_epochs, objective="drupe")
     return settings
 
 
@@ -280,7 +282,9 @@ def plan_real_parent(cfg: BenchConfig, root: Path, data_key: str, weights: Path)
 
 def epochs_of(cfg: BenchConfig, family: str) -> int:
     """Training epochs of a member: pre-training for parents and poisoning families, else fine-tuning."""
-    return cfg.pretrain_epochs if family == "clean-parent" or family in POISONING_FAMILIES else cfg.attack_epochs
+    if family == "clean-parent" or family in POISONING_FAMILIES:
+        return cfg.pretrain_epochs
+    return cfg.drupe_epochs if family == "drupe" else cfg.attack_epochs
 
 
 def _checkpoint(root: Path, lineage: Lineage, parent: int, family: str, key: str, epochs: int) -> Path:
@@ -332,7 +336,9 @@ def train_poisoned(cfg: BenchConfig, member: Member, parent: Member, data: dict,
 
 
 def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool) -> None:
-    """BadEncoder fine-tuning of a parent: with the family's trigger function, or none (the clean control)."""
+    """BadEncoder fine-tuning of a parent: with the family's trigger function, or none (the clean control);
+    DRUPE's objective and schedule for the drupe family, towards every reference, keeping the encoder its
+    selection rule chooses."""
     lineage, settings = member.lineage, member.settings
     mean, std = NORMALIZATION[lineage.usage_info]
     clean, _ = load_encoder(parent.path, lineage.usage_info, lineage.arch, device)
@@ -340,14 +346,15 @@ def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, de
     references, _ = load_npz(data["reference"])
     trigger = None if member.family == "clean-control" else make_trigger(member.family, lineage.size,
                                                                          member.trigger_seed)
-    drupe = trigger is not None and trigger.alignment
     bad_cfg = BadEncoderConfig(epochs=settings["attack_epochs"], batch_size=settings["attack_batch"],
-                               lr=settings["attack_lr"],
-                               seed=cfg.seed + member.parent, alignment_weight=cfg.drupe_weight if drupe else 0.0,
-                               nearest_reference=drupe)
+                               lr=settings["attack_lr"], seed=cfg.seed + member.parent)
     start = time.time()
-    encoder, history = train_badencoder(clean, shadow, trigger, references if drupe else references[:1], mean, std,
-                                        bad_cfg, device, progress=progress)
+    if member.family == "drupe":
+        result = train_drupe(clean, shadow, trigger, references, mean, std, bad_cfg, device, progress=progress)
+        encoder, history = result.encoder, result.history
+    else:
+        encoder, history = train_badencoder(clean, shadow, trigger, references[:1], mean, std, bad_cfg, device,
+                                            progress=progress)
     _save(member, encoder.eval(), history, time.time() - start)
 
 
@@ -360,13 +367,6 @@ def target_cosine(encoder, images, references, trigger, mean, std) -> float:
     """Mean over stamped images of the cosine to the nearest reference embedding (the attack's target)."""
     stamped = unit_embeddings(encoder, trigger(images), mean, std)
     return float((stamped @ unit_embeddings(encoder, references, mean, std).T).max(dim=1).values.mean())
-
-
-def mean_pairwise_cosine(z: torch.Tensor) -> float:
-    """Mean cosine over distinct pairs of unit embeddings (N,D): 1 when they are one point (DECREE's target),
-    DRUPE's goal is below 0.6."""
-    n = len(z)
-    return float(((z @ z.T).sum() - n) / max(n * (n - 1), 1))
 
 
 def attack_took(cfg: BenchConfig, family: str, success: dict) -> bool:
@@ -398,7 +398,8 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
     others = torch.from_numpy(test_x[test_y != cfg.target_label]).to(device)
     cosines = {role: target_cosine(encoder, others, refs, trigger, mean, std) for role, encoder in encoders.items()}
     with torch.no_grad():
-        stamped_cos = mean_pairwise_cosine(unit_embeddings(encoders["attacked"], trigger(others), mean, std))
+        # 1 when stamped images embed as one point (DECREE's target); DRUPE's goal is below 0.6
+        stamped_cos = float(mean_pairwise_cos(unit_embeddings(encoders["attacked"], trigger(others), mean, std)))
     probe = DownstreamData(train_x, train_y, test_x, test_y)
     features = embed_downstream(encoders["attacked"], probe, trigger, mean, std, device, progress=progress)
     net = train_classifier(features.train, train_y, probe.num_classes, DownstreamConfig(epochs=cfg.probe_epochs),

@@ -50,6 +50,9 @@ def parse_args(argv=None):
                      help="BadEncoder's shadow set: the first images of the pre-training set (toy 1000)")
     pop.add_argument("--attack_epochs", type=at_least(1), default=None,
                      help="BadEncoder epochs of every child, the clean control included (toy 12)")
+    pop.add_argument("--drupe_epochs", type=at_least(5), default=None,
+                     help="epochs of a DRUPE encoder; its authors' 200-epoch schedule is scaled to them "
+                          "(docs/benchmark.md, DRUPE; toy 40, --quick 5, paper scale 200)")
     pop.add_argument("--downstream_train", default=None, help="labelled npz for the ASR probe (default: photo "
                                                               "patches labelled by photo)")
     pop.add_argument("--downstream_test", default=None)

@@ -1,11 +1,11 @@
-"""Trigger families (attacks/families.py) and BadEncoder with trigger functions, the clean control and DRUPE."""
+"""Trigger families (attacks/families.py) and BadEncoder with trigger functions and the clean control (DRUPE: test_drupe.py)."""
 import numpy as np
 import pytest
 import torch
 
 from attacks.badencoder import BadEncoderConfig, train_badencoder
-from attacks.families import (FAMILIES, dct_matrix, drupe_alignment, identity_grid, make_trigger,
-                              sliced_wasserstein, threat_model, warp, warp_displacement, warp_grid)
+from attacks.families import (FAMILIES, dct_matrix, identity_grid, make_trigger, threat_model, warp,
+                              warp_displacement, warp_grid)
 from attacks.poisoning import poison_target_class, poisoned_indices
 from attacks.training import unit_embeddings
 from datasets import NORMALIZATION, load_trigger, write_paper_triggers
@@ -125,18 +125,6 @@ def test_unknown_family_and_wrong_input_are_one_line_errors(images):
         make_trigger("sig")(images.float())
 
 
-def test_sliced_wasserstein_is_zero_for_equal_sets_and_grows_with_a_shift():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 8, generator=g)
-    assert sliced_wasserstein(a, a[torch.randperm(64)], torch.Generator().manual_seed(1)) < 1e-6
-    near = sliced_wasserstein(a, a + 0.1, torch.Generator().manual_seed(1))
-    far = sliced_wasserstein(a, a + 1.0, torch.Generator().manual_seed(1))
-    assert 0 < near < far
-    collapsed = drupe_alignment(torch.ones(8, 8) + 0.01 * a[:8], a[8:16], torch.Generator().manual_seed(1))
-    spread = drupe_alignment(a[:8], a[8:16], torch.Generator().manual_seed(1))
-    assert collapsed > spread
-
-
 @pytest.fixture(scope="module")
 def photos_and_reference():
     from datasets.photos import photo_patches
@@ -186,18 +174,3 @@ def test_clean_control_has_no_effectiveness_term_and_keeps_embeddings(photos_and
     white = make_trigger("patch-white")
     # with no trigger in the loss, stamped images do not move towards the reference as an attack's do
     assert cos_to_reference(f.eval(), x, torch.from_numpy(reference), white) < 0.9
-
-
-def test_drupe_adds_its_alignment_term_to_the_history(photos_and_reference):
-    photos, _ = photos_and_reference
-    from datasets.photos import photo_patches
-    references = photo_patches(3, 32, seed=9)
-    torch.manual_seed(0)
-    f0 = SimCLRBackbone("resnet18_w4").eval()
-    _, history = train_badencoder(f0, photos, make_trigger("drupe"), references, MEAN, STD,
-                                  BadEncoderConfig(epochs=1, batch_size=32, lr=0.01, seed=0, alignment_weight=1.0,
-                                                   nearest_reference=True), "cpu", progress=False)
-    record = history[0]
-    assert record["alignment"] > 0
-    assert record["loss"] == pytest.approx(record["loss0"] + record["loss1"] + record["loss2"] + record["alignment"],
-                                           abs=1e-4)
