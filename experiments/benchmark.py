@@ -33,10 +33,18 @@ from common.device import cpu_flags, cpu_supports_bf16, describe_machine
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
 from decree.inversion import invert_trigger, preset
+from decree.paper_draws import paper_build
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
 ENCODERS = {"tiny": ("cifar10", "resnet18_w8"), "resnet18": ("cifar10", "resnet18"), "clip_rn50": ("CLIP", "RN50")}
+STAND_IN_DRAWS = ("cifar10", "resnet18")
+
+
+def draws_encoder(usage_info: str, arch: str) -> tuple[str, str]:
+    """Whose draws the paper's path and the project's take: the encoder's own where the paper's main.py can build
+    it, otherwise (narrow ResNets) those of the paper's CIFAR10 ResNet18, in both, so that they stay comparable."""
+    return (usage_info, arch) if paper_build(usage_info, arch) else STAND_IN_DRAWS
 # a variant is "project" or "+"-joined options of the project's inversion
 OPTIONS = ("float32", "channels_last", "fold_batchnorm", "amp", "compile", "cudagraphs")
 CUDA_ONLY = ("amp", "cudagraphs")  # autocast is CUDA-only in invert_trigger; CUDA graphs need CUDA
@@ -84,6 +92,7 @@ class Contender:
     name: str
     invert: object                 # invert_trigger-like callable
     encoder: torch.nn.Module
+    paper_encoder: tuple           # whose draws the run takes (draws_encoder)
     options: frozenset = frozenset()
     warmup_s: float = 0.0
     error: str | None = None
@@ -100,10 +109,11 @@ class Contender:
                        fold_batchnorm="fold_batchnorm" in self.options)
 
 
-def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch.device) -> list[Contender]:
+def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch.device,
+                    paper_encoder: tuple) -> list[Contender]:
     """The paper's path and one project contender per variant; a variant that changes the module (channels_last
     weights, compilation) gets its own copy, so the others keep the plain one."""
-    contenders = [Contender("paper", paper_invert_trigger, encoder)]
+    contenders = [Contender("paper", paper_invert_trigger, encoder, paper_encoder)]
     for name in variants:
         options = parse_variant(name, device)
         model = encoder
@@ -111,7 +121,7 @@ def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch
             model = copy.deepcopy(encoder)
         if options & set(COMPILED):
             model = torch.compile(model, mode="reduce-overhead" if "cudagraphs" in options else None)
-        contenders.append(Contender(name, partial(invert_trigger, progress=False), model, options))
+        contenders.append(Contender(name, partial(invert_trigger, progress=False), model, paper_encoder, options))
     return contenders
 
 
@@ -127,7 +137,8 @@ def timed_run(contender: Contender, shadow: np.ndarray, mean, std, cfg, device):
     sync(device)
     start = clocks()
     result = contender.invert(contender.encoder, shadow, mean, std, contender.config(cfg), device=device,
-                              on_epoch=lambda record, best: ends.append(clocks()))
+                              on_epoch=lambda record, best: ends.append(clocks()),
+                              paper_encoder=contender.paper_encoder)
     sync(device)
     return clocks() - start, np.diff(np.stack([start] + ends), axis=0), result
 
@@ -145,7 +156,7 @@ def bench_case(encoder_name: str, batch_size: int, variants: list[str], device: 
     shadow = make_shadow(max(shadow_size, batch_size), spec.input_size, data, seed)
     step_shadow, epoch_shadow = shadow[:batch_size], shadow[:shadow_size]
     base = preset(usage_info, lr=lr, batch_size=batch_size, seed=seed, early_stop_patience=NO_EARLY_STOP)
-    contenders = make_contenders(encoder, variants, device)
+    contenders = make_contenders(encoder, variants, device, draws_encoder(usage_info, arch))
 
     for c in contenders:  # warm-up, untimed: lazy initialisation, cudnn plans, compilation for both shapes
         start = time.perf_counter()
@@ -268,7 +279,7 @@ def bench_restarts(encoder_name: str, batch_size: int, ks: list[int], device: to
     torch.manual_seed(seed)
     encoder = get_encoder(usage_info, arch).to(device).eval()
     options = parse_variant(variant, device)
-    contender = make_contenders(encoder, [variant], device)[1]
+    contender = make_contenders(encoder, [variant], device, draws_encoder(usage_info, arch))[1]
     shadow = make_shadow(batch_size, spec.input_size, data, seed)
     base = contender.config(preset(usage_info, lr=lr, batch_size=batch_size, seed=seed,
                                    early_stop_patience=NO_EARLY_STOP))
