@@ -162,8 +162,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="seeds python, numpy and torch, and the shadow sample (default %(default)s). Under "
                             "--preset paper/exact the initial trigger and every epoch's batch order are the ones the "
                             "paper's main.py draws for this seed (after building the encoder it builds); hub "
-                            "encoders (open_clip, hf_clip, timm), custom and narrow archs and CLIP ViT-B/32, which "
-                            "its main.py cannot build, draw from our own generator seeded with it, as fast/triage do")
+                            "encoders (open_clip, hf_clip, timm), custom archs and CLIP ViT-B/32, which its main.py "
+                            "cannot build, draw from our own generator seeded with it, as fast/triage do")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),
                        help="initial mask (default %(default)s)")
     group.add_argument("--thres", type=in_range(0, 1, high_open=True), default=0.99,

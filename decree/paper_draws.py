@@ -9,8 +9,9 @@ iterator's base seed (for workers it does not have), then its RandomSampler's se
 for that epoch's torch.randperm. PaperDraws replays these draws on a private generator that continues the global
 stream from just after the encoder was built, so nothing else in the process can move them.
 
-Encoders the paper's main.py cannot build (hub models, custom and narrow archs, CLIP ViT-B/32) have no such
-draws: they keep the project's own generator (decree.inversion.OwnDraws).
+Encoders the paper's main.py cannot build (hub models, custom archs, CLIP ViT-B/32) have no such draws: they keep
+the project's own generator (decree.inversion.OwnDraws). The narrow SimCLR ResNets (resnet18_wN) take the draws of
+the SimCLR main.py would build were the arch BadEncoder's: its model code, with the narrow backbone.
 """
 from functools import partial
 from typing import Callable
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from models.clip import clip_arch
-from models.simclr import TORCHVISION_RESNETS, SimCLR
+from models.simclr import TORCHVISION_RESNETS, SimCLR, narrow_width
 
 PROJECTION_DRAW = (1, 512)  # main.py's unused `projectee`, drawn after the trigger and before the first epoch
 
@@ -44,11 +45,13 @@ def paper_build(usage_info: str, arch: str | None) -> Callable[[], object] | Non
     """What the paper's main.py builds before it draws the trigger, as a callable that builds it (the same modules,
     shapes and order, so the same draws); None where main.py cannot build the encoder.
 
-    cifar10/stl10: BadEncoder's SimCLR (torchvision ResNet18/34/50 with a 3x3 first convolution, then the projection
-    head); imagenet: a ResNet50 with its fc layer; CLIP: the RN50 visual tower; moco: torchvision's ResNet18, the
-    model main.py's moco branch builds and loads (its published get_encoder_architecture_usage has no moco case,
-    so the branch's own ResNet18 is taken as the only model built)."""
-    if usage_info in ("cifar10", "stl10") and arch in TORCHVISION_RESNETS:
+    cifar10/stl10: BadEncoder's SimCLR (torchvision ResNet18/34/50, or a narrow ResNet18, with a 3x3 first
+    convolution, then the projection head); imagenet: a ResNet50 with its fc layer; CLIP: the RN50 visual tower;
+    moco: torchvision's ResNet18, the model main.py's moco branch builds and loads (its published
+    get_encoder_architecture_usage has no moco case, so the branch's own ResNet18 is taken as the only model
+    built)."""
+    simclr = arch is not None and (arch in TORCHVISION_RESNETS or narrow_width(arch) is not None)
+    if usage_info in ("cifar10", "stl10") and simclr:
         return partial(SimCLR, arch)
     if usage_info == "imagenet" and arch == "resnet50":
         return partial(_torchvision_resnet, "resnet50")

@@ -33,18 +33,10 @@ from common.device import cpu_flags, cpu_supports_bf16, describe_machine
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
 from decree.inversion import invert_trigger, preset
-from decree.paper_draws import paper_build
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most
 ENCODERS = {"tiny": ("cifar10", "resnet18_w8"), "resnet18": ("cifar10", "resnet18"), "clip_rn50": ("CLIP", "RN50")}
-STAND_IN_DRAWS = ("cifar10", "resnet18")
-
-
-def draws_encoder(usage_info: str, arch: str) -> tuple[str, str]:
-    """Whose draws the paper's path and the project's take: the encoder's own where the paper's main.py can build
-    it, otherwise (narrow ResNets) those of the paper's CIFAR10 ResNet18, in both, so that they stay comparable."""
-    return (usage_info, arch) if paper_build(usage_info, arch) else STAND_IN_DRAWS
 # a variant is "project" or "+"-joined options of the project's inversion
 OPTIONS = ("float32", "channels_last", "fold_batchnorm", "amp", "compile", "cudagraphs")
 CUDA_ONLY = ("amp", "cudagraphs")  # autocast is CUDA-only in invert_trigger; CUDA graphs need CUDA
@@ -92,7 +84,7 @@ class Contender:
     name: str
     invert: object                 # invert_trigger-like callable
     encoder: torch.nn.Module
-    paper_encoder: tuple           # whose draws the run takes (draws_encoder)
+    paper_encoder: tuple           # (usage info, arch): whose draws the paper's main.py takes
     options: frozenset = frozenset()
     warmup_s: float = 0.0
     error: str | None = None
@@ -156,7 +148,7 @@ def bench_case(encoder_name: str, batch_size: int, variants: list[str], device: 
     shadow = make_shadow(max(shadow_size, batch_size), spec.input_size, data, seed)
     step_shadow, epoch_shadow = shadow[:batch_size], shadow[:shadow_size]
     base = preset(usage_info, lr=lr, batch_size=batch_size, seed=seed, early_stop_patience=NO_EARLY_STOP)
-    contenders = make_contenders(encoder, variants, device, draws_encoder(usage_info, arch))
+    contenders = make_contenders(encoder, variants, device, (usage_info, arch))
 
     for c in contenders:  # warm-up, untimed: lazy initialisation, cudnn plans, compilation for both shapes
         start = time.perf_counter()
@@ -279,7 +271,7 @@ def bench_restarts(encoder_name: str, batch_size: int, ks: list[int], device: to
     torch.manual_seed(seed)
     encoder = get_encoder(usage_info, arch).to(device).eval()
     options = parse_variant(variant, device)
-    contender = make_contenders(encoder, [variant], device, draws_encoder(usage_info, arch))[1]
+    contender = make_contenders(encoder, [variant], device, (usage_info, arch))[1]
     shadow = make_shadow(batch_size, spec.input_size, data, seed)
     base = contender.config(preset(usage_info, lr=lr, batch_size=batch_size, seed=seed,
                                    early_stop_patience=NO_EARLY_STOP))

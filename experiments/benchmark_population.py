@@ -39,7 +39,6 @@ from common import io as atomic
 from decree.inversion import invert_trigger, preset
 from decree.report import auroc
 from decree.sweep import WorkerServer, read_manifest, worker_imports
-from .benchmark import draws_encoder
 from .paper_path import paper_invert_trigger
 from .paper_run import load_with_shadow
 
@@ -85,7 +84,7 @@ def run_contender(name: str, encoder, shadow, spec, settings: dict, device, rest
                  **OVERRIDES_OF.get(name, {}))
     model = copy.deepcopy(encoder)
     start = time.perf_counter()
-    draws = draws_encoder(spec.usage_info, spec.arch)
+    draws = (spec.usage_info, spec.arch)
     if name == "paper":
         result = paper_invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, paper_encoder=draws)
     else:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from models.simclr import _narrow_resnet18, narrow_width
 from decree.inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
                               final_result, learning_rate, seed_everything)
 
@@ -50,12 +51,15 @@ class ShadowImages(Dataset):
 
 def _bad_encoder_simclr(arch: str) -> nn.Module:
     """BadEncoder's SimCLR as it builds it: torchvision's ResNet, its first conv replaced by a 3x3 one while its
-    children are collected (fc and maxpool left out), then the projection head."""
+    children are collected (fc and maxpool left out), then the projection head. A narrow resnet18_wN (not in the
+    paper) takes the project's narrow ResNet18 in torchvision's place."""
     from torchvision.models import resnet
-    children = getattr(resnet, arch)().named_children()
-    backbone = [nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False) if name == "conv1" else module
-                for name, module in children if not isinstance(module, (nn.Linear, nn.MaxPool2d))]
-    head = [nn.Linear(2048 if arch == "resnet50" else 512, 512, bias=False), nn.BatchNorm1d(512),
+    width = narrow_width(arch)
+    net = _narrow_resnet18(width) if width else getattr(resnet, arch)()
+    width = width or 64
+    backbone = [nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False) if name == "conv1" else module
+                for name, module in net.named_children() if not isinstance(module, (nn.Linear, nn.MaxPool2d))]
+    head = [nn.Linear(2048 if arch == "resnet50" else 8 * width, 512, bias=False), nn.BatchNorm1d(512),
             nn.ReLU(inplace=True), nn.Linear(512, 128, bias=True)]
     return nn.Sequential(nn.Sequential(*backbone), nn.Sequential(*head))
 
@@ -78,7 +82,7 @@ def _openai_rn50_visual() -> nn.Module:
 def papers_encoder(usage_info: str, arch: str) -> nn.Module:
     """The model main.py builds (randomly initialised) for an encoder of this usage info and arch."""
     from torchvision import models
-    if usage_info in ("cifar10", "stl10") and arch in ("resnet18", "resnet34", "resnet50"):
+    if usage_info in ("cifar10", "stl10") and (arch in ("resnet18", "resnet34", "resnet50") or narrow_width(arch)):
         return _bad_encoder_simclr(arch)
     if (usage_info, arch) in (("imagenet", "resnet50"), ("moco", "resnet18")):
         return getattr(models, arch)()

@@ -16,7 +16,6 @@ from common import io as atomic  # noqa: E402
 from datasets import load_shadow_set  # noqa: E402
 from decree.inversion import preset  # noqa: E402
 from models import load_encoder  # noqa: E402
-from .benchmark import draws_encoder  # noqa: E402
 from .paper_path import paper_invert_trigger  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def run_one(path, usage_info: str, arch: str | None, shadow_data, shadow_size, l
     encoder, spec, shadow, load_s, shadow_s = load_with_shadow(path, usage_info, arch, shadow_data, shadow_size, seed)
     cfg = preset(usage_info, "paper", lr=lr, seed=seed, max_epochs=max_epochs, pl1_threshold=threshold)
     result = paper_invert_trigger(encoder, shadow, spec.mean, spec.std, cfg,
-                                  paper_encoder=draws_encoder(spec.usage_info, spec.arch))
+                                  paper_encoder=(spec.usage_info, spec.arch))
     return {"path": str(path), "pl1": result.pl1 if result.found else None, "verdict": result.verdict,
             "epochs": result.epochs, "seconds": result.seconds, "prepare_s": load_s + shadow_s,
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY}
