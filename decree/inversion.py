@@ -6,6 +6,7 @@ trigger (L1 = 3 * sum(m)) that makes the encoder map every stamped shadow image 
 embedding: loss = -cos + lambda * L1, cos = mean off-diagonal cosine similarity of a batch's embeddings.
 A backdoored encoder has such a trigger covering a small fraction of the image (PL1 = L1 / (H*W*3)).
 """
+import functools
 import math
 import random
 import sys
@@ -220,9 +221,14 @@ def mean_pairwise_cos(embeddings: torch.Tensor) -> torch.Tensor:
     e = F.normalize(embeddings.float(), dim=-1)
     slices = e.reshape(-1, *e.shape[-2:])
     sim = torch.stack([s @ s.T for s in slices])  # one per restart, not per image
-    b = e.shape[-2]
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=e.device)
-    return sim[:, off_diagonal].mean(-1).view(e.shape[:-2])
+    return sim.flatten(1)[:, off_diagonal(e.shape[-2], e.device)].mean(-1).view(e.shape[:-2])
+
+
+@functools.lru_cache(maxsize=16)
+def off_diagonal(b: int, device: torch.device) -> torch.Tensor:
+    """int64 (b*(b-1),): flat indices of a (b,b) matrix's off-diagonal entries in row-major order, the order
+    masked_select takes them; made once per size, so a step does not wait for the device to count them."""
+    return (~torch.eye(b, dtype=torch.bool)).flatten().nonzero().squeeze(1).to(device)
 
 
 def similar_enough(cos: float, thres: float) -> bool:
