@@ -151,7 +151,8 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="K independent inversions from different initial triggers and batch orders, run "
                             "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
                             "K (default 1 = the paper's single run). Under --preset paper/exact restart 0 takes the "
-                            "paper's draws for --seed, the others draws of their own; the larger encoder batch can "
+                            "paper's draws for --seed (hub and custom encoders: our own generator, see --seed), the "
+                            "others draws of their own; the larger encoder batch can "
                             "round differently, so only K = 1 is the paper's run bit for bit")
     group.add_argument("--batch_size", type=at_least(2), default=None,
                        help="shadow images per step, >= 2: the loss compares pairs (default 32)")
