@@ -139,10 +139,12 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
     group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
     group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
-                       help="paper: the paper's settings (default), rounded as the paper's code rounds them; "
+                       help="paper: the paper's settings (default), drawn and rounded as the paper's code "
+                            "draws and rounds them (see --seed); "
                             "exact: paper with --stop_at_verdict, the paper's verdict on every encoder, sooner; "
                             "fast: the paper's run with cheaper encoder calls (--fold_batchnorm --channels_last: "
-                            "the same math, float32 rounding differs); triage: fast with --stop_at_verdict (the "
+                            "the same math, float32 rounding differs; our own draws); triage: fast with "
+                            "--stop_at_verdict (the "
                             "quickest). Near the threshold rounding decides the paper's own verdict, so fast/triage "
                             "can differ there: 28 of the latest 30 benchmark encoders agreed. Flags given "
                             "explicitly override it. See docs/speed.md")
@@ -160,14 +162,21 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restarts", type=at_least(1), default=None,
                        help="K independent inversions from different initial triggers and batch orders, run "
                             "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
-                            "K (default 1 = the paper's single run)")
+                            "K (default 1 = the paper's single run). Under --preset paper/exact restart 0 takes the "
+                            "paper's draws for --seed (hub and custom encoders: our own generator, see --seed), the "
+                            "others draws of their own; the larger encoder batch can "
+                            "round differently, so only K = 1 is the paper's run bit for bit")
     group.add_argument("--batch_size", type=at_least(2), default=None,
                        help="shadow images per step, >= 2: the loss compares pairs (default 32)")
     group.add_argument("--lr", type=positive, default=None,
                        help="Adam lr on the trigger (default %(default)s; the paper's experiments: 0.5, "
                             "its main.py: 1e-3)")
     group.add_argument("--seed", type=int, default=80,
-                       help="seeds python, numpy and torch, and the shadow sample (default %(default)s)")
+                       help="seeds python, numpy and torch, and the shadow sample (default %(default)s). Under "
+                            "--preset paper/exact the initial trigger and every epoch's batch order are the ones the "
+                            "paper's main.py draws for this seed (after building the encoder it builds); hub "
+                            "encoders (open_clip, hf_clip, timm), custom archs and CLIP ViT-B/32, which its main.py "
+                            "cannot build, draw from our own generator seeded with it, as fast/triage do")
     group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),
                        help="initial mask (default %(default)s)")
     group.add_argument("--thres", type=in_range(0, 1, high_open=True), default=0.99,

@@ -150,7 +150,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     try:
         prepared = prepare_encoder(model, cfg, progress)
         result = invert_trigger(prepared, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
-                                on_epoch=save_snapshot)
+                                on_epoch=save_snapshot, paper_encoder=(spec.usage_info, spec.arch))
     except BaseException as err:
         if job.save_snapshots:  # snapshots of a run that did not finish would be PNGs without a JSON
             shutil.rmtree(paths.trigger_dir / "snapshots", ignore_errors=True)

@@ -6,6 +6,7 @@ trigger (L1 = 3 * sum(m)) that makes the encoder map every stamped shadow image 
 embedding: loss = -cos + lambda * L1, cos = mean off-diagonal cosine similarity of a batch's embeddings.
 A backdoored encoder has such a trigger covering a small fraction of the image (PL1 = L1 / (H*W*3)).
 """
+import functools
 import math
 import random
 import sys
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from common.device import cpu_supports_bf16
 from models.fold import fold_batchnorm
+from .paper_draws import PaperDraws, paper_build
 
 EPS = 1e-7
 NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached the threshold
@@ -58,6 +60,7 @@ class InversionConfig:
     fold_batchnorm: bool = False        # conv->BN pairs folded into one conv (eval mode: the same function)
     stop_at_verdict: bool = False       # exact early exit: end the run once the best PL1 is below the threshold
     restarts: int = 1                   # independent inversions run together; the smallest L1 wins
+    paper_draws: bool = True            # restart 0 draws its trigger and orders as the paper's main.py (paper_draws.py)
     speed_preset: str = "paper"         # which SPEED_PRESETS entry set the fields above (recorded in the JSON)
 
     @property
@@ -68,16 +71,17 @@ class InversionConfig:
 # encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
 HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
 # Speed presets: changes to the paper's settings, checked on the detection benchmark's populations
-# (docs/speed.md). `exact` is the paper's run, rounded as the paper's code rounds it, ended once the TROJANED
-# verdict is final (the exact early exit): the paper's verdict on every encoder. `fast` keeps the paper's math
-# and float64 trigger and only makes each encoder call cheaper: batch norms folded into their convolutions and
-# channels_last (float32 rounding inside the encoder differs, nothing else). `triage` is `fast` with the exact
-# early exit.
+# (docs/speed.md). `paper` is the paper's run: its draws (decree/paper_draws.py) and its rounding. `exact` is that
+# run ended once the TROJANED verdict is final (the exact early exit): the paper's verdict on every encoder.
+# `fast` keeps the paper's math and float64 trigger and only makes each encoder call cheaper: batch norms folded
+# into their convolutions and channels_last (float32 rounding inside the encoder differs, nothing else); since its
+# runs are not the paper's anyway, it keeps the project's own draws, as it always had. `triage` is `fast` with the
+# exact early exit.
 # Not in any preset: float32 trigger parameters and bf16 autocast (--float32, --amp). float32 stops registering
 # the tiny L1 decreases that keep the paper's float64 run going, so runs end sooner with larger PL1s, and on the
 # benchmark population that changed verdicts near the threshold; bf16 noise in the embeddings moves run lengths
 # both ways, which kept the verdicts but moved a per-family AUROC by 0.125.
-CHEAPER_ENCODER_CALLS = {"fold_batchnorm": True, "channels_last": True}
+CHEAPER_ENCODER_CALLS = {"fold_batchnorm": True, "channels_last": True, "paper_draws": False}
 SPEED_PRESETS = {
     "paper": {},
     "exact": {"stop_at_verdict": True},
@@ -162,20 +166,36 @@ def params_from_trigger(mask0: torch.Tensor, pattern01: torch.Tensor):
     return w, v
 
 
-def initial_params(size: int, cfg: InversionConfig, generator: torch.Generator, dtype, device):
-    """`rand`: m0, p0 ~ U[0,1); `orc`: m0 = eps except a square of ones (SPEC 2)."""
-    mask0 = torch.rand((size, size), generator=generator, dtype=dtype)
-    pattern01 = torch.rand((size, size, 3), generator=generator, dtype=dtype)
+class OwnDraws:
+    """The project's draws for one restart: a generator of its own, seeded with the restart's seed."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def initial_trigger(self, size: int, mask_init: str, dtype=torch.float64):
+        """(mask (S,S), pattern (S,S,3)), both U[0,1) in dtype; the mask is drawn for `orc` too, and unused."""
+        mask0 = torch.rand((size, size), generator=self.generator, dtype=dtype)
+        return mask0, torch.rand((size, size, 3), generator=self.generator, dtype=dtype)
+
+    def epoch_order(self, n: int) -> torch.Tensor:
+        """int64 (n,): this epoch's shuffled order of the n shadow images."""
+        return torch.randperm(n, generator=self.generator)
+
+
+def initial_params(size: int, cfg: InversionConfig, draws, dtype, device):
+    """`rand`: m0, p0 ~ U[0,1) from `draws` (OwnDraws or paper_draws.PaperDraws); `orc`: m0 = eps except a square
+    of ones (SPEC 2)."""
+    if cfg.mask_init not in ("rand", "orc"):
+        raise ValueError(f"--mask_init must be rand or orc, not {cfg.mask_init!r}")
+    mask0, pattern01 = draws.initial_trigger(size, cfg.mask_init, dtype)
     if cfg.mask_init == "orc":
         top, side = cfg.orc_square
         if top + side > size:  # scale the paper's square to the image when sizes differ
             top, side = round(top * size / 32), round(side * size / 32)
         mask0 = torch.full((size, size), EPS, dtype=dtype)
         mask0[top:top + side, top:top + side] = 1.0
-    elif cfg.mask_init != "rand":
-        raise ValueError(f"--mask_init must be rand or orc, not {cfg.mask_init!r}")
-    w, v = params_from_trigger(mask0, pattern01)
-    return w.to(device).requires_grad_(True), v.to(device).requires_grad_(True)
+    w, v = params_from_trigger(mask0.to(device, dtype), pattern01.to(device, dtype))  # on the device, as main.py
+    return w.requires_grad_(True), v.requires_grad_(True)
 
 
 # ---- loss pieces -----------------------------------------------------------------------------------
@@ -193,11 +213,27 @@ def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def mean_pairwise_cos(embeddings: torch.Tensor) -> torch.Tensor:
-    """Mean off-diagonal cosine similarity of (B,D) embeddings; of each (B,D) slice of (K,B,D) -> (K,)."""
+    """Mean off-diagonal cosine similarity of (B,D) embeddings; of each (B,D) slice of (K,B,D) -> (K,).
+
+    Reduced as the paper's code reduces it, float32 bit for bit: one (B,B) matrix product per slice (a batched
+    product rounds differently at some shapes), then the mean of the off-diagonal entries in row-major order
+    (sum minus trace rounds differently)."""
     e = F.normalize(embeddings.float(), dim=-1)
-    sim = e @ e.transpose(-1, -2)
-    b = e.shape[-2]
-    return (sim.sum((-2, -1)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)) / (b * (b - 1))
+    slices = e.reshape(-1, *e.shape[-2:])
+    sim = torch.stack([s @ s.T for s in slices])  # one per restart, not per image
+    return sim.flatten(1)[:, off_diagonal(e.shape[-2], e.device)].mean(-1).view(e.shape[:-2])
+
+
+@functools.lru_cache(maxsize=16)
+def off_diagonal(b: int, device: torch.device) -> torch.Tensor:
+    """int64 (b*(b-1),): flat indices of a (b,b) matrix's off-diagonal entries in row-major order, the order
+    masked_select takes them; made once per size, so a step does not wait for the device to count them."""
+    return (~torch.eye(b, dtype=torch.bool)).flatten().nonzero().squeeze(1).to(device)
+
+
+def similar_enough(cos: float, thres: float) -> bool:
+    """|cos| > thres as the paper's code compares a float32 cosine with the Python threshold: in float32."""
+    return bool(abs(np.float32(cos)) > np.float32(thres))
 
 
 def l1_norm(mask: torch.Tensor) -> torch.Tensor:
@@ -290,17 +326,35 @@ class BestTrigger:
 
     def stop_reason(self, epoch_mean_cos: float, cfg: InversionConfig) -> str | None:
         """STOP_EARLY (the paper's rule), STOP_SLOW (too little progress, cfg.min_progress), or None: go on."""
-        if abs(epoch_mean_cos) <= cfg.thres:
+        if not similar_enough(epoch_mean_cos, cfg.thres):
             return None
         if self.stale_steps > cfg.early_stop_patience:
             return STOP_EARLY
         return STOP_SLOW if self.slow_steps > cfg.early_stop_patience else None
 
 
-def epoch_record(epoch: int, sums: np.ndarray, steps: int, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
+class StepValues:
+    """One epoch's per-step loss, cos and L1, and their means as the paper takes them: torch.mean of the stacked
+    values, the cosines in float32 and the loss and L1 in float64."""
+
+    def __init__(self):
+        self.loss, self.cos, self.l1 = [], [], []
+
+    def add(self, loss: float, cos: float, l1: float) -> None:
+        self.loss.append(loss)
+        self.cos.append(cos)
+        self.l1.append(l1)
+
+    def means(self) -> tuple[float, float, float]:
+        """(loss, cos, L1); zeros for an epoch without a step."""
+        return tuple(torch.tensor(v, dtype=d).mean().item() if v else 0.0
+                     for v, d in ((self.loss, torch.float64), (self.cos, torch.float32), (self.l1, torch.float64)))
+
+
+def epoch_record(epoch: int, values: StepValues, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
                  start: float) -> dict:
-    """One row of the per-epoch history; sums = (loss, cos, L1) summed over the epoch's steps."""
-    loss, cos, l1 = (float(s) for s in sums / max(steps, 1))
+    """One row of the per-epoch history: the epoch's mean loss, cos and L1, and where lambda and the best are."""
+    loss, cos, l1 = values.means()
     return {"epoch": epoch, "loss": loss, "cos": cos, "l1": l1, "lambda": lambdas.lambda_, "lr": lr,
             "best_l1": best.l1 if best.mask is not None else math.inf, "seconds": time.time() - start}
 
@@ -336,32 +390,35 @@ def amp_active(cfg: InversionConfig, device: torch.device) -> bool:
 
 
 class Restart:
-    """One of the K independent inversions of a run: its random stream, lambda schedule, best trigger, history."""
+    """One of the K independent inversions of a run: its random stream, lambda schedule, best trigger, history.
 
-    def __init__(self, index: int, cfg: InversionConfig, size: int, dtype, device):
+    `paper_model`: what the paper's main.py builds before its draws (paper_draws.paper_build), or None; with it,
+    restart 0 draws as the paper's run does. Every other restart has its own generator."""
+
+    def __init__(self, index: int, cfg: InversionConfig, size: int, dtype, device, paper_model=None):
         self.index, self.cfg, self.seed = index, cfg, restart_seed(cfg.seed, index)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.w, self.v = (p.detach() for p in initial_params(size, cfg, self.generator, dtype, device))
+        self.paper_draws = index == 0 and paper_model is not None
+        self.draws = PaperDraws(cfg.seed, paper_model) if self.paper_draws else OwnDraws(self.seed)
+        self.w, self.v = (p.detach() for p in initial_params(size, cfg, self.draws, dtype, device))
         self.lambdas = LambdaSchedule(cfg)
         self.best = BestTrigger(cfg.min_progress, cfg.pl1_threshold * size * size * 3)
         self.history, self.stop_reason = [], None
-        self.sums, self.steps = np.zeros(3), 0
+        self.values = StepValues()
 
     def start_epoch(self, n: int) -> torch.Tensor:
-        """This epoch's shuffled order of the n shadow images (drawn from the restart's own stream)."""
+        """This epoch's shuffled order of the n shadow images."""
         self.best.improved_this_epoch = False
-        self.sums, self.steps = np.zeros(3), 0
-        return torch.randperm(n, generator=self.generator)
+        self.values = StepValues()
+        return self.draws.epoch_order(n)
 
     def after_step(self, cos: float, l1: float, loss: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
-        success = abs(cos) > self.cfg.thres
+        success = similar_enough(cos, self.cfg.thres)
         self.best.update(success, l1, mask, pattern)
         self.lambdas.step(success)
-        self.sums += (loss, cos, l1)
-        self.steps += 1
+        self.values.add(loss, cos, l1)
 
     def end_epoch(self, epoch: int, lr: float, start: float) -> dict:
-        record = epoch_record(epoch, self.sums, self.steps, lr, self.lambdas, self.best, start)
+        record = epoch_record(epoch, self.values, lr, self.lambdas, self.best, start)
         self.history.append(record)
         if self.stop_reason is None:
             self.stop_reason = self.best.stop_reason(record["cos"], self.cfg)
@@ -369,7 +426,8 @@ class Restart:
 
     def summary(self, size: int) -> dict:
         found = self.best.mask is not None
-        return {"restart": self.index, "seed": self.seed, "l1": self.best.l1 if found else None,
+        return {"restart": self.index, "seed": self.seed, "paper_draws": self.paper_draws,
+                "l1": self.best.l1 if found else None,
                 "pl1": pl1_norm(self.best.l1, size) if found else None, "epochs": len(self.history),
                 "stop_reason": self.stop_reason}
 
@@ -452,13 +510,16 @@ def prepare_encoder(encoder: torch.nn.Module, cfg: InversionConfig, progress: bo
 
 def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.Tensor | np.ndarray, mean, std,
                    cfg: InversionConfig = None, device="cpu", progress: bool = True,
-                   on_epoch=None) -> InversionResult:
+                   on_epoch=None, paper_encoder: tuple[str, str] | None = None) -> InversionResult:
     """Run DECREE on `encoder` (normalised float (N,3,S,S) -> (N,D)) with shadow images uint8 (N,S,S,3).
 
     `encoder` may be a PreparedEncoder made by prepare_encoder with this cfg (otherwise it is prepared here).
     cfg.restarts > 1 runs that many independent inversions together, their stamped batches stacked into one
     encoder batch; the result is the restart with the smallest L1. `on_epoch(record, best)` is called after
-    every epoch with the leading restart's record and best trigger (for logs and snapshots).
+    every epoch with the leading restart's record and best trigger (for logs and snapshots). `paper_encoder`:
+    (usage info, arch) of the encoder; with cfg.paper_draws, restart 0 takes the draws the paper's main.py takes
+    for it and this seed, where main.py can build it (paper_draws.paper_build); elsewhere (hub and custom
+    encoders), and without it, every restart has its own generator.
     """
     cfg = cfg or InversionConfig()
     device = torch.device(device)
@@ -479,7 +540,8 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
 
     prepared = encoder if isinstance(encoder, PreparedEncoder) else prepare_encoder(encoder, cfg, progress)
     encoder = prepared.module
-    restarts = [Restart(k, cfg, size, dtype, device) for k in range(cfg.restarts)]
+    paper_model = paper_build(*paper_encoder) if cfg.paper_draws and paper_encoder else None
+    restarts = [Restart(k, cfg, size, dtype, device, paper_model) for k in range(cfg.restarts)]
     active = list(restarts)
     # one stacked (K,S,S) / (K,S,S,3) parameter pair: one encoder call per step serves every restart
     w = torch.stack([r.w for r in restarts]).requires_grad_(True)

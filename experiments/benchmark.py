@@ -84,6 +84,7 @@ class Contender:
     name: str
     invert: object                 # invert_trigger-like callable
     encoder: torch.nn.Module
+    paper_encoder: tuple           # (usage info, arch): whose draws the paper's main.py takes
     options: frozenset = frozenset()
     warmup_s: float = 0.0
     error: str | None = None
@@ -100,10 +101,11 @@ class Contender:
                        fold_batchnorm="fold_batchnorm" in self.options)
 
 
-def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch.device) -> list[Contender]:
+def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch.device,
+                    paper_encoder: tuple) -> list[Contender]:
     """The paper's path and one project contender per variant; a variant that changes the module (channels_last
     weights, compilation) gets its own copy, so the others keep the plain one."""
-    contenders = [Contender("paper", paper_invert_trigger, encoder)]
+    contenders = [Contender("paper", paper_invert_trigger, encoder, paper_encoder)]
     for name in variants:
         options = parse_variant(name, device)
         model = encoder
@@ -111,7 +113,7 @@ def make_contenders(encoder: torch.nn.Module, variants: list[str], device: torch
             model = copy.deepcopy(encoder)
         if options & set(COMPILED):
             model = torch.compile(model, mode="reduce-overhead" if "cudagraphs" in options else None)
-        contenders.append(Contender(name, partial(invert_trigger, progress=False), model, options))
+        contenders.append(Contender(name, partial(invert_trigger, progress=False), model, paper_encoder, options))
     return contenders
 
 
@@ -127,7 +129,8 @@ def timed_run(contender: Contender, shadow: np.ndarray, mean, std, cfg, device):
     sync(device)
     start = clocks()
     result = contender.invert(contender.encoder, shadow, mean, std, contender.config(cfg), device=device,
-                              on_epoch=lambda record, best: ends.append(clocks()))
+                              on_epoch=lambda record, best: ends.append(clocks()),
+                              paper_encoder=contender.paper_encoder)
     sync(device)
     return clocks() - start, np.diff(np.stack([start] + ends), axis=0), result
 
@@ -145,7 +148,7 @@ def bench_case(encoder_name: str, batch_size: int, variants: list[str], device: 
     shadow = make_shadow(max(shadow_size, batch_size), spec.input_size, data, seed)
     step_shadow, epoch_shadow = shadow[:batch_size], shadow[:shadow_size]
     base = preset(usage_info, lr=lr, batch_size=batch_size, seed=seed, early_stop_patience=NO_EARLY_STOP)
-    contenders = make_contenders(encoder, variants, device)
+    contenders = make_contenders(encoder, variants, device, (usage_info, arch))
 
     for c in contenders:  # warm-up, untimed: lazy initialisation, cudnn plans, compilation for both shapes
         start = time.perf_counter()
@@ -268,7 +271,7 @@ def bench_restarts(encoder_name: str, batch_size: int, ks: list[int], device: to
     torch.manual_seed(seed)
     encoder = get_encoder(usage_info, arch).to(device).eval()
     options = parse_variant(variant, device)
-    contender = make_contenders(encoder, [variant], device)[1]
+    contender = make_contenders(encoder, [variant], device, (usage_info, arch))[1]
     shadow = make_shadow(batch_size, spec.input_size, data, seed)
     base = contender.config(preset(usage_info, lr=lr, batch_size=batch_size, seed=seed,
                                    early_stop_patience=NO_EARLY_STOP))

@@ -84,10 +84,12 @@ def run_contender(name: str, encoder, shadow, spec, settings: dict, device, rest
                  **OVERRIDES_OF.get(name, {}))
     model = copy.deepcopy(encoder)
     start = time.perf_counter()
+    draws = (spec.usage_info, spec.arch)
     if name == "paper":
-        result = paper_invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device)
+        result = paper_invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, paper_encoder=draws)
     else:
-        result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=False)
+        result = invert_trigger(model, shadow, spec.mean, spec.std, cfg, device=device, progress=False,
+                                paper_encoder=draws)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start

@@ -35,7 +35,8 @@ def run_one(path, usage_info: str, arch: str | None, shadow_data, shadow_size, l
     """Load, prepare the shadow set and invert as the paper did; the record's seconds are the inversion's."""
     encoder, spec, shadow, load_s, shadow_s = load_with_shadow(path, usage_info, arch, shadow_data, shadow_size, seed)
     cfg = preset(usage_info, "paper", lr=lr, seed=seed, max_epochs=max_epochs, pl1_threshold=threshold)
-    result = paper_invert_trigger(encoder, shadow, spec.mean, spec.std, cfg)
+    result = paper_invert_trigger(encoder, shadow, spec.mean, spec.std, cfg,
+                                  paper_encoder=(spec.usage_info, spec.arch))
     return {"path": str(path), "pl1": result.pl1 if result.found else None, "verdict": result.verdict,
             "epochs": result.epochs, "seconds": result.seconds, "prepare_s": load_s + shadow_s,
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY}

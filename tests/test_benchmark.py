@@ -26,9 +26,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def both_paths(encoder, images, cfg):
-    project = invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg, progress=False)
-    paper = paper_invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg)
+PAPER_RESNET18 = ("cifar10", "resnet18")  # the draws of the paper's CIFAR10 ResNet18, whatever encoder runs
+
+
+def both_paths(encoder, images, cfg, paper_encoder=PAPER_RESNET18):
+    project = invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg, progress=False, paper_encoder=paper_encoder)
+    paper = paper_invert_trigger(encoder, images, CIFAR_MEAN, CIFAR_STD, cfg, paper_encoder=paper_encoder)
     return project, paper
 
 
@@ -69,7 +72,7 @@ def test_paper_settings_round_as_the_papers_code_on_a_resnet_over_a_long_run(sha
 def test_paper_path_refuses_the_projects_own_options(shadow_images):
     with pytest.raises(ValueError, match="float64"):
         paper_invert_trigger(RandomFeatureEncoder(), shadow_images[:4], CIFAR_MEAN, CIFAR_STD,
-                             preset("cifar10", param_dtype="float32"))
+                             preset("cifar10", param_dtype="float32"), paper_encoder=PAPER_RESNET18)
 
 
 def test_variants_parse_and_cuda_only_ones_fail_on_cpu():

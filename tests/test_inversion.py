@@ -7,7 +7,7 @@ import torch
 
 from conftest import (CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder,
                       RandomFeatureEncoder)
-from decree.inversion import (STOP_EARLY, STOP_SLOW, BestTrigger, InversionConfig, InversionError, LambdaSchedule,
+from decree.inversion import (STOP_EARLY, STOP_SLOW, BestTrigger, InversionConfig, InversionError, LambdaSchedule, OwnDraws,
                               initial_params, invert_trigger, learning_rate, mean_pairwise_cos, preset, stamp,
                               trigger_from_params)
 
@@ -127,8 +127,7 @@ def test_stamp_and_parametrisation_ranges():
     pattern = torch.full((4, 4, 3), 255.0, dtype=torch.float64)
     out = stamp(x, mask.unsqueeze(-1), pattern)
     assert (out[:, 0, 0] == 255).all() and (out[:, 1:, :] == 100).all()
-    w, v = initial_params(8, InversionConfig(mask_init="orc", orc_square=(2, 4)), torch.Generator().manual_seed(0),
-                          torch.float64, "cpu")
+    w, v = initial_params(8, InversionConfig(mask_init="orc", orc_square=(2, 4)), OwnDraws(0), torch.float64, "cpu")
     m, p = trigger_from_params(w, v)
     assert m.shape == p.shape == (8, 8, 3) and torch.equal(m[..., 0], m[..., 2])  # one mask on every channel
     assert m[2:6, 2:6].min() > 0.999 and m[0, 0, 0] < 1e-3 and 0 <= p.min() and p.max() <= 255
