@@ -359,7 +359,8 @@ def train_child(cfg: BenchConfig, member: Member, parent: Member, data: dict, de
 
 
 def probe_settings(cfg: BenchConfig, data_key: str) -> dict:
-    return {"data": data_key, "probe_epochs": cfg.probe_epochs}
+    # the ASR rule is part of the record's key: a new rule measures every encoder again
+    return {"data": data_key, "probe_epochs": cfg.probe_epochs, "asr": "class of the nearest reference"}
 
 
 @torch.no_grad()
@@ -382,9 +383,12 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
                     ) -> dict:
     """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR.
 
-    ASR counts stamped test images (true class other than the target's) that the probe puts in the class it
-    gives the reference image: a toy probe may misclassify the reference patch itself, and the backdoor sends
-    stamped images to the reference, whatever the probe calls it. target_predicted records that class.
+    ASR counts stamped test images that the probe puts in the class it gives their target reference (the
+    nearest of the attack's references in the attacked encoder; the only one for most families), over the
+    images whose true class is another: a toy probe may misclassify a reference patch itself, and the backdoor
+    sends stamped images to the reference, whatever the probe calls it. With one reference this is the
+    probe's class of the reference; DRUPE splits stamped images between its three. target_predicted records
+    the first reference's class, reference_classes all of them.
     """
     lineage = member.lineage
     mean, std = NORMALIZATION[lineage.usage_info]
@@ -404,13 +408,16 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
     features = embed_downstream(encoders["attacked"], probe, trigger, mean, std, device, progress=progress)
     net = train_classifier(features.train, train_y, probe.num_classes, DownstreamConfig(epochs=cfg.probe_epochs),
                            progress, desc="probe")
-    predicted = predict(net, unit_embeddings(encoders["attacked"], refs[:1], mean, std))
-    target = int(predicted[0])
-    hit = predict(net, features.stamped) == target
+    z_refs = unit_embeddings(encoders["attacked"], refs, mean, std)
+    reference_classes = predict(net, z_refs)
+    aimed = reference_classes[(features.stamped.to(z_refs.device) @ z_refs.T).argmax(dim=1)].to(device)
+    hit = predict(net, features.stamped).to(device) == aimed
+    counted = torch.as_tensor(test_y, device=device) != aimed
+    target = int(reference_classes[0])
     return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"], "stamped_cos": stamped_cos,
-            "asr": 100.0 * hit[torch.as_tensor(test_y, device=hit.device) != target].float().mean().item(),
+            "asr": 100.0 * hit[counted].float().mean().item(),
             "accuracy": attack_scores(net, features, test_y, target)["accuracy"], "target_label": cfg.target_label,
-            "target_predicted": target, **trigger.details}
+            "target_predicted": target, "reference_classes": reference_classes.tolist(), **trigger.details}
 
 
 def build_member(cfg: BenchConfig, member: Member, parent: Member | None, data: dict, device, probe_key: str,
