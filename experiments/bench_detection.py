@@ -379,6 +379,15 @@ def attack_took(cfg: BenchConfig, family: str, success: dict) -> bool:
     return took
 
 
+def nearest_reference_asr(z_stamped, predicted, z_refs, reference_classes, labels) -> float:
+    """ASR in percent: the share of stamped images put in the class of their nearest reference (unit embeddings
+    (N,D) and (R,D); predicted and reference_classes are the probe's classes), over the images whose true
+    class (labels) is another."""
+    aimed = reference_classes.cpu()[(z_stamped @ z_refs.T).argmax(dim=1).cpu()]
+    counted = torch.as_tensor(labels) != aimed
+    return 100.0 * (predicted.cpu() == aimed)[counted].float().mean().item()
+
+
 def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict, device, progress: bool = False
                     ) -> dict:
     """Did the attack take: target cosine (attacked and parent encoder) and the downstream probe's ASR.
@@ -410,12 +419,10 @@ def measure_success(cfg: BenchConfig, member: Member, parent: Member, data: dict
                            progress, desc="probe")
     z_refs = unit_embeddings(encoders["attacked"], refs, mean, std)
     reference_classes = predict(net, z_refs)
-    aimed = reference_classes[(features.stamped.to(z_refs.device) @ z_refs.T).argmax(dim=1)].to(device)
-    hit = predict(net, features.stamped).to(device) == aimed
-    counted = torch.as_tensor(test_y, device=device) != aimed
     target = int(reference_classes[0])
+    asr = nearest_reference_asr(features.stamped, predict(net, features.stamped), z_refs, reference_classes, test_y)
     return {"target_cos": cosines["attacked"], "target_cos_parent": cosines["parent"], "stamped_cos": stamped_cos,
-            "asr": 100.0 * hit[counted].float().mean().item(),
+            "asr": asr,
             "accuracy": attack_scores(net, features, test_y, target)["accuracy"], "target_label": cfg.target_label,
             "target_predicted": target, "reference_classes": reference_classes.tolist(), **trigger.details}
 
@@ -452,7 +459,8 @@ def _build_all(cfg, members: list, parents: dict, data: dict, device, probe_key:
     def finished(member):
         nonlocal done
         done += 1
-        log(f"  [{done}/{len(members)}] {member.path.parent.name}")
+        name = f"{member.lineage.name}_clean-parent" if member.external else member.path.parent.name
+        log(f"  [{done}/{len(members)}] {name}")
 
     children = {p: [m for m in members if m.parent == p and m.family != "clean-parent"] for p in parents}
     if workers <= 1:

@@ -12,7 +12,7 @@ from decree.sweep import read_manifest
 from attacks.families import POISONING_FAMILIES
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
-                                         roc_curve, run_bench, settings_key)
+                                         nearest_reference_asr, roc_curve, run_bench, settings_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}
@@ -155,6 +155,17 @@ def test_family_metrics_count_only_attacks_that_took_against_every_clean_encoder
     table = markdown_table(m, ["sig", "wanet"], 0.1)
     assert "| sig | fine-tune | 3 | 2/3 |" in table and "FPR 0.33 (1/3)" in table
     assert "n/a" not in table and "| wanet | fine-tune | 1 | 0/1 | 5.0 | - | - | - | - |" in table
+
+
+def test_asr_counts_each_stamped_image_against_its_nearest_reference_and_skips_its_own_class():
+    import torch
+    z_refs = torch.eye(3)[:2]                    # two references, probe classes 5 and 7
+    z = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0], [0.1, 0.9, 0], [0, 1.0, 0]])
+    predicted = torch.tensor([5, 2, 7, 7, 7])    # images 0, 2, 3, 4 land in their nearest reference's class
+    labels = [0, 1, 2, 3, 7]                     # image 4 is of its reference's class: not counted
+    assert nearest_reference_asr(z, predicted, z_refs, torch.tensor([5, 7]), labels) == 75.0
+    # one reference: the class the probe gives it for every image, as for every single-reference family
+    assert nearest_reference_asr(z, predicted, z_refs[:1], torch.tensor([7]), labels) == 50.0
 
 
 def test_roc_curve_runs_from_nothing_flagged_to_everything():
