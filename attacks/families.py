@@ -158,9 +158,10 @@ def sig(size: int = 32, seed: int = 0, amplitude: float = 20.0, frequency: int =
 
 # WaNet's CIFAR setting is strength 0.5 on a 4x4 control grid; that sub-pixel warp never took against a
 # SimCLR encoder fine-tuned by BadEncoder here, so the benchmark uses a stronger field (docs/benchmark.md)
-WANET_STRENGTH = 4.0
+WANET_STRENGTH = 16.0
 WANET_GRID = 8
 WANET_CROSS_RATIO = 2   # WaNet's noise mode: two noise-warped images per poisoned one
+WANET_NOISE_RATIO = 2   # its jitter bound over its strength (1 / size at 0.5 / size)
 
 
 def identity_grid(size: int) -> torch.Tensor:
@@ -196,7 +197,8 @@ def warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
 
 def wanet(size: int = 32, seed: int = 0, strength: float = WANET_STRENGTH, grid: int = WANET_GRID) -> FamilyTrigger:
     """The image resampled through a fixed smooth random warp (bilinear); float while training, with WaNet's
-    noise mode: the field plus a uniform jitter of up to one pixel, redrawn for every noise image."""
+    noise mode: the field plus a uniform jitter redrawn for every noise image, of up to 2 * strength / size
+    (WaNet's own: up to 1 / size at its strength 0.5), so the jitter keeps WaNet's ratio to the field."""
     grid_field = warp_grid(size, seed, strength, grid)
 
     def float_fn(x):
@@ -205,10 +207,11 @@ def wanet(size: int = 32, seed: int = 0, strength: float = WANET_STRENGTH, grid:
     def noise_fn(x, generator):
         x = x.repeat(WANET_CROSS_RATIO, 1, 1, 1)
         jitter = torch.rand((len(x), size, size, 2), generator=generator).to(x.device) * 2 - 1
-        return warp(x, (grid_field.to(x.device) + jitter / size).clamp(-1, 1))
+        return warp(x, (grid_field.to(x.device) + WANET_NOISE_RATIO * strength * jitter / size).clamp(-1, 1))
 
     return FamilyTrigger("wanet", lambda x: _to_uint8(float_fn(x)), size, float_fn=float_fn, noise_fn=noise_fn,
-                         settings={"strength": strength, "grid": grid, "cross_ratio": WANET_CROSS_RATIO},
+                         settings={"strength": strength, "grid": grid, "cross_ratio": WANET_CROSS_RATIO,
+                                   "noise_ratio": WANET_NOISE_RATIO},
                          details={"displacement_px": warp_displacement(grid_field)})
 
 
