@@ -829,6 +829,7 @@ def markdown_text(result: dict) -> str:
         lines += ["", f"Real parent: torchvision's ImageNet MobileNetV2 ({real['arch']}, {real['size']} px), its "
                   "fine-tuned control and attacked children, against their own clean encoders:", "", real["table"]]
     if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
+        lines.append("")
         lines.append("Wall time of the last run of each stage: " + "; ".join(
             f"{k} {v['seconds']:.0f} s on {v['machine']}" for k, v in result["timings"].items()) + ".")
     if result["not_taken"]:

@@ -190,9 +190,9 @@ def test_fast_runs_recover_the_target_on_the_folded_encoder_with_the_unfolded_re
     np.savez(tmp_path / "shadow.npz", x=images, y=np.zeros(24, np.int64))
     seen = {}
 
-    def spy(setup, encoder, spec, shadow, result, device, target_path):
+    def spy(setup, encoder, spec, shadow, result, device, target_path, **options):
         seen.update(encoder=encoder, result=result)
-        return analyse_target(setup, encoder, spec, shadow, result, device, target_path)
+        return analyse_target(setup, encoder, spec, shadow, result, device, target_path, **options)
 
     monkeypatch.setattr(detect, "analyse_target", spy)
     main.main(["--encoder_path", str(path), "--arch", "resnet18_w8", "--shadow_data", str(tmp_path / "shadow.npz"),
