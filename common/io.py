@@ -1,5 +1,6 @@
 """Atomic output writing: every file appears whole or not at all (temp file in the same folder + rename)."""
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -7,6 +8,23 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+HASH_CHUNK = 1 << 20
+
+
+def update_with_file(digest, path) -> None:
+    """Feed a file's bytes to a hashlib digest in chunks (no file is read into memory whole)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
+    return digest.hexdigest()
 
 
 def current_umask() -> int:

@@ -32,7 +32,6 @@ def run_id_for(encoder_path) -> str:
 
 
 ENCODER_SIDE_FILES = ("open_clip_config.json", "config.json", "preprocessor_config.json")  # configs beside weights
-HASH_CHUNK = 1 << 20
 
 
 def encoder_files(encoder_path) -> list[Path]:
@@ -51,9 +50,7 @@ def encoder_fingerprint(encoder_path) -> str | None:
         for file in encoder_files(encoder_path):
             check_regular(file)
             digest.update(f"{file.name}\0{file.stat().st_size}\0".encode("utf-8", "surrogateescape"))
-            with open(file, "rb") as fh:
-                while chunk := fh.read(HASH_CHUNK):
-                    digest.update(chunk)
+            atomic.update_with_file(digest, file)
     except (OSError, ValueError):
         return None
     return digest.hexdigest()

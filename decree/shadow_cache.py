@@ -25,7 +25,6 @@ from datasets.images import check_images, check_npz_headers, list_images
 from common import io as atomic
 
 HASH_CHARS = 24
-CHUNK = 1 << 20
 
 
 def shadow_cache_key(root, size: int, seed: int, selection: dict) -> str:
@@ -38,21 +37,13 @@ def shadow_cache_key(root, size: int, seed: int, selection: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_cached(path: Path) -> tuple[np.ndarray, str] | None:
     """(images, sha256) of a cache file that is this user's regular file and holds what its name says, else None."""
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():  # a link or another user's file
             return None
-        digest = _file_sha256(path)
+        digest = atomic.file_sha256(path)
         if digest[:HASH_CHARS] != path.stem.rsplit("-", 1)[-1]:
             return None
         check_npz_headers(path)

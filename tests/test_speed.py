@@ -24,12 +24,7 @@ from decree.report import restart_spread, summary_csv
 FAST = dict(lr=0.5, batch_size=32, max_epochs=60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one reduction order, as the comparisons assume
 
 
 def run(encoder, images, **overrides):
