@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from datasets import stamp, white_square_trigger
 
 FAMILIES = ("patch-white", "patch-checker", "patch-random", "blend", "sig", "wanet", "ctrl-finetune", "ctrl", "drupe")
-PATCH_FAMILIES = ("patch-white", "patch-checker", "patch-random", "drupe")
 POISONING_FAMILIES = ("ctrl",)
 THREAT_MODELS = {"fine-tune": "fine-tunes a clean encoder (BadEncoder's threat model)",
                  "poison": "poisons a fraction of the pre-training data (CTRL's threat model)"}
