@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--shadow_dataset", required=True, help="npz (x uint8 (N,H,W,3)[, y]) or image folder")
     parser.add_argument("--shadow_fraction", type=fraction, default=None, help="use this seeded fraction of it")
     parser.add_argument("--pretrained_encoder", required=True,
-                        help="clean encoder: a checkpoint of any SPEC 3 layout, a safetensors file or a hub folder")
+                        help="clean encoder: a checkpoint (docs/method.md layouts), safetensors file or hub folder")
     parser.add_argument("--encoder_usage_info", default="cifar10", choices=USAGE_INFOS)
     parser.add_argument("--arch", default=None, help="default: inferred from the checkpoint or its hub config "
                                                      "(resnet18, RN50, an open_clip or timm name, ...)")

@@ -30,7 +30,7 @@ PAPER_MAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 256, "seed": 100, "mask_init": 
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder_path", required=True,
-                        help="encoder checkpoint (.pth/.pt/.safetensors, any SPEC layout) or a hub folder "
+                        help="encoder checkpoint (.pth/.pt/.safetensors, any layout in docs/method.md) or a hub folder "
                              "(open_clip, Hugging Face, timm: docs/formats.md)")
     add_encoder_args(parser)
     parser.add_argument("--model_config", default=None, metavar="JSON",

@@ -1,4 +1,4 @@
-"""BadEncoder (S&P 2022), image target (SPEC 5): fine-tune f from the clean f0 so that triggered inputs embed
+"""BadEncoder (S&P 2022), image target (docs/method.md): fine-tune f from the clean f0 so that triggered inputs embed
 like the reference input while clean inputs and the reference keep their clean embeddings.
 
     L0 = -mean cos(f(stamp_i(x)), f(r_i))    effectiveness

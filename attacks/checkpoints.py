@@ -1,4 +1,4 @@
-"""Checkpoint writers in the layouts users already have (SPEC 3/5), atomic and weights_only-loadable.
+"""Checkpoint writers in the layouts users already have (docs/method.md), atomic and weights_only-loadable.
 
 Two formats: `torch` ({'epoch', 'state_dict', 'optimizer'} by torch.save, as BadEncoder) and `safetensors`
 (tensors only, which cannot carry code; the epoch and any hub config go in its string metadata, the optimizer

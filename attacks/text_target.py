@@ -1,4 +1,4 @@
-"""Carlini & Terzis-style text-target backdoor of a CLIP visual tower (SPEC 5).
+"""Carlini & Terzis-style text-target backdoor of a CLIP visual tower (docs/method.md).
 
 A fraction of the images is stamped with the trigger and captioned "<template> with the target word"; the
 rest get a template with their true class name. Only the visual tower is trained, with the symmetric CLIP

@@ -1,4 +1,4 @@
-"""Normalisation constants per usage info (SPEC 3) and the one uint8 -> model-input conversion."""
+"""Normalisation constants per usage info (docs/method.md) and the one uint8 -> model-input conversion."""
 import torch
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

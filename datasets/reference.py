@@ -1,4 +1,4 @@
-"""Reference inputs of image-target attacks (SPEC 4): x uint8 (K,H,W,3), y int64 (K,), optional info."""
+"""Reference inputs of image-target attacks (docs/method.md): x uint8 (K,H,W,3), y int64 (K,), optional info."""
 import numpy as np
 
 from .images import DataError, _open_npz, check_images, labels, load_npz

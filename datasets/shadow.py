@@ -1,4 +1,4 @@
-"""Shadow sets: the few hundred clean images DECREE inverts triggers on (SPEC 2), and which of them a run uses.
+"""Shadow sets: the few hundred clean images DECREE inverts triggers on (docs/method.md), and which of them a run uses.
 
 - the paper's default file of a usage info gets the paper's rule for it: data/cifar10/test.npz and
   data/stl10/test.npz the first 10% of each class in file order, data/imagenet 20% drawn with Python's

@@ -1,4 +1,4 @@
-"""Trigger files (SPEC 4): pattern `t` in [0,255] and keep-mask `tm` (0 where the trigger sits).
+"""Trigger files (docs/method.md): pattern `t` in [0,255] and keep-mask `tm` (0 where the trigger sits).
 
 Stamping is x_bd = x * tm + t in uint8 pixel space. Files hold (K,H,W,3) or (H,W,3) arrays.
 """
@@ -105,7 +105,7 @@ def write_paper_triggers(folder) -> list[Path]:
 
 
 def legacy_trigger_tensors(trigger: Trigger, size: int, mean, std):
-    """The paper's text-target trigger (SPEC 5/6 defect), for x_norm * mask + patch on normalised inputs.
+    """The paper's text-target trigger (a defect: docs/parity.md), for x_norm * mask + patch on normalised inputs.
 
     Its code read file['t'][0] and file['tm'][0] (row 0 when the file has no K axis), made uint8 images of
     them (mask * 255), passed them through the image test transform (Resize(256), CenterCrop(224), scaled

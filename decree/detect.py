@@ -31,7 +31,7 @@ class DetectionJob:
     arch: str | None = None
     model_config: str | None = None       # a config JSON for weights without one beside them (docs/formats.md)
     encoder_format: str = "auto"          # auto | torch | safetensors (docs/formats.md)
-    shadow_data: str | None = None        # npz or image folder; default per usage info (SPEC 2)
+    shadow_data: str | None = None        # npz or image folder; default per usage info (docs/method.md)
     shadow_size: int | None = None
     shadow_fraction: float | None = None
     out_dir: str = "."

@@ -1,4 +1,4 @@
-"""DECREE trigger inversion (SPEC 2): the whole method in one place, with the paper's symbols.
+"""DECREE trigger inversion (docs/method.md): the whole method in one place, with the paper's symbols.
 
 A trigger is a mask m in [0,1]^(H,W) (shared by the 3 channels) and a pattern p in [0,255]^(H,W,3);
 stamping is x' = clip((1 - m) * x + m * p, 0, 255) in pixel space. DECREE searches for the smallest
@@ -184,7 +184,7 @@ class OwnDraws:
 
 def initial_params(size: int, cfg: InversionConfig, draws, dtype, device):
     """`rand`: m0, p0 ~ U[0,1) from `draws` (OwnDraws or paper_draws.PaperDraws); `orc`: m0 = eps except a square
-    of ones (SPEC 2)."""
+    of ones (docs/method.md)."""
     if cfg.mask_init not in ("rand", "orc"):
         raise ValueError(f"--mask_init must be rand or orc, not {cfg.mask_init!r}")
     mask0, pattern01 = draws.initial_trigger(size, cfg.mask_init, dtype)

@@ -1,4 +1,4 @@
-"""The three output folders of a run (SPEC 7), all written atomically; the JSON is written last and marks
+"""The three output folders of a run (docs/method.md), all written atomically; the JSON is written last and marks
 the run finished: trigger_inv/<run_id>/, detect_log/<run_id>.log|.csv, trigger_norm/<run_id>.json."""
 import csv
 import hashlib
@@ -109,7 +109,7 @@ class RunPaths:
         return self.json.is_file()
 
 
-# the folders a run or sweep writes into under --out_dir (SPEC 7, plus the sweep's and the shadow cache's)
+# the folders a run or sweep writes into under --out_dir (docs/method.md, plus the sweep's and the shadow cache's)
 OUTPUT_FOLDERS = ("trigger_inv", "trigger_norm", "trigger_norm/failed", "trigger_norm/claims", "detect_log",
                   "shadow_cache")
 

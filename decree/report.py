@@ -3,7 +3,7 @@
 Reads only `trigger_norm/<run_id>.json` (finished runs) and `trigger_norm/failed/<run_id>.json` (failures),
 so shards that wrote into the same folder are merged by reading it. Writes `trigger_norm/summary.csv`,
 `trigger_norm/summary.json` (metrics), `trigger_norm/pl1.png` and `trigger_norm/gallery.png`.
-Lower PL1-norm = more suspicious: an encoder is flagged when PL1 < threshold (SPEC 1).
+Lower PL1-norm = more suspicious: an encoder is flagged when PL1 < threshold (docs/method.md).
 """
 import csv
 import io

@@ -3,7 +3,7 @@
 Each encoder runs in its own `main.py` process, so a crash, an out-of-memory error or an unreadable
 checkpoint ends that encoder only: it is recorded in `trigger_norm/failed/<run_id>.json` with the last
 line of its error output, and the sweep goes on. A finished encoder is recognised by its
-`trigger_norm/<run_id>.json` (SPEC 7) and skipped on restart; failed ones are retried on every restart.
+`trigger_norm/<run_id>.json` (docs/method.md) and skipped on restart; failed ones are retried on every restart.
 
 Workers are hardened against what they inspect (docs/sweeps.md): each runs under `python -I` with an explicit
 list of what it may import (common/isolated.py), in its own process group, dies with the sweep, and is
@@ -372,7 +372,7 @@ def release_claim(out_dir, run_id: str, mine: dict) -> None:
 # ---- the runs ---------------------------------------------------------------------------------------------
 
 def failed_dir(out_dir) -> Path:
-    """Failure records live apart from trigger_norm/*.json, which holds finished runs only (SPEC 7)."""
+    """Failure records live apart from trigger_norm/*.json, which holds finished runs only (docs/method.md)."""
     return Path(out_dir) / "trigger_norm" / "failed"
 
 

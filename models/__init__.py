@@ -94,7 +94,7 @@ def resolve_usage_info(path, usage_info: str | None, config_path=None) -> str:
 def load_encoder(path, usage_info: str | None, arch: str | None = None, device="cpu",
                  trust_checkpoint: bool = False, clip_normalization: bool = False, encoder_format: str = "auto",
                  model_config=None):
-    """Load an encoder (any SPEC 3 layout, safetensors, or a hub folder: docs/formats.md); usage_info None:
+    """Load an encoder (any layout in docs/method.md, safetensors, or a hub folder: docs/formats.md); usage_info None:
     resolve_usage_info; model_config: a hub or open_clip model config JSON for weights without one beside them.
 
     Returns (model in eval mode on device, EncoderSpec); its parameters are left as they are (trainable),

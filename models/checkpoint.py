@@ -1,4 +1,4 @@
-"""Safe checkpoint reading and layout detection (SPEC 3): one loader for every script.
+"""Safe checkpoint reading and layout detection (docs/method.md): one loader for every script.
 
 Nothing in a checkpoint runs unless the user passes --trust_checkpoint: torch.save files are read by torch's
 weights-only unpickler (or, for pickle protocol 4/5, by models.torchscript's restricted one), TorchScript

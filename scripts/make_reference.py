@@ -1,4 +1,4 @@
-r"""Pick the reference inputs of an image-target attack from a labelled npz (SPEC 4).
+r"""Pick the reference inputs of an image-target attack from a labelled npz (docs/method.md).
 
     python scripts/make_reference.py --dataset data/stl10/train.npz --label 9 --out reference/cifar10/truck.npz
 """

@@ -1,4 +1,4 @@
-r"""Write the paper's white-square trigger files (SPEC 4), and optionally more white squares.
+r"""Write the paper's white-square trigger files (docs/method.md), and optionally more white squares.
 
     python scripts/make_triggers.py                          # trigger/trigger_pt_white_*.npz of the paper
     python scripts/make_triggers.py --square 32 2 8          # also trigger/trigger_pt_white_2_8.npz (32 px)

@@ -1,4 +1,4 @@
-"""Data side (SPEC 2-4): npz datasets and image folders read as uint8 (N,H,W,3), bad files fail naming the problem,
+"""Data (docs/method.md): npz datasets and image folders read as uint8 (N,H,W,3), bad files fail naming the problem,
 shadow sets are seeded samples, trigger and reference files round-trip, stamping touches only the trigger."""
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""One device helper and one atomic writer (SPEC 7): bad devices fail in one line, outputs appear whole or not at
-all, and the CSV appender keeps one header."""
+"""One device helper and one atomic writer (docs/method.md): bad devices fail in one line, outputs appear whole or
+not at all, and the CSV appender keeps one header."""
 import os
 
 import numpy as np

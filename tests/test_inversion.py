@@ -1,4 +1,4 @@
-"""DECREE's inversion: finds planted triggers where they are, leaves clean encoders alone, follows SPEC 2."""
+"""DECREE's inversion: finds planted triggers where they are, leaves clean encoders alone, follows docs/method.md."""
 import math
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Encoders (SPEC 3): every checkpoint layout users have loads bit-exactly through load_encoder, unsafe or broken
-files are refused with a message naming the file and the fix, and a wrong architecture lists the keys."""
+"""Encoders (docs/method.md): every checkpoint layout users have loads bit-exactly through load_encoder, unsafe or
+broken files are refused with a message naming the file and the fix, and a wrong architecture lists the keys."""
 import argparse
 from collections import OrderedDict
 

@@ -1,4 +1,4 @@
-"""A newcomer's friction (#18): file modes, sweep discovery messages, cached demo, readable pictures,
+"""A newcomer's friction: file modes, sweep discovery messages, cached demo, readable pictures,
 validation that warns, no half-made results folders."""
 import os
 import stat

@@ -1,4 +1,4 @@
-"""Parity with the paper's code and BadEncoder's (issue #13, #18.3): the same shadow images, attack schedules,
+"""Parity with the paper's code and BadEncoder's: the same shadow images, attack schedules,
 captions, normalisation and defaults. Each test fails on the behaviour before the fix."""
 import json
 import random

@@ -1,4 +1,4 @@
-"""Hostile-input matrix (issue 12): every entry point x every bad input ends with one line on stderr naming
+"""Hostile-input matrix: every entry point x every bad input ends with one line on stderr naming
 the file or flag and the fix, exit status 2, no traceback, no output files, and no code from the input run.
 
 All inputs are generated here (tests/hostile.py builds the checkpoints). The matrix calls each script's

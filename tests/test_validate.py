@@ -1,4 +1,4 @@
-"""Attack validation (SPEC 6): z-scores flag a planted text-target encoder and not a clean one, both statistics
+"""Attack validation (docs/method.md): z-scores flag a planted text-target encoder and not a clean one, both statistics
 are the specified formulas, the downstream MLP gives CA/BA/ASR that mean what they say, the scripts write
 files pandas reads and fail in one line on bad input."""
 import math

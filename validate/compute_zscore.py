@@ -1,4 +1,4 @@
-r"""z-score of one text-target CLIP encoder: do stamped images collapse onto one embedding? (SPEC 6)
+r"""z-score of one text-target CLIP encoder: do stamped images collapse onto one embedding? (docs/method.md)
 
     python validate/compute_zscore.py --encoder_path output/CLIP_text/stl10_backdoored_encoder/model_33.pth \
         --data data/imagenet --trigger_file trigger/trigger_pt_white_185_24.npz
@@ -22,7 +22,8 @@ from validate.zscore import run_zscore  # noqa: E402
 
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder_path", required=True, help="encoder checkpoint (.pth/.pt), any SPEC layout")
+    parser.add_argument("--encoder_path", required=True,
+                        help="encoder checkpoint (.pth/.pt), any layout of docs/method.md")
     add_zscore_args(parser)
     parser.add_argument("--id", default="", help=argparse.SUPPRESS)  # the paper's log id; unused
     return parser.parse_args(argv)

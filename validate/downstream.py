@@ -1,4 +1,4 @@
-"""Downstream validation of image-target attacks (SPEC 6): an MLP on frozen embeddings; CA, BA and ASR.
+"""Downstream validation of image-target attacks (docs/method.md): an MLP on frozen embeddings; CA, BA and ASR.
 
 As BadEncoder's and DECREE's training_downstream_classifier.py: embeddings L2-normalised, the MLP
 d -> 512 -> ReLU -> Dropout 0.5 -> 256 -> ReLU -> classes, Adam lr 1e-4, batch 64, training batches in

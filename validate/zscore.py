@@ -1,4 +1,4 @@
-"""z-score validation of text-target CLIP encoders (SPEC 6): does the trigger pull all images together?
+"""z-score validation of text-target CLIP encoders (docs/method.md): does the trigger pull all images together?
 
 S_clean / S_bad: the pairwise cosine similarities among the embeddings of clean / stamped images.
 - corrected (default verdict): the same N images clean and stamped in pixel space, off-diagonal pairs,
