@@ -99,6 +99,17 @@ def reference_push(loss3: torch.Tensor) -> torch.Tensor:
     return torch.where(loss3 > 0.5, loss3, torch.where(loss3 > 0.4, 0.2 * loss3, torch.zeros_like(loss3)))
 
 
+def adapted(weight: float, initial: float, up: int, down: int, good: bool) -> tuple[float, int, int]:
+    """One weight's step of their schedule: after PATIENCE good epochs in a row x WEIGHT_UP (from `initial` if
+    it had fallen to 0), after PATIENCE bad ones / WEIGHT_DOWN; returns (weight, up, down) counters."""
+    up, down = (up + 1, 0) if good else (0, down + 1)
+    if up >= PATIENCE:
+        return (weight * WEIGHT_UP if weight else initial), 0, down
+    if down >= PATIENCE:
+        return weight / WEIGHT_DOWN, up, 0
+    return weight, up, down
+
+
 @dataclass
 class DrupeWeights:
     """The adaptive weights and their counters (their cost / cost_1), and the selection measure."""
@@ -117,25 +128,14 @@ class DrupeWeights:
         below 0.6: the distance weight likewise, the measure becomes `distance`, and below 0.5 the cosine
         weight's next raise is skipped."""
         effective = (loss0 < EFFECTIVE_BELOW[0] and loss1 < EFFECTIVE_BELOW[1] and loss2 < EFFECTIVE_BELOW[2])
-        self.up, self.down = (self.up + 1, 0) if effective else (0, self.down + 1)
-        if self.up >= PATIENCE:
-            self.up = 0
-            self.cosine = self.cosine * WEIGHT_UP if self.cosine else INIT_COSINE_WEIGHT
-        elif self.down >= PATIENCE:
-            self.down = 0
-            self.cosine /= WEIGHT_DOWN
+        self.cosine, self.up, self.down = adapted(self.cosine, INIT_COSINE_WEIGHT, self.up, self.down, effective)
         spread = effective and sim < SPREAD_BELOW
-        self.up_distance, self.down_distance = (self.up_distance + 1, 0) if spread else (0, self.down_distance + 1)
         if spread:
             if sim < WELL_SPREAD_BELOW:
                 self.up -= 1
             self.measure = distance
-        if self.up_distance >= PATIENCE:
-            self.up_distance = 0
-            self.distance = self.distance * WEIGHT_UP if self.distance else INIT_DISTANCE_WEIGHT
-        elif self.down_distance >= PATIENCE:
-            self.down_distance = 0
-            self.distance /= WEIGHT_DOWN
+        self.distance, self.up_distance, self.down_distance = adapted(
+            self.distance, INIT_DISTANCE_WEIGHT, self.up_distance, self.down_distance, spread)
 
     def keep(self) -> bool:
         """Their best.pth rule: keep this epoch's encoder when the measure is below the best so far. The measure
