@@ -14,11 +14,11 @@ from models import load_encoder, resolve_usage_info
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionConfig, InversionError, invert_trigger,
-                        prepare_encoder, preset, stop_message)
+from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, prepare_encoder, preset
 from .outputs import (RunPaths, append_result_line, check_output_folders, encoder_identity, run_id_for, write_run,
                       write_trigger_images)
 from .shadow_cache import load_image_folder_cached
+from .stop_reasons import STOP_SLOW, STOP_VERDICT, stop_message
 from .target import (analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
                      verdict_notes)
 

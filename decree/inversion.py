@@ -1,10 +1,22 @@
-"""DECREE trigger inversion (docs/method.md): the whole method in one place, with the paper's symbols.
+"""DECREE's trigger inversion: the method of Feng et al., "Detecting Backdoors in Pre-trained Encoders" (CVPR 2023,
+arXiv 2303.15180), with the paper's symbols; docs/method.md describes it with its defaults.
 
 A trigger is a mask m in [0,1]^(H,W) (shared by the 3 channels) and a pattern p in [0,255]^(H,W,3);
 stamping is x' = clip((1 - m) * x + m * p, 0, 255) in pixel space. DECREE searches for the smallest
 trigger (L1 = 3 * sum(m)) that makes the encoder map every stamped shadow image to (almost) the same
 embedding: loss = -cos + lambda * L1, cos = mean off-diagonal cosine similarity of a batch's embeddings.
 A backdoored encoder has such a trigger covering a small fraction of the image (PL1 = L1 / (H*W*3)).
+
+Where each part of the method is:
+- the trigger made from free tensors (w, v), so that m and p stay in their ranges: trigger_from_params,
+  initial_params;
+- the loss on a batch of shadow images (stamp, normalise, encode, mean_pairwise_cos, l1_norm) and the Adam step
+  on (w, v): step;
+- after every step, the adaptive lambda (LambdaSchedule) and the best trigger so far (BestTrigger): after_step;
+- after every epoch, the epoch's means and the early stop (BestTrigger.stop_reason): end_epoch;
+- the search, epoch after epoch over the shuffled shadow set at the scheduled learning rate: invert_trigger.
+Beside the method: restarts.py runs several inversions in one encoder batch, progress.py shows a run on stderr,
+stop_reasons.py names why a run ended.
 """
 import functools
 import math
@@ -20,14 +32,13 @@ from tqdm import tqdm
 
 from common.device import cpu_supports_bf16
 from models.fold import fold_batchnorm
-from .paper_draws import PaperDraws, paper_build
+from .paper_draws import paper_build
+from .progress import ProgressBar
+from .restarts import Restart, RestartStack, smallest_best
+from .stop_reasons import STOP_BUDGET, STOP_EARLY, STOP_SLOW, STOP_VERDICT, UPPER_BOUND_STOPS
 
 EPS = 1e-7
 NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached the threshold
-# why a run (or one restart) ended
-STOP_EARLY, STOP_BUDGET, STOP_VERDICT = "early stop", "epoch budget", "exact early exit"
-STOP_SLOW = "slow progress"  # --min_progress: stopped before the paper's early stop; the PL1 is an upper bound
-UPPER_BOUND_STOPS = (STOP_VERDICT, STOP_SLOW)
 
 
 class InversionError(RuntimeError):
@@ -166,25 +177,9 @@ def params_from_trigger(mask0: torch.Tensor, pattern01: torch.Tensor):
     return w, v
 
 
-class OwnDraws:
-    """The project's draws for one restart: a generator of its own, seeded with the restart's seed."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def initial_trigger(self, size: int, mask_init: str, dtype=torch.float64):
-        """(mask (S,S), pattern (S,S,3)), both U[0,1) in dtype; the mask is drawn for `orc` too, and unused."""
-        mask0 = torch.rand((size, size), generator=self.generator, dtype=dtype)
-        return mask0, torch.rand((size, size, 3), generator=self.generator, dtype=dtype)
-
-    def epoch_order(self, n: int) -> torch.Tensor:
-        """int64 (n,): this epoch's shuffled order of the n shadow images."""
-        return torch.randperm(n, generator=self.generator)
-
-
 def initial_params(size: int, cfg: InversionConfig, draws, dtype, device):
-    """`rand`: m0, p0 ~ U[0,1) from `draws` (OwnDraws or paper_draws.PaperDraws); `orc`: m0 = eps except a square
-    of ones (docs/method.md)."""
+    """`rand`: m0, p0 ~ U[0,1) from `draws` (restarts.OwnDraws or paper_draws.PaperDraws); `orc`: m0 = eps except
+    a square of ones (docs/method.md)."""
     if cfg.mask_init not in ("rand", "orc"):
         raise ValueError(f"--mask_init must be rand or orc, not {cfg.mask_init!r}")
     mask0, pattern01 = draws.initial_trigger(size, cfg.mask_init, dtype)
@@ -333,7 +328,7 @@ class BestTrigger:
         return STOP_SLOW if self.slow_steps > cfg.early_stop_patience else None
 
 
-class StepValues:
+class EpochValues:
     """One epoch's per-step loss, cos and L1, and their means as the paper takes them: torch.mean of the stacked
     values, the cosines in float32 and the loss and L1 in float64."""
 
@@ -351,7 +346,7 @@ class StepValues:
                      for v, d in ((self.loss, torch.float64), (self.cos, torch.float32), (self.l1, torch.float64)))
 
 
-def epoch_record(epoch: int, values: StepValues, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
+def epoch_record(epoch: int, values: EpochValues, lr: float, lambdas: LambdaSchedule, best: BestTrigger,
                  start: float) -> dict:
     """One row of the per-epoch history: the epoch's mean loss, cos and L1, and where lambda and the best are."""
     loss, cos, l1 = values.means()
@@ -371,119 +366,11 @@ def final_result(best: BestTrigger, size: int, cfg: InversionConfig, history: li
                            epochs=len(history), seconds=seconds, history=history, **extra)
 
 
-# ---- the loop --------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def restart_seed(seed: int, index: int) -> int:
-    """Restart 0 draws exactly what a single run draws; the others get independent streams of the same seed."""
-    return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
+# ---- the encoder -----------------------------------------------------------------------------------
 
 def amp_active(cfg: InversionConfig, device: torch.device) -> bool:
     """bf16 autocast is used on CUDA, and on CPUs with bf16 instructions (elsewhere it would be slower)."""
     return cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()))
-
-
-class Restart:
-    """One of the K independent inversions of a run: its random stream, lambda schedule, best trigger, history.
-
-    `paper_model`: what the paper's main.py builds before its draws (paper_draws.paper_build), or None; with it,
-    restart 0 draws as the paper's run does. Every other restart has its own generator."""
-
-    def __init__(self, index: int, cfg: InversionConfig, size: int, dtype, device, paper_model=None):
-        self.index, self.cfg, self.seed = index, cfg, restart_seed(cfg.seed, index)
-        self.paper_draws = index == 0 and paper_model is not None
-        self.draws = PaperDraws(cfg.seed, paper_model) if self.paper_draws else OwnDraws(self.seed)
-        self.w, self.v = (p.detach() for p in initial_params(size, cfg, self.draws, dtype, device))
-        self.lambdas = LambdaSchedule(cfg)
-        self.best = BestTrigger(cfg.min_progress, cfg.pl1_threshold * size * size * 3)
-        self.history, self.stop_reason = [], None
-        self.values = StepValues()
-
-    def start_epoch(self, n: int) -> torch.Tensor:
-        """This epoch's shuffled order of the n shadow images."""
-        self.best.improved_this_epoch = False
-        self.values = StepValues()
-        return self.draws.epoch_order(n)
-
-    def after_step(self, cos: float, l1: float, loss: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
-        success = similar_enough(cos, self.cfg.thres)
-        self.best.update(success, l1, mask, pattern)
-        self.lambdas.step(success)
-        self.values.add(loss, cos, l1)
-
-    def end_epoch(self, epoch: int, lr: float, start: float) -> dict:
-        record = epoch_record(epoch, self.values, lr, self.lambdas, self.best, start)
-        self.history.append(record)
-        if self.stop_reason is None:
-            self.stop_reason = self.best.stop_reason(record["cos"], self.cfg)
-        return record
-
-    def summary(self, size: int) -> dict:
-        found = self.best.mask is not None
-        return {"restart": self.index, "seed": self.seed, "paper_draws": self.paper_draws,
-                "l1": self.best.l1 if found else None,
-                "pl1": pl1_norm(self.best.l1, size) if found else None, "epochs": len(self.history),
-                "stop_reason": self.stop_reason}
-
-
-def drop_rows(optimizer: torch.optim.Optimizer, keep: list[int]) -> list[torch.Tensor]:
-    """Keep rows `keep` of every stacked parameter and of its Adam moments; returns the new parameters.
-
-    Adam is elementwise (moments per entry, one shared step count), so the rows of one stacked Adam are K
-    independent Adams, and a finished restart can leave the stack without changing the others."""
-    group = optimizer.param_groups[0]
-    rows = torch.tensor(keep, device=group["params"][0].device)
-    params = []
-    for old in group["params"]:
-        new = old.detach()[rows].requires_grad_(True)
-        state = optimizer.state.pop(old, {})
-        optimizer.state[new] = {k: s[rows] if torch.is_tensor(s) and s.dim() > 0 else s for k, s in state.items()}
-        params.append(new)
-    group["params"] = params
-    return params
-
-
-PROGRESS_LEGEND = ("best_PL1: smallest trigger so far that reached |cos| > thres (the result; it only falls), "
-                   "against the threshold; since_best: steps since it last improved, against the early-stop "
-                   "patience; cos, PL1: the current trigger (this epoch's means)")
-
-
-def progress_postfix(restarts: list, active: list, size: int, cfg: InversionConfig) -> dict:
-    """What the run waits for: best PL1 vs the threshold, early-stop count vs its patience (leading restart)."""
-    lead = min(active, key=lambda r: (r.best.l1, r.index))
-    record = lead.history[-1]
-    if lead.best.mask is None:
-        status = {"best": f"none yet (needs |cos|>{cfg.thres})"}
-    else:
-        status = {"best_PL1": f"{pl1_norm(lead.best.l1, size):.4f} (thr {cfg.pl1_threshold})",
-                  "since_best": f"{lead.best.stale_steps}/{cfg.early_stop_patience} steps"}
-        if cfg.min_progress:
-            status["since_progress"] = f"{lead.best.slow_steps}/{cfg.early_stop_patience} steps"
-    status.update(cos=f"{record['cos']:.4f}", PL1=f"{pl1_norm(record['l1'], size):.4f}", lam=f"{record['lambda']:.0e}")
-    if len(restarts) > 1:
-        status["running"] = f"{len(active)}/{len(restarts)}"
-    return status
-
-
-def stop_message(result: "InversionResult", cfg: InversionConfig) -> str:
-    """One line: why the run ended (the reason of the restart that gave the result)."""
-    why = {STOP_EARLY: f"early stop: the best L1 did not improve for more than {cfg.early_stop_patience} steps "
-                       f"while the epoch's mean |cos| was above {cfg.thres}",
-           STOP_BUDGET: f"epoch budget: --epochs {cfg.max_epochs} reached",
-           STOP_VERDICT: f"exact early exit: PL1 fell below the threshold {cfg.pl1_threshold} and can only fall "
-                         "further, so the verdict is final (the PL1 is an upper bound)",
-           STOP_SLOW: f"slow progress: for more than {cfg.early_stop_patience} steps the best PL1 fell by less than "
-                      f"{cfg.min_progress:g} of its distance to the threshold {cfg.pl1_threshold} (--min_progress), "
-                      "while the epoch's mean |cos| was above "
-                      f"{cfg.thres}; the paper's run would go on and could only lower the PL1, so it is an upper "
-                      "bound"}[result.stop_reason]
-    return f"DECREE stopped after {result.epochs} epochs ({result.seconds:.1f} s): {why}"
 
 
 @dataclass
@@ -508,6 +395,152 @@ def prepare_encoder(encoder: torch.nn.Module, cfg: InversionConfig, progress: bo
     return PreparedEncoder(encoder, folded)
 
 
+@dataclass
+class StepInputs:
+    """What every step feeds the encoder: the shadow set, uint8 (N,S,S,3) on the device, its normalisation, mean and
+    std (1,3,1,1) in the trigger's dtype, and the prepared encoder with the memory format and autocast of its calls."""
+    shadow: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    memory_format: torch.memory_format
+    autocast: torch.autocast
+    amp_used: bool
+    encoder: PreparedEncoder
+
+
+def step_inputs(encoder, shadow: torch.Tensor, mean, std, cfg: InversionConfig, dtype, device: torch.device,
+                progress: bool) -> StepInputs:
+    """A run's StepInputs; `encoder` is prepared here unless it is a PreparedEncoder already."""
+    norm_mean, norm_std = (torch.tensor(c, dtype=dtype, device=device).view(1, 3, 1, 1) for c in (mean, std))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    use_amp = amp_active(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    prepared = encoder if isinstance(encoder, PreparedEncoder) else prepare_encoder(encoder, cfg, progress)
+    return StepInputs(shadow, norm_mean, norm_std, memory_format, autocast, use_amp, prepared)
+
+
+# ---- one step, one epoch ---------------------------------------------------------------------------
+
+@dataclass
+class StepOutcome:
+    """What one step measured for each of the K active restarts: cos, L1 and loss as floats (K,), and the trigger
+    they were measured on, mask (K,S,S) in [0,1] and pattern (K,S,S,3) in [0,255]."""
+    cos: list[float]
+    l1: list[float]
+    loss: list[float]
+    mask: torch.Tensor
+    pattern: torch.Tensor
+
+
+def step(inputs: StepInputs, stack: RestartStack, index: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepOutcome:
+    """One optimisation step of every active restart on its batch of shadow images (index int64 (K,B)): the trigger
+    from (w, v), the stamped batch encoded, loss = -cos + lambda * L1, and one Adam step on (w, v)."""
+    # (K,1,S,S,3), broadcast on the batch; stamp and L1 use this one tensor, so its gradient adds their terms in the
+    # paper's order
+    mask, pattern = trigger_from_params(stack.w.unsqueeze(1), stack.v.unsqueeze(1))
+    stamped = stamp(inputs.shadow[index], mask, pattern)  # (K,B,S,S,3)
+    normalised = normalise(stamped.flatten(0, 1).permute(0, 3, 1, 2), inputs.mean, inputs.std).float().contiguous(
+        memory_format=inputs.memory_format)
+    with inputs.autocast:
+        embeddings = inputs.encoder.module(normalised)
+    cos = mean_pairwise_cos(embeddings.view(*index.shape, -1))  # (K,)
+    l1 = l1_norm(mask)[:, 0]
+    lambda_ = torch.tensor([r.lambdas.lambda_ for r in stack.active], dtype=l1.dtype, device=l1.device)
+    loss = -cos + lambda_ * l1
+    optimizer.zero_grad(set_to_none=True)
+    loss.sum().backward()  # each restart's loss depends on its own rows only
+    optimizer.step()
+
+    cos_values, l1_values, loss_values = torch.stack([cos.detach().double(), l1.detach().double(),
+                                                      loss.detach().double()]).tolist()  # one sync a step
+    if not all(math.isfinite(c) for c in cos_values):
+        raise InversionError("the encoder returned NaN/inf embeddings; the checkpoint is broken or "
+                             "does not match --encoder_usage_info/--arch (try without --amp)")
+    return StepOutcome(cos_values, l1_values, loss_values, mask[:, 0, ..., 0], pattern[:, 0])
+
+
+def after_step(restarts: list[Restart], outcome: StepOutcome, values: list[EpochValues],
+               cfg: InversionConfig) -> None:
+    """After every step, per restart: the step succeeded if |cos| > thres; a successful trigger smaller than the best
+    becomes the best; lambda adapts to the success; the step's values join the epoch's."""
+    for k, r in enumerate(restarts):
+        success = similar_enough(outcome.cos[k], cfg.thres)
+        r.best.update(success, outcome.l1[k], outcome.mask[k], outcome.pattern[k])
+        r.lambdas.step(success)
+        values[k].add(outcome.loss[k], outcome.cos[k], outcome.l1[k])
+
+
+def verdict_is_final(restarts: list[Restart], size: int, cfg: InversionConfig) -> bool:
+    """The exact early exit (cfg.stop_at_verdict): a restart's best PL1 is below the threshold, and bests only fall."""
+    return cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
+                                       for r in restarts)
+
+
+def end_epoch(restarts: list[Restart], values: list[EpochValues], epoch: int, lr: float, start: float,
+              cfg: InversionConfig) -> list[dict]:
+    """After every epoch, per restart: the epoch's record into its history, then the early stop
+    (BestTrigger.stop_reason) unless the restart has a reason to stop already. Returns the records."""
+    records = []
+    for r, epoch_values in zip(restarts, values):
+        record = epoch_record(epoch, epoch_values, lr, r.lambdas, r.best, start)
+        r.history.append(record)
+        if r.stop_reason is None:
+            r.stop_reason = r.best.stop_reason(record["cos"], cfg)
+        records.append(record)
+    return records
+
+
+def batches(orders: torch.Tensor, batch_size: int):
+    """Column slices int64 (K,B) of the epoch's orders (K,n), in turn; a last batch of one image has no pairs and is
+    left out."""
+    for first in range(0, orders.shape[1], batch_size):
+        index = orders[:, first:first + batch_size]
+        if index.shape[1] >= 2:
+            yield index
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, cfg: InversionConfig) -> float:
+    lr = learning_rate(epoch, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_run_sizes(n: int, cfg: InversionConfig) -> None:
+    if n < 2:
+        raise InversionError(f"the shadow set has {n} image(s); DECREE needs at least 2 per batch")
+    if cfg.restarts < 1:
+        raise ValueError(f"--restarts must be at least 1, not {cfg.restarts}")
+
+
+def start_restarts(cfg: InversionConfig, size: int, dtype, device, paper_encoder) -> RestartStack:
+    """cfg.restarts inversions at their initial triggers, each with lambda at its start and no best yet, stacked."""
+    paper_model = paper_build(*paper_encoder) if cfg.paper_draws and paper_encoder else None
+    restarts, params = [], []
+    for index in range(cfg.restarts):
+        restarts.append(Restart(index, cfg.seed, paper_model, LambdaSchedule(cfg),
+                                BestTrigger(cfg.min_progress, cfg.pl1_threshold * size * size * 3)))
+        params.append(initial_params(size, cfg, restarts[-1].draws, dtype, device))
+    return RestartStack(restarts, params)
+
+
+def restart_summary(restart: Restart, size: int) -> dict:
+    """One restart in the result: its seed and draws, its best L1 and PL1, its epochs and why it ended."""
+    found = restart.best.mask is not None
+    return {"restart": restart.index, "seed": restart.seed, "paper_draws": restart.paper_draws,
+            "l1": restart.best.l1 if found else None,
+            "pl1": pl1_norm(restart.best.l1, size) if found else None, "epochs": len(restart.history),
+            "stop_reason": restart.stop_reason}
+
+
 def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.Tensor | np.ndarray, mean, std,
                    cfg: InversionConfig = None, device="cpu", progress: bool = True,
                    on_epoch=None, paper_encoder: tuple[str, str] | None = None) -> InversionResult:
@@ -525,100 +558,41 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
     device = torch.device(device)
     seed_everything(cfg.seed)
     dtype = getattr(torch, cfg.param_dtype)
-
     shadow = torch.as_tensor(shadow).to(device)  # the whole shadow set lives on the device, as uint8
-    n, size = shadow.shape[0], shadow.shape[1]
-    if n < 2:
-        raise InversionError(f"the shadow set has {n} image(s); DECREE needs at least 2 per batch")
-    if cfg.restarts < 1:
-        raise ValueError(f"--restarts must be at least 1, not {cfg.restarts}")
-    batch_size = min(cfg.batch_size, n)
-    norm_mean, norm_std = (torch.tensor(c, dtype=dtype, device=device).view(1, 3, 1, 1) for c in (mean, std))
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    use_amp = amp_active(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    n, size, batch_size = shadow.shape[0], shadow.shape[1], min(cfg.batch_size, shadow.shape[0])
+    check_run_sizes(n, cfg)
+    inputs = step_inputs(encoder, shadow, mean, std, cfg, dtype, device, progress)
+    stack = start_restarts(cfg, size, dtype, device, paper_encoder)
+    optimizer = torch.optim.Adam([stack.w, stack.v], lr=cfg.lr, betas=(0.5, 0.9))
+    start, steps_run = time.time(), 0
 
-    prepared = encoder if isinstance(encoder, PreparedEncoder) else prepare_encoder(encoder, cfg, progress)
-    encoder = prepared.module
-    paper_model = paper_build(*paper_encoder) if cfg.paper_draws and paper_encoder else None
-    restarts = [Restart(k, cfg, size, dtype, device, paper_model) for k in range(cfg.restarts)]
-    active = list(restarts)
-    # one stacked (K,S,S) / (K,S,S,3) parameter pair: one encoder call per step serves every restart
-    w = torch.stack([r.w for r in restarts]).requires_grad_(True)
-    v = torch.stack([r.v for r in restarts]).requires_grad_(True)
-    optimizer = torch.optim.Adam([w, v], lr=cfg.lr, betas=(0.5, 0.9))
-    start, total_steps = time.time(), 0
-
-    if progress:
-        tqdm.write(PROGRESS_LEGEND, file=sys.stderr)
-    bar = tqdm(desc=f"DECREE (up to {cfg.max_epochs} epochs)", unit="epoch", disable=not progress,
-               dynamic_ncols=True)  # no total: the run usually ends at its early stop, long before the budget
-    try:  # closed before any message of an interrupted run, so the message is the last line
+    with ProgressBar(cfg, progress, functools.partial(pl1_norm, size=size)) as bar:
         for epoch in range(cfg.max_epochs):
-            lr = learning_rate(epoch, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            orders = torch.stack([r.start_epoch(n) for r in active]).to(device)  # (K, n)
-            for first in range(0, n, batch_size):
-                index = orders[:, first:first + batch_size]
-                if index.shape[1] < 2:  # a last batch of one image has no pairs
-                    continue
-                # (K,1,S,S,3), broadcast on the batch; stamp and L1 use this one tensor, so its gradient adds their
-                # terms in the paper's order
-                mask, pattern = trigger_from_params(w.unsqueeze(1), v.unsqueeze(1))
-                stamped = stamp(shadow[index], mask, pattern)  # (K,B,S,S,3)
-                inputs = normalise(stamped.flatten(0, 1).permute(0, 3, 1, 2), norm_mean, norm_std).float().contiguous(
-                    memory_format=memory_format)
-                with autocast:
-                    embeddings = encoder(inputs)
-                cos = mean_pairwise_cos(embeddings.view(len(active), index.shape[1], -1))  # (K,)
-                l1 = l1_norm(mask)[:, 0]
-                lambda_ = torch.tensor([r.lambdas.lambda_ for r in active], dtype=l1.dtype, device=device)
-                loss = -cos + lambda_ * l1
-                optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()  # each restart's loss depends on its own rows only
-                optimizer.step()
-
-                cos_values, l1_values, loss_values = torch.stack([cos.detach().double(), l1.detach().double(),
-                                                                  loss.detach().double()]).tolist()  # one sync a step
-                if not all(math.isfinite(c) for c in cos_values):
-                    raise InversionError("the encoder returned NaN/inf embeddings; the checkpoint is broken or "
-                                         "does not match --encoder_usage_info/--arch (try without --amp)")
-                total_steps += 1
-                for k, r in enumerate(active):
-                    r.after_step(cos_values[k], l1_values[k], loss_values[k], mask[k, 0, ..., 0], pattern[k, 0])
-                if cfg.stop_at_verdict and any(r.best.mask is not None and pl1_norm(r.best.l1, size) < cfg.pl1_threshold
-                                               for r in active):
-                    for r in active:
-                        r.stop_reason = STOP_VERDICT
+            lr = set_learning_rate(optimizer, epoch, cfg)
+            values = [EpochValues() for _ in stack.active]
+            for index in batches(stack.start_epoch(n, device), batch_size):
+                after_step(stack.active, step(inputs, stack, index, optimizer), values, cfg)
+                steps_run += 1
+                if verdict_is_final(stack.active, size, cfg):
+                    stack.stop_running(STOP_VERDICT)
                     break
-
-            records = [r.end_epoch(epoch, lr, start) for r in active]
-            lead = min(active, key=lambda r: (r.best.l1, r.index))
-            bar.update()
-            bar.set_postfix(progress_postfix(restarts, active, size, cfg))
+            records = end_epoch(stack.active, values, epoch, lr, start, cfg)
+            bar.epoch_done(stack)
             if on_epoch is not None:
-                on_epoch(records[active.index(lead)], lead.best)
-            keep = [k for k, r in enumerate(active) if r.stop_reason is None]
-            if len(keep) < len(active):
-                if not keep:
-                    break
-                w, v = drop_rows(optimizer, keep)
-                active = [active[k] for k in keep]
-        for r in active:
-            r.stop_reason = r.stop_reason or STOP_BUDGET
-    finally:
-        bar.close()
-    if total_steps == 0:  # a result without a single optimisation step would be a verdict about nothing
+                lead = smallest_best(stack.active)
+                on_epoch(records[stack.active.index(lead)], lead.best)
+            if not stack.drop_finished(optimizer):
+                break
+        stack.stop_running(STOP_BUDGET)
+    if steps_run == 0:  # a result without a single optimisation step would be a verdict about nothing
         raise InversionError(f"no optimisation step ran ({cfg.max_epochs} epochs, batch size {batch_size}); "
                              "use --epochs >= 1 and --batch_size >= 2")
 
-    chosen = min(restarts, key=lambda r: (r.best.l1, r.index))
+    chosen = smallest_best(stack.restarts)
     result = final_result(chosen.best, size, cfg, chosen.history, time.time() - start, stop_reason=chosen.stop_reason,
-                          restarts=[r.summary(size) for r in restarts], amp_used=use_amp,
-                          batchnorms_folded=prepared.batchnorms_folded)
-    if progress:
-        tqdm.write(stop_message(result, cfg), file=sys.stderr)  # beside the bar
+                          restarts=[restart_summary(r, size) for r in stack.restarts], amp_used=inputs.amp_used,
+                          batchnorms_folded=inputs.encoder.batchnorms_folded)
+    bar.finish(result)
     return result
 
 

@@ -10,7 +10,7 @@ for that epoch's torch.randperm. PaperDraws replays these draws on a private gen
 stream from just after the encoder was built, so nothing else in the process can move them.
 
 Encoders the paper's main.py cannot build (hub models, custom archs, CLIP ViT-B/32) have no such draws: they keep
-the project's own generator (decree.inversion.OwnDraws). The narrow SimCLR ResNets (resnet18_wN) take the draws of
+the project's own generator (decree.restarts.OwnDraws). The narrow SimCLR ResNets (resnet18_wN) take the draws of
 the SimCLR main.py would build were the arch BadEncoder's: its model code, with the narrow backbone.
 """
 from functools import partial
