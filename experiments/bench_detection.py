@@ -10,7 +10,7 @@ only does what changed:
                 (mean cosine of stamped test images to the target embedding, their mean pairwise cosine, ASR of
                 a downstream probe). Writes manifest.csv (path, usage_info, arch, label, family) and
                 population.json.
-    detect      DECREE on every manifest encoder through the sweep (decree.sweep: one main.py per encoder,
+    detect      DECREE on every manifest encoder through the sweep (sweeps.pool: one main.py per encoder,
                 finished runs skipped), into detect/<key>/, plus the sweep's own report there.
     report      per family: n, attack success, PL1 mean/min/max, TPR at the threshold, AUROC against every
                 clean encoder (parents + controls), clean FPR; report/bench.md, bench.json, roc.png,
@@ -44,11 +44,13 @@ from common.threads import threads_per_worker, usable_cores
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.inversion import mean_pairwise_cos
-from decree.report import auroc, collect_rows, verdict_at, write_report
-from decree.sweep import read_manifest, run_sweep, worker_devices
 from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from models import SimCLR, load_encoder, mobilenet_arch
+from sweeps.discovery import read_manifest
+from sweeps.pool import run_sweep
+from sweeps.report import auroc, collect_rows, verdict_at, write_report
+from sweeps.workers import worker_devices
 from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
                                  train_classifier)
 
@@ -547,7 +549,7 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def write_manifest(root: Path, members, cfg: BenchConfig) -> Path:
-    """manifest.csv for decree.sweep: paths relative to it, usage info, arch, label, family."""
+    """manifest.csv for sweeps.discovery.read_manifest: paths relative to it, usage info, arch, label, family."""
     lines = ["path,usage_info,arch,label,family"]
     lines += [f"{_relative(m.path, root)},{m.lineage.usage_info},{m.lineage.arch},{m.label},{m.family}"
               for m in members]

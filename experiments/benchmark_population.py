@@ -1,6 +1,6 @@
 """Time to verdict over a population of encoders: the paper's settings against the project's presets.
 
-For each encoder of a manifest (decree.sweep's CSV: path, usage_info, arch, label[, family]) the encoder and its
+For each encoder of a manifest (sweeps.discovery's CSV: path, usage_info, arch, label[, family]) the encoder and its
 shadow set are loaded once, then the contenders run in turn, their order rotated from encoder to encoder so
 drifting machine load hits all of them alike:
     paper    the paper's settings as its code ran them: experiments.paper_path (DataLoader, per-image normalise)
@@ -37,8 +37,9 @@ import torch
 from common import io as atomic
 
 from decree.inversion import invert_trigger, preset
-from decree.report import auroc
-from decree.sweep import WorkerServer, read_manifest, worker_imports
+from sweeps.discovery import read_manifest
+from sweeps.report import auroc
+from sweeps.workers import WorkerServer, worker_imports
 from .paper_path import paper_invert_trigger
 from .paper_run import load_with_shadow
 
@@ -62,7 +63,7 @@ def startup_seconds(python: str = sys.executable) -> dict:
 
 def forked_start_seconds() -> float:
     """Wall seconds of one run of an empty script forked from a worker server that has imported main.py's
-    modules (decree.sweep.WorkerServer), from the request to its exit status."""
+    modules (sweeps.workers.WorkerServer), from the request to its exit status."""
     with tempfile.TemporaryDirectory(prefix="decree-bench-") as scratch:
         script = Path(scratch) / "empty.py"
         script.write_text("")

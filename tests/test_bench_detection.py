@@ -7,8 +7,8 @@ import pytest
 
 from common.device import describe_machine
 from common.threads import usable_cores
-from decree.report import write_report
-from decree.sweep import read_manifest
+from sweeps.discovery import read_manifest
+from sweeps.report import write_report
 from attacks.families import POISONING_FAMILIES
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,

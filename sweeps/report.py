@@ -16,8 +16,9 @@ import numpy as np
 
 from common import io as atomic
 from common.files import printable
-from .sweep import LABELS, UNKNOWN, failed_dir
-from .target import ranking_score
+from decree.target import ranking_score
+from .discovery import LABELS, UNKNOWN
+from .outputs import failed_dir
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
                    "status", "error", "score", "target_cos", "target_name", "family",
@@ -341,7 +342,7 @@ def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
 def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> dict:
     """Write summary.csv, summary.json, pl1.png and gallery.png under out_dir/trigger_norm; returns the metrics.
 
-    encoders: optionally the sweep's list (decree.sweep.Encoder): its labels (e.g. from a manifest) override
+    encoders: optionally the sweep's list (sweeps.discovery.Encoder): its labels (e.g. from a manifest) override
     what the runs recorded, and its encoders without any result are listed as 'not run'.
     planted: optionally {run_id: bool (H,W) mask} of known planted triggers, outlined in the gallery.
     """
