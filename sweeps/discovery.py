@@ -9,11 +9,12 @@ from models.formats import WEIGHT_NAMES, hub_folder_of, usage_info_from
 
 from common.files import safe_glob, walk_files
 from decree.outputs import run_id_for
+from .metrics import BACKDOOR, CLEAN
 
 CHECKPOINT_PATTERNS = ("*.pth", "*.pt", "*.safetensors")  # what folder discovery and ** globs pick up
 # a file a glob names directly may also be a hub's torch weights (pytorch_model.bin): main.py reads them all
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
-LABELS = ("clean", "backdoor")
+LABELS = (CLEAN, BACKDOOR)
 UNKNOWN = "unknown"  # the label of an encoder whose truth nobody gave (not in the paper's folders, no manifest label)
 # the paper's folders under output/: the first folder names the usage info
 USAGE_FOLDERS = {"cifar10": "cifar10", "stl10": "stl10", "imagenet": "imagenet", "CLIP": "CLIP",

@@ -21,7 +21,8 @@ from models import encoder_spec
 from models.text_tower import TextEncoder, load_text_encoder
 from sweeps.discovery import read_manifest
 from sweeps.export import export_predictions, read_predictions
-from sweeps.report import auroc, detection_metrics, score_auroc
+from sweeps.metrics import auroc, score_auroc
+from sweeps.report import detection_metrics
 from sweeps.workers import main_py_command, worker_imports
 
 CLIP_MEAN, CLIP_STD = NORMALIZATION["CLIP"]
