@@ -16,10 +16,10 @@ from common.determinism import add_determinism_arg, configure_determinism
 from common.device import resolve_device
 from common.files import printable
 from common.memory import limit_address_space
+from common.signals import interrupt_on_sigterm
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
                         inversion_kwargs, output_file, run_id, target_kwargs, user_errors)
 from decree.detect import DetectionJob, run_detection
-from decree.sweep import interrupt_on_sigterm
 from decree.target import target_lines
 from models import import_arch_modules
 

@@ -29,13 +29,16 @@ from common.determinism import add_determinism_arg
 from common.files import printable
 from common.io import check_writable
 from common.memory import default_max_memory
-from decree.export import export_predictions
+from common.signals import interrupt_on_sigterm
 from decree.outputs import check_output_folders
-from decree.report import format_metrics, write_report
-from decree.sweep import (DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, find_encoders, interrupt_on_sigterm,
-                          cpu_workers, parse_shard, pending, run_sweep, select_shard, shard_from_slurm,
-                          worker_devices, write_sweep_config)
 from models import DEFAULT_USAGE_INFO, HUB_FAMILIES, encoder_spec, import_arch_modules
+from sweeps.discovery import find_encoders
+from sweeps.export import export_predictions
+from sweeps.outputs import write_sweep_config
+from sweeps.pool import DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, pending, run_sweep
+from sweeps.report import format_metrics, write_report
+from sweeps.shards import parse_shard, select_shard, shard_from_slurm
+from sweeps.workers import cpu_workers, worker_devices
 
 PROG = "run_decree.py"
 
@@ -102,7 +105,7 @@ def describe(encoders, shard) -> str:
 
 
 def sweep_options(args) -> dict:
-    """The main.py options every encoder of the sweep runs with (decree.sweep.passthrough_argv makes the flags)."""
+    """The main.py options every encoder of the sweep runs with (sweeps.workers.passthrough_argv makes the flags)."""
     return {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file,
             "nondeterministic": args.nondeterministic, "max_memory": args.max_memory}
 

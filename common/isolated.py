@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the project's top-level packages (tests/test_sweep.py checks that this is every package in the root)
-PROJECT_PACKAGES = ("attacks", "common", "datasets", "decree", "experiments", "models", "validate")
+PROJECT_PACKAGES = ("attacks", "common", "datasets", "decree", "experiments", "models", "sweeps", "validate")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCHDOG_SECONDS = 0.5
 

@@ -10,7 +10,7 @@ only does what changed:
                 (mean cosine of stamped test images to the target embedding, their mean pairwise cosine, ASR of
                 a downstream probe). Writes manifest.csv (path, usage_info, arch, label, family) and
                 population.json.
-    detect      DECREE on every manifest encoder through the sweep (decree.sweep: one main.py per encoder,
+    detect      DECREE on every manifest encoder through the sweep (sweeps.pool: one main.py per encoder,
                 finished runs skipped), into detect/<key>/, plus the sweep's own report there.
     report      per family: n, attack success, PL1 mean/min/max, TPR at the threshold, AUROC against every
                 clean encoder (parents + controls), clean FPR; report/bench.md, bench.json, roc.png,
@@ -44,11 +44,15 @@ from common.threads import threads_per_worker, usable_cores
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.inversion import mean_pairwise_cos
-from decree.report import auroc, collect_rows, verdict_at, write_report
-from decree.sweep import read_manifest, run_sweep, worker_devices
 from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from models import SimCLR, load_encoder, mobilenet_arch
+from sweeps.discovery import read_manifest
+from sweeps.pool import run_sweep
+from sweeps.figures import save_figure
+from sweeps.metrics import BACKDOOR, CLEAN, auroc, by_truth, rates, roc_curve, row_truth
+from sweeps.report import collect_rows, write_report
+from sweeps.workers import worker_devices
 from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
                                  train_classifier)
 
@@ -547,7 +551,7 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def write_manifest(root: Path, members, cfg: BenchConfig) -> Path:
-    """manifest.csv for decree.sweep: paths relative to it, usage info, arch, label, family."""
+    """manifest.csv for sweeps.discovery.read_manifest: paths relative to it, usage info, arch, label, family."""
     lines = ["path,usage_info,arch,label,family"]
     lines += [f"{_relative(m.path, root)},{m.lineage.usage_info},{m.lineage.arch},{m.label},{m.family}"
               for m in members]
@@ -625,24 +629,21 @@ def _stats(values) -> dict:
 
 
 def family_metrics(rows, families, threshold: float) -> dict:
-    """Per attack family (and 'all attacks'): counts, attack success, PL1 stats, TPR and AUROC over the attacks
-    that took, against every clean encoder; plus the clean encoders' FPR."""
+    """Per attack family (and 'all attacks'): counts, attack success, PL1 stats, TPR and AUROC over its finished
+    backdoors (sweeps.metrics.truth), against every clean encoder; plus the clean encoders' FPR."""
     done = [r for r in rows if r["status"] == "done"]
-    clean = [r for r in done if r["family"] in CLEAN_FAMILIES]
-    clean_pl1 = [r["pl1"] for r in clean]
-    flagged = [verdict_at(r["pl1"], threshold) == "trojaned" for r in clean]
-    out = {"clean": {"n": len(clean), "fp": sum(flagged), "fpr": sum(flagged) / len(clean) if clean else None,
-                     **_stats(clean_pl1)}}
+    _, clean = by_truth([r["pl1"] for r in done], [row_truth(r) for r in done])
+    clean_rates = rates([], clean, threshold)
+    out = {"clean": {"n": len(clean), "fp": clean_rates["fp"], "fpr": clean_rates["fpr"], **_stats(clean)}}
     for family in (*families, "all attacks"):
-        members = [r for r in rows if r["label"] == "backdoor" and (family == "all attacks" or r["family"] == family)]
-        took = [r for r in members if r["took"] and r["status"] == "done"]
-        pl1 = [r["pl1"] for r in took]
-        tp = sum(verdict_at(v, threshold) == "trojaned" for v in pl1)
+        members = [r for r in rows if r["label"] == BACKDOOR and (family == "all attacks" or r["family"] == family)]
+        pl1 = [r["pl1"] for r in members if r["status"] == "done" and row_truth(r) == BACKDOOR]
+        found = rates(pl1, clean, threshold)
         out[family] = {"n": len(members), "took": sum(bool(r["took"]) for r in members),
                        "asr_mean": float(np.mean([r["asr"] for r in members])) if members else None,
                        "stamped_cos_mean": _mean([r.get("stamped_cos") for r in members]),
-                       "detected": tp, "tpr": tp / len(took) if took else None,
-                       "auroc": auroc(pl1, clean_pl1) if took and clean_pl1 else None, **_stats(pl1),
+                       "backdoors": found["backdoor"], "detected": found["tp"], "tpr": found["tpr"],
+                       "auroc": auroc(pl1, clean) if pl1 and clean else None, **_stats(pl1),
                        "not_run": sum(r["status"] != "done" for r in members)}
     return out
 
@@ -668,7 +669,7 @@ def markdown_table(metrics: dict, families, threshold: float) -> str:
     for family in (*families, "all attacks"):
         m = metrics[family]
         model = threat_model(family) if family in FAMILIES else "-"
-        tpr = "-" if m["tpr"] is None else f"{m['tpr']:.2f} ({m['detected']}/{m['took']})"
+        tpr = "-" if m["tpr"] is None else f"{m['tpr']:.2f} ({m['detected']}/{m['backdoors']})"
         lines.append(f"| {family} | {model} | {m['n']} | {m['took']}/{m['n']} | {_fmt(m['asr_mean'], 1)} | "
                      f"{_fmt(m['stamped_cos_mean'], 2)} | {_pl1_cell(m)} | {tpr} | {_fmt(m['auroc'], 2)} |")
     c = metrics["clean"]
@@ -677,17 +678,9 @@ def markdown_table(metrics: dict, families, threshold: float) -> str:
     return "\n".join(lines)
 
 
-def roc_curve(pl1_backdoor, pl1_clean) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) over every PL1 threshold, lower PL1 = flagged; 'no trigger found' counts as infinite."""
-    bad = np.array([math.inf if v is None else v for v in pl1_backdoor])
-    good = np.array([math.inf if v is None else v for v in pl1_clean])
-    cuts = np.concatenate([[-math.inf], np.unique(np.concatenate([bad, good]))])
-    return (np.array([(good <= c).mean() for c in cuts]), np.array([(bad <= c).mean() for c in cuts]))
-
-
 def plot_roc(rows, families, metrics, path: Path) -> None:
     import matplotlib.pyplot as plt
-    clean = [r["pl1"] for r in rows if r["status"] == "done" and r["family"] in CLEAN_FAMILIES]
+    clean = [r["pl1"] for r in rows if r["status"] == "done" and row_truth(r) == CLEAN]
     cols = min(4, len(families))
     fig, axes = plt.subplots(math.ceil(len(families) / cols), cols, figsize=(3 * cols, 3 * math.ceil(
         len(families) / cols)), squeeze=False, layout="constrained")
@@ -695,15 +688,16 @@ def plot_roc(rows, families, metrics, path: Path) -> None:
         ax.axis("off")
     for ax, family in zip(axes.flat, families):
         ax.axis("on")
-        took = [r["pl1"] for r in rows if r["family"] == family and r["took"] and r["status"] == "done"]
-        if took and clean:
-            fpr, tpr = roc_curve(took, clean)
+        backdoors = [r["pl1"] for r in rows if r["family"] == family and r["status"] == "done"
+                     and row_truth(r) == BACKDOOR]
+        if backdoors and clean:
+            fpr, tpr = roc_curve(backdoors, clean)
             ax.step(fpr, tpr, where="post", color="tab:red")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        ax.set_title(f"{family}: AUROC {_fmt(metrics[family]['auroc'], 2)} (n={len(took)})", fontsize=8)
+        ax.set_title(f"{family}: AUROC {_fmt(metrics[family]['auroc'], 2)} (n={len(backdoors)})", fontsize=8)
         ax.set_xlabel("FPR (clean flagged)", fontsize=7)
         ax.set_ylabel("TPR", fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_strip(rows, families, threshold: float, path: Path) -> None:
@@ -714,7 +708,7 @@ def plot_strip(rows, families, threshold: float, path: Path) -> None:
     rng = np.random.default_rng(0)
     for x, family in enumerate(order):
         for r in (r for r in rows if r["family"] == family and r["status"] == "done"):
-            colour = "tab:blue" if family in CLEAN_FAMILIES else "tab:red" if r["took"] else "grey"
+            colour = {CLEAN: "tab:blue", BACKDOOR: "tab:red", None: "grey"}[row_truth(r)]
             y, marker = (1.0, "x") if r["pl1"] is None else (r["pl1"], "o")
             ax.scatter(x + rng.uniform(-0.2, 0.2), y, c=colour, marker=marker, zorder=3)
     ax.axhline(threshold, color="black", linestyle="--")
@@ -723,7 +717,7 @@ def plot_strip(rows, families, threshold: float, path: Path) -> None:
     ax.set_ylabel("PL1-norm = L1 / (H*W*3)")
     ax.set_title(f"DECREE PL1-norm by family (threshold {threshold:g}; red: attack took, grey: did not, "
                  "x: no trigger found)", fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_gallery(rows, families, folder: Path, example: np.ndarray, path: Path) -> None:
@@ -749,14 +743,7 @@ def plot_gallery(rows, families, folder: Path, example: np.ndarray, path: Path) 
             ax.set_title(f"p{r['parent']} " + ("none" if r["pl1"] is None else f"{r['pl1']:.3f}"), fontsize=6,
                          color="tab:red" if r["verdict"] == "trojaned" else "black")
     fig.suptitle("trigger (left) and DECREE's inverted triggers with PL1, by family", fontsize=8)
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 ENCODER_COLUMNS = ("run_id", "family", "parent", "label", "pl1", "verdict", "asr", "target_cos", "target_cos_parent",
@@ -789,7 +776,7 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
     every = rows + [e for r in real for e in r["encoders"]]
     not_taken = [{k: r[k] for k in ("run_id", "family", "parent", "asr", "target_cos", "target_cos_parent",
                                     "stamped_cos", "pl1", "verdict")}
-                 for r in every if r["label"] == "backdoor" and not r["took"]]
+                 for r in every if r["label"] == BACKDOOR and row_truth(r) is None]
     failed = [{k: r.get(k) for k in ("run_id", "family", "status", "error")} for r in every if r["status"] != "done"]
     shown = sorted({*families, *(f for r in real for f in r["families"])}, key=FAMILIES.index)
     result = {**toy, "real_parent": real[0] if real else None, "not_taken": not_taken, "failed": failed,

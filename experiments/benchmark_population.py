@@ -1,6 +1,6 @@
 """Time to verdict over a population of encoders: the paper's settings against the project's presets.
 
-For each encoder of a manifest (decree.sweep's CSV: path, usage_info, arch, label[, family]) the encoder and its
+For each encoder of a manifest (sweeps.discovery's CSV: path, usage_info, arch, label[, family]) the encoder and its
 shadow set are loaded once, then the contenders run in turn, their order rotated from encoder to encoder so
 drifting machine load hits all of them alike:
     paper    the paper's settings as its code ran them: experiments.paper_path (DataLoader, per-image normalise)
@@ -16,7 +16,7 @@ process start and imports (a fresh interpreter, once), checkpoint load and shado
 `restarts=K` adds a contender that runs K restarts together (default preset); since restart k of a K-run is the
 run a K'-run (K' > k) would also make, its per-restart PL1s give the verdicts of every K' <= K from one run.
 
-Attacks that did not take are not backdoors in TPR and AUROC (as in the detection benchmark's report): when a
+Attacks that did not take are not backdoors in TPR and AUROC (the rule of sweeps.metrics): when a
 population.json of experiments.bench_detection lies beside the manifest, its per-encoder `took` is read from it.
 Every run records its best PL1 and wall seconds after each epoch, so the verdict and time of any shorter epoch
 budget are read off the same runs (`budget_rates`): a shorter run's best PL1 is the longer run's at that epoch.
@@ -37,8 +37,9 @@ import torch
 from common import io as atomic
 
 from decree.inversion import invert_trigger, preset
-from decree.report import auroc
-from decree.sweep import WorkerServer, read_manifest, worker_imports
+from sweeps.discovery import read_manifest
+from sweeps.metrics import BACKDOOR, CLEAN, auroc, by_truth, flagged, pl1_or_inf, rates, row_truth
+from sweeps.workers import WorkerServer, worker_imports
 from .paper_path import paper_invert_trigger
 from .paper_run import load_with_shadow
 
@@ -62,7 +63,7 @@ def startup_seconds(python: str = sys.executable) -> dict:
 
 def forked_start_seconds() -> float:
     """Wall seconds of one run of an empty script forked from a worker server that has imported main.py's
-    modules (decree.sweep.WorkerServer), from the request to its exit status."""
+    modules (sweeps.workers.WorkerServer), from the request to its exit status."""
     with tempfile.TemporaryDirectory(prefix="decree-bench-") as scratch:
         script = Path(scratch) / "empty.py"
         script.write_text("")
@@ -136,34 +137,23 @@ def encoder_took(took: dict, enc) -> bool | None:
     return took.get(str(Path(enc.path).resolve())) if enc.label == "backdoor" else None
 
 
-def _pl1(value):
-    return np.inf if value is None else value
-
-
-def is_backdoor(row: dict) -> bool:
-    """A backdoored encoder whose attack took (or whose success was not measured)."""
-    return row["label"] == "backdoor" and row.get("took") is not False
-
-
 def detection_rates(rows: list[dict], pl1s: list, threshold: float) -> dict:
-    """TPR over backdoored encoders whose attack took, FPR over clean ones, at `threshold` (PL1 None = no trigger =
-    clean); plus how many encoders whose attack did not take were flagged (counted in neither rate)."""
-    flagged = [_pl1(p) < threshold for p in pl1s]
-    bad = [f for f, r in zip(flagged, rows) if is_backdoor(r)]
-    good = [f for f, r in zip(flagged, rows) if r["label"] == "clean"]
-    untaken = [f for f, r in zip(flagged, rows) if r["label"] == "backdoor" and not is_backdoor(r)]
-    return {"tpr": sum(bad) / len(bad) if bad else None, "fpr": sum(good) / len(good) if good else None,
-            "detected": sum(bad), "backdoors": len(bad), "false_positives": sum(good), "cleans": len(good),
+    """TPR and FPR at `threshold` (sweeps.metrics: attacks that did not take count in neither); plus how many
+    encoders whose attack did not take were flagged."""
+    found = rates(*by_truth(pl1s, [row_truth(r) for r in rows]), threshold)
+    untaken = [flagged(p, threshold) for p, r in zip(pl1s, rows) if r["label"] == BACKDOOR and row_truth(r) is None]
+    return {"tpr": found["tpr"], "fpr": found["fpr"], "detected": found["tp"], "backdoors": found["backdoor"],
+            "false_positives": found["fp"], "cleans": found["clean"],
             "untaken_flagged": sum(untaken), "untaken": len(untaken)}
 
 
 def family_auroc(rows: list[dict], pl1s: list) -> dict:
-    """AUROC of each backdoor family (attacks that took) against every clean encoder of the population."""
-    clean = [p for p, r in zip(pl1s, rows) if r["label"] == "clean"]
-    families = sorted({r["family"] for r in rows if is_backdoor(r)})
+    """AUROC of each family's backdoors (as sweeps.metrics counts them) against every clean encoder."""
+    clean = [p for p, r in zip(pl1s, rows) if row_truth(r) == CLEAN]
+    families = sorted({r["family"] for r in rows if row_truth(r) == BACKDOOR})
     if not clean:
         return {}
-    return {f: auroc([p for p, r in zip(pl1s, rows) if r["family"] == f and is_backdoor(r)], clean)
+    return {f: auroc([p for p, r in zip(pl1s, rows) if r["family"] == f and row_truth(r) == BACKDOOR], clean)
             for f in families}
 
 
@@ -187,7 +177,7 @@ def restart_rates(rows: list[dict], name: str, ks: list[int], threshold: float) 
     cost of a stacked restart-epoch is about constant on a CPU, where a step costs what it computes)."""
     out = []
     for k in ks:
-        pl1s = [min((_pl1(p) for p in r["runs"][name]["restart_pl1"][:k]), default=np.inf) for r in rows]
+        pl1s = [min((pl1_or_inf(p) for p in r["runs"][name]["restart_pl1"][:k]), default=np.inf) for r in rows]
         seconds = sum(r["runs"][name]["seconds"] * sum(r["runs"][name]["restart_epochs"][:k])
                       / max(sum(r["runs"][name]["restart_epochs"]), 1) for r in rows)
         out.append({"restarts": k, "seconds_est": seconds, **detection_rates(rows, pl1s, threshold)})
@@ -210,7 +200,7 @@ def budget_rates(rows: list[dict], name: str, budgets, threshold: float, referen
             pl1 = run["best_pl1_by_epoch"][last] if last >= 0 else None
             pl1s.append(pl1)
             seconds += run["seconds_by_epoch"][last] if last >= 0 else 0.0
-            same += (_pl1(pl1) < threshold) == (r["runs"][reference]["verdict"] == "trojaned")
+            same += flagged(pl1, threshold) == (r["runs"][reference]["verdict"] == "trojaned")
         out.append({"max_epochs": budget, "seconds": seconds, "same_verdict": same, "encoders": len(rows),
                     **detection_rates(rows, pl1s, threshold), "auroc": family_auroc(rows, pl1s)})
     return out
@@ -223,7 +213,7 @@ def exit_at_verdict(rows: list[dict], name: str, threshold: float) -> dict:
     seconds = 0.0
     for r in rows:
         run = r["runs"][name]
-        crossed = [i for i, p in enumerate(run["best_pl1_by_epoch"]) if _pl1(p) < threshold]
+        crossed = [i for i, p in enumerate(run["best_pl1_by_epoch"]) if flagged(p, threshold)]
         seconds += run["seconds_by_epoch"][crossed[0]] if crossed else run["seconds"]
     return {"seconds": seconds}
 

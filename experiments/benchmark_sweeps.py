@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from decree.report import collect_rows
-from decree.sweep import read_manifest
+from sweeps.discovery import read_manifest
+from sweeps.report import collect_rows
 from .benchmark_population import attack_success, detection_rates, encoder_took, family_auroc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from models import SimCLR, load_encoder
 from common import io as atomic
 from decree.detect import DetectionJob, run_detection
 from decree.outputs import read_run
-from decree.report import format_metrics, write_report
+from sweeps.report import format_metrics, write_report
 
 USAGE_INFO = "cifar10"
 LABELS = {"clean_encoder": "clean", "demo_backdoored_encoder": "backdoor"}

@@ -7,12 +7,13 @@ import pytest
 
 from common.device import describe_machine
 from common.threads import usable_cores
-from decree.report import write_report
-from decree.sweep import read_manifest
 from attacks.families import POISONING_FAMILIES
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
-                                         nearest_reference_asr, roc_curve, run_bench, settings_key)
+                                         nearest_reference_asr, run_bench, settings_key)
+from sweeps.discovery import read_manifest
+from sweeps.metrics import roc_curve
+from sweeps.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"device": "cpu", "progress": False, "log": lambda *args: None}

@@ -423,7 +423,7 @@ EXPECTED_DOWNLOADS = {"finetune/epoch_3.pt": "open_clip", "hf_clip": "hf_clip", 
 @pytest.mark.parametrize("pattern", ["{root}", "{root}/**"])
 def test_a_folder_of_downloads_lists_each_encoder_once_with_its_family(hub_folders, tmp_path, capsys, pattern):
     import run_decree
-    from decree.sweep import discover_globs
+    from sweeps.discovery import discover_globs
     root = downloads_folder(hub_folders, tmp_path / "downloads")
     found = discover_globs([pattern.format(root=root)], None)
     assert {Path(e.path).relative_to(root).as_posix(): e.usage_info for e in found} == EXPECTED_DOWNLOADS

@@ -1,11 +1,13 @@
-"""Packages import downward only: infrastructure, data, models, the detector, attacks/validation, experiments."""
+"""Packages import downward only: infrastructure, data, models, the detector, attacks/validation/sweeps,
+experiments."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"common": 0, "datasets": 1, "models": 2, "decree": 3, "attacks": 4, "validate": 4, "experiments": 5}
+LAYER = {"common": 0, "datasets": 1, "models": 2, "decree": 3, "attacks": 4, "validate": 4, "sweeps": 4,
+         "experiments": 5}
 
 
 def project_imports(path: Path):
@@ -35,3 +37,8 @@ def test_packages_import_only_layers_below_their_own(package):
 def test_infrastructure_imports_no_project_package():
     imports = {imported for path in (ROOT / "common").rglob("*.py") for imported in project_imports(path)}
     assert imports <= {"common"}
+
+
+def test_the_detector_imports_no_sweep_or_experiment_code():
+    imports = {imported for path in (ROOT / "decree").rglob("*.py") for imported in project_imports(path)}
+    assert imports.isdisjoint({"sweeps", "experiments"})

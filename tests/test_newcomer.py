@@ -16,8 +16,8 @@ from common import io as atomic
 from datasets import DataError, save_reference, save_trigger, white_square_trigger
 from decree.detect import DetectionJob
 from decree.outputs import run_id_for
-from decree.report import write_report
-from decree.sweep import discover_output_folder
+from sweeps.discovery import discover_output_folder
+from sweeps.report import write_report
 from experiments.demo import cached_detection
 from validate import val_cifar10_training_downstream_classifier as downstream_script
 from validate.downstream import DownstreamData, check_measurable

@@ -6,8 +6,10 @@ import pytest
 
 from common import io as atomic
 from decree.outputs import run_id_for
-from decree.report import auroc, detection_metrics, format_metrics, write_report
-from decree.sweep import Encoder, failure_path
+from sweeps.discovery import Encoder
+from sweeps.metrics import auroc
+from sweeps.outputs import failure_path
+from sweeps.report import detection_metrics, format_metrics, write_report
 
 
 def row(pl1, label, status="done"):

@@ -20,7 +20,7 @@ from decree import detect, shadow_cache
 from decree.target import analyse_target, load_target, recover_target
 from models.fold import batchnorm_count, fold_batchnorm
 from decree.outputs import run_id_for
-from decree.report import restart_spread, summary_csv
+from sweeps.report import restart_spread, summary_csv
 
 FAST = dict(lr=0.5, batch_size=32, max_epochs=60)
 

@@ -19,10 +19,11 @@ from conftest import PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from datasets import save_npz_dataset
 from decree.outputs import run_id_for
 from common.isolated import PROJECT_PACKAGES, ROOT as ISOLATION_ROOT, isolated_command
-from decree import sweep as sweep_module
-from decree.sweep import (Encoder, WorkerDied, WorkerServer, claim_encoder, claim_path, cpu_workers,
-                          discover_globs, discover_output_folder, infer_label, read_manifest, release_claim, select_shard,
-                          shard_from_slurm, worker_devices)
+from sweeps import workers as sweep_module
+from sweeps.claims import claim_encoder, claim_path, release_claim
+from sweeps.discovery import Encoder, discover_globs, discover_output_folder, infer_label, read_manifest
+from sweeps.shards import select_shard, shard_from_slurm
+from sweeps.workers import WorkerDied, WorkerServer, cpu_workers, worker_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread per process: the same floating-point sums for any --workers, and polite on a shared machine
@@ -544,7 +545,7 @@ def test_the_sweep_process_leaves_torchvision_to_its_workers():
 
 def test_an_encoder_process_imports_nothing_heavy_that_its_worker_server_could_have_preloaded():
     # torch.optim.Adam imports torch._dynamo on first use (seconds): preloaded, an encoder's run pays nothing
-    code = ("import importlib, sys; from decree.sweep import MAIN_PY_IMPORTS\n"
+    code = ("import importlib, sys; from sweeps.workers import MAIN_PY_IMPORTS\n"
             "for name in MAIN_PY_IMPORTS: importlib.import_module(name)\n"
             "before = set(sys.modules); import torch\n"
             "torch.optim.Adam([torch.zeros(2, requires_grad=True)]).step()\n"

@@ -13,15 +13,17 @@ import main
 import run_decree
 from conftest import PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from datasets import NORMALIZATION, save_npz_dataset, save_reference, to_model_input
-from decree.export import export_predictions, read_predictions
 from decree.outputs import RunPaths, run_id_for
-from decree.report import auroc, detection_metrics, score_auroc
-from decree.sweep import main_py_command, read_manifest, worker_imports
 from decree.target import (TargetSetup, analyse_target, load_target, mean_pairwise_cos_of_units, name_embeddings,
                            prompt_templates, ranking_score, read_vocabulary, recover_target, resolve_templates,
                            unit_embeddings, verdict_notes)
 from models import encoder_spec
 from models.text_tower import TextEncoder, load_text_encoder
+from sweeps.discovery import read_manifest
+from sweeps.export import export_predictions, read_predictions
+from sweeps.metrics import auroc, score_auroc
+from sweeps.report import detection_metrics
+from sweeps.workers import main_py_command, worker_imports
 
 CLIP_MEAN, CLIP_STD = NORMALIZATION["CLIP"]
 

@@ -716,7 +716,8 @@ STALE_ROWS = ("result of another file under this run id", "result of an older ve
 @pytest.mark.parametrize("row", STALE_ROWS)
 def test_a_result_is_reused_only_for_the_same_file_and_content(row, good, tmp_path):
     from decree.outputs import encoder_identity, run_id_for
-    from decree.sweep import Encoder, pending
+    from sweeps.discovery import Encoder
+    from sweeps.pool import pending
     mine, other = tmp_path / "mine.pth", tmp_path / "other.pth"
     for path in (mine, other):
         path.write_bytes((good / "good.pth").read_bytes())
@@ -737,8 +738,8 @@ def test_a_result_is_reused_only_for_the_same_file_and_content(row, good, tmp_pa
 
 def test_the_report_lists_every_encoder_by_path_even_when_a_record_claims_its_run_id(good, tmp_path):
     from decree.outputs import encoder_identity
-    from decree.report import collect_rows
-    from decree.sweep import Encoder
+    from sweeps.discovery import Encoder
+    from sweeps.report import collect_rows
     mine, other = tmp_path / "mine.pth", tmp_path / "other.pth"
     for path in (mine, other):
         path.write_bytes((good / "good.pth").read_bytes())
@@ -768,7 +769,8 @@ def test_names_with_control_characters_stay_on_one_line(row, good, tmp_path, mon
 
 
 def test_names_starting_with_a_dash_reach_main_py_as_files(good, tmp_path, monkeypatch, capsys):
-    from decree.sweep import Encoder, main_py_args
+    from sweeps.discovery import Encoder
+    from sweeps.workers import main_py_args
     spec = importlib.util.spec_from_file_location("main_for_args", REPO / "main.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -899,7 +901,8 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
 
 
 def test_max_memory_bounds_a_process_and_is_passed_to_cpu_workers_only(tmp_path):
-    from decree.sweep import Encoder, main_py_args
+    from sweeps.discovery import Encoder
+    from sweeps.workers import main_py_args
     code = ("import numpy\nfrom common.memory import limit_address_space\nfrom decree.cli import user_errors\n"
             "limit_address_space(1 << 30)\nwith user_errors('main.py'):\n    numpy.ones(8 << 30, numpy.uint8)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

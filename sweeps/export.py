@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from common import io as atomic
-from .outputs import RunPaths
+from decree.outputs import RunPaths
+from decree.target import load_target
 from .report import collect_rows
-from .target import load_target
 
 FORMAT = "decree-predictions/1"
 SCORE_MEANING = "threshold / (threshold + PL1-norm); 0.5 at the threshold, 0 when no trigger was found"

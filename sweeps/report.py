@@ -16,14 +16,17 @@ import numpy as np
 
 from common import io as atomic
 from common.files import printable
-from .sweep import LABELS, UNKNOWN, failed_dir
-from .target import ranking_score
+from decree.target import ranking_score
+from .discovery import LABELS, UNKNOWN
+from .figures import save_figure
+from .metrics import BACKDOOR, CLEAN, auroc, by_truth, flagged, pl1_or_inf, rates, row_truth
+from .outputs import failed_dir
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
                    "status", "error", "score", "target_cos", "target_name", "family",
                    "shadow_spread", "stamped_spread", "notes")  # new columns go last
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
-LABEL_COLOURS = {"clean": "tab:blue", "backdoor": "tab:red", UNKNOWN: "tab:gray"}
+LABEL_COLOURS = {CLEAN: "tab:blue", BACKDOOR: "tab:red", UNKNOWN: "tab:gray"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
 PL1_TABLE_ROWS = 40
 
@@ -67,7 +70,7 @@ def _identity(record: dict, labels: dict) -> dict:
 
 
 def verdict_at(pl1: float | None, threshold: float) -> str:
-    return "trojaned" if pl1 is not None and pl1 < threshold else "clean"
+    return "trojaned" if flagged(pl1, threshold) else "clean"
 
 
 RESTART_COLUMNS = ("restarts", "pl1_min", "pl1_median", "pl1_max")  # in summary.csv when a run had --restarts > 1
@@ -78,7 +81,7 @@ def restart_spread(record: dict) -> dict:
     restarts = record.get("restarts") or []
     if len(restarts) < 2:
         return {}
-    pl1 = [math.inf if r["pl1"] is None else r["pl1"] for r in restarts]
+    pl1 = [pl1_or_inf(r["pl1"]) for r in restarts]
     return {"restarts": len(pl1), "pl1_min": min(pl1), "pl1_median": float(np.median(pl1)), "pl1_max": max(pl1)}
 
 
@@ -124,44 +127,18 @@ def _target_columns(record: dict) -> dict:
             "shadow_spread": record.get("shadow_spread"), "stamped_spread": target.get("spread")}
 
 
-def score_auroc(score_backdoor, score_clean) -> float:
-    """P(a backdoored encoder scores higher than a clean one), ties counting half."""
-    bad = np.asarray(score_backdoor, dtype=float)[:, None]
-    good = np.asarray(score_clean, dtype=float)[None, :]
-    if bad.size == 0 or good.size == 0:
-        raise ValueError("AUROC needs at least one clean and one backdoored encoder")
-    return float((bad > good).mean() + 0.5 * (bad == good).mean())
-
-
-def auroc(pl1_backdoor, pl1_clean) -> float:
-    """P(a backdoored encoder has lower PL1 than a clean one), ties counting half; None PL1 = no trigger = inf."""
-    bad = np.array([math.inf if v is None else v for v in pl1_backdoor], dtype=float)[:, None]
-    good = np.array([math.inf if v is None else v for v in pl1_clean], dtype=float)[None, :]
-    if bad.size == 0 or good.size == 0:
-        raise ValueError("AUROC needs at least one clean and one backdoored encoder")
-    return float((bad < good).mean() + 0.5 * (bad == good).mean())
-
-
 def detection_metrics(rows, threshold: float) -> dict:
-    """Counts, accuracy, TPR, FPR at `threshold`, AUROC when both labels are present (over the ranking score, which
-    orders encoders as PL1 does), and the target recovery. Rates count only encoders whose truth was given."""
+    """Counts, accuracy, TPR, FPR and AUROC at `threshold` over the finished encoders whose truth was given (the
+    rule of sweeps.metrics), and the target recovery."""
     finished = [row for row in rows if row["status"] == "done"]
-    done = [row for row in finished if row["label"] in LABELS]
-    flagged = {label: [verdict_at(r["pl1"], threshold) == "trojaned" for r in done if r["label"] == label]
-               for label in LABELS}
-    tp, fn = sum(flagged["backdoor"]), len(flagged["backdoor"]) - sum(flagged["backdoor"])
-    fp, tn = sum(flagged["clean"]), len(flagged["clean"]) - sum(flagged["clean"])
-    score = {label: [ranking_score(r["pl1"], threshold) for r in done if r["label"] == label] for label in LABELS}
+    backdoor, clean = by_truth([row["pl1"] for row in finished], [row_truth(row) for row in finished])
     return {
         "threshold": threshold, "encoders": len(rows), "done": len(finished),
-        "unknown": len(finished) - len(done),
+        "unknown": len(finished) - len(backdoor) - len(clean),
         "failed": sum(row["status"] == "failed" for row in rows),
         "not_run": sum(row["status"] == "not run" for row in rows),
-        "clean": tn + fp, "backdoor": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "accuracy": (tp + tn) / len(done) if done else None,
-        "tpr": tp / (tp + fn) if tp + fn else None,
-        "fpr": fp / (fp + tn) if fp + tn else None,
-        "auroc": score_auroc(score["backdoor"], score["clean"]) if score["backdoor"] and score["clean"] else None,
+        **rates(backdoor, clean, threshold),
+        "auroc": auroc(backdoor, clean) if backdoor and clean else None,
         "target_recovery": target_recovery(finished, threshold),
     }
 
@@ -169,7 +146,7 @@ def detection_metrics(rows, threshold: float) -> dict:
 def target_recovery(done, threshold: float) -> dict | None:
     """Mean cos(recovered, true target) over flagged encoders whose truth is known, overall and per `family`
     where rows carry one; None when no flagged encoder has a known target."""
-    known = [r for r in done if r.get("target_cos") is not None and verdict_at(r["pl1"], threshold) == "trojaned"]
+    known = [r for r in done if r.get("target_cos") is not None and flagged(r["pl1"], threshold)]
     if not known:
         return None
 
@@ -191,13 +168,6 @@ def summary_csv(rows) -> str:
     return buf.getvalue()
 
 
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_pl1(rows, threshold: float, path: Path) -> None:
     """PL1 of each finished encoder (sorted, log scale), coloured by label, numbered; 'no trigger' drawn at 1.
 
@@ -206,7 +176,7 @@ def plot_pl1(rows, threshold: float, path: Path) -> None:
     """
     import matplotlib.pyplot as plt
     done = sorted((r for r in rows if r["status"] == "done"),
-                  key=lambda r: (math.inf if r["pl1"] is None else r["pl1"], r["path"]))
+                  key=lambda r: (pl1_or_inf(r["pl1"]), r["path"]))
     table = len(done) <= PL1_TABLE_ROWS
     height = max(4.5, 0.19 * (len(done) + 2)) if table else 4.5  # one 9 pt table line per encoder
     fig, (ax, side) = plt.subplots(1, 2, figsize=(11 if table else max(8.0, 0.12 * len(done)), height),
@@ -238,7 +208,7 @@ def plot_pl1(rows, threshold: float, path: Path) -> None:
                   f"{_short_name(r['path'], 44)}" for i, r in enumerate(done, start=1)]
         side.text(0, 1, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9,
                   transform=side.transAxes)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _short_name(path, width: int = 34) -> str:
@@ -309,7 +279,7 @@ def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
     import matplotlib.pyplot as plt
     planted = planted or {}
     done = sorted((r for r in rows if r["status"] == "done"),
-                  key=lambda r: (math.inf if r["pl1"] is None else r["pl1"], r["path"]))
+                  key=lambda r: (pl1_or_inf(r["pl1"]), r["path"]))
     shown = done[:GALLERY_MAX_TILES]
     cols = max(1, min(GALLERY_COLUMNS, len(shown)))
     nrows = max(1, math.ceil(len(shown) / cols))
@@ -335,13 +305,13 @@ def plot_gallery(rows, out_dir, path: Path, planted=None) -> None:
     more = f" ({len(shown)} of {len(done)})" if len(shown) < len(done) else ""
     note = "; green outline: the planted trigger" if planted else ""
     fig.suptitle(f"inverted triggers{more}{note}\n{GALLERY_NOTE}", fontsize=9)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> dict:
     """Write summary.csv, summary.json, pl1.png and gallery.png under out_dir/trigger_norm; returns the metrics.
 
-    encoders: optionally the sweep's list (decree.sweep.Encoder): its labels (e.g. from a manifest) override
+    encoders: optionally the sweep's list (sweeps.discovery.Encoder): its labels (e.g. from a manifest) override
     what the runs recorded, and its encoders without any result are listed as 'not run'.
     planted: optionally {run_id: bool (H,W) mask} of known planted triggers, outlined in the gallery.
     """
