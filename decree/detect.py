@@ -4,7 +4,7 @@ Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and w
 """
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -14,10 +14,11 @@ from models import load_encoder, resolve_usage_info
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionConfig, InversionError, invert_trigger,
-                        prepare_encoder, preset, stop_message)
+from .inversion import (NO_TRIGGER_L1, STOP_SLOW, STOP_VERDICT, InversionError, invert_trigger, prepare_encoder,
+                        stop_message)
 from .outputs import (RunPaths, append_result_line, check_output_folders, encoder_identity, run_id_for, write_run,
                       write_trigger_images)
+from .settings import InversionConfig, preset
 from .shadow_cache import load_image_folder_cached
 from .target import (analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
                      verdict_notes)
@@ -25,7 +26,7 @@ from .target import (analyse_target, check_target_flags, prepare_target, ranking
 
 @dataclass
 class DetectionJob:
-    """Everything one run needs; field names follow the CLI flags."""
+    """Everything one run needs; field names follow the CLI flags, the inversion's settings gathered in `settings`."""
     encoder_path: str
     encoder_usage_info: str | None = None  # None: the hub family the path names, else cifar10 (resolve_usage_info)
     arch: str | None = None
@@ -43,18 +44,9 @@ class DetectionJob:
     trust_checkpoint: bool = False
     clip_normalization: bool = False
     save_snapshots: bool = False
-    # inversion hyper-parameters; None = the preset of the usage info
-    lr: float | None = None
-    batch_size: int | None = None
-    seed: int | None = None
-    mask_init: str | None = None
-    thres: float | None = None
-    epochs: int | None = None
-    pl1_threshold: float | None = None
-    float32: bool = False
-    amp: bool = False
-    channels_last: bool = False
-    fold_batchnorm: bool = False
+    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
+    # InversionConfig fields to override (speed_preset included); the others take the usage info's preset
+    settings: dict = field(default_factory=dict)
     # the attack's target (decree/target.py): truth to compare with, and naming for CLIP encoders
     reference_file: str | None = None
     reference_text: str | None = None
@@ -62,20 +54,9 @@ class DetectionJob:
     target_vocab: str | None = None
     target_templates: str = "auto"
     no_target_names: bool = False
-    preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
-    stop_at_verdict: bool = False
-    min_progress: float | None = None
-    restarts: int | None = None
-    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
 
     def inversion_config(self) -> InversionConfig:
-        return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
-                      min_progress=self.min_progress, restarts=self.restarts, lr=self.lr,
-                      batch_size=self.batch_size, seed=self.seed, mask_init=self.mask_init, thres=self.thres,
-                      max_epochs=self.epochs, pl1_threshold=self.pl1_threshold,
-                      param_dtype="float32" if self.float32 else None,
-                      amp=self.amp or None, channels_last=self.channels_last or None,
-                      fold_batchnorm=self.fold_batchnorm or None)
+        return preset(self.encoder_usage_info, **self.settings)
 
     def shadow_cache_dir(self) -> Path | None:
         if self.shadow_cache == "off":

@@ -53,8 +53,6 @@ UNKNOWN = "unknown"  # the label of an encoder whose truth nobody gave (not in t
 # the paper's folders under output/: the first folder names the usage info
 USAGE_FOLDERS = {"cifar10": "cifar10", "stl10": "stl10", "imagenet": "imagenet", "CLIP": "CLIP",
                  "CLIP_text": "CLIP", "moco": "moco"}
-# the paper's sweep (run_decree.py) differs from main.py's defaults only in the learning rate
-SWEEP_DEFAULTS = {"lr": 0.5}
 SMALL_IMAGE_USAGE = ("cifar10", "stl10")  # usage infos of 32-px encoders
 # exit statuses of an interrupted main.py (decree.cli.user_errors, or killed by SIGINT)
 INTERRUPTED = (130, -signal.SIGINT)
@@ -423,7 +421,7 @@ def worker_devices(devices: str | None, device: str = "auto", gpu: int | None = 
 
 
 def passthrough_argv(options: dict) -> list[str]:
-    """main.py flags for the sweep-wide options (inversion_kwargs names = main.py flag names)."""
+    """main.py flags for the sweep-wide options (decree.cli.inversion_flags names them by flag)."""
     argv = []
     for name, value in options.items():
         if name in PER_ENCODER_FLAGS or value is None or value is False:

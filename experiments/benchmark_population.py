@@ -36,7 +36,8 @@ import torch
 
 from common import io as atomic
 
-from decree.inversion import invert_trigger, preset
+from decree.inversion import invert_trigger
+from decree.settings import preset
 from decree.report import auroc
 from decree.sweep import WorkerServer, read_manifest, worker_imports
 from .paper_path import paper_invert_trigger

@@ -7,9 +7,10 @@ import torch
 
 from conftest import (CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder,
                       RandomFeatureEncoder)
-from decree.inversion import (STOP_EARLY, STOP_SLOW, BestTrigger, InversionConfig, InversionError, LambdaSchedule, OwnDraws,
-                              initial_params, invert_trigger, learning_rate, mean_pairwise_cos, preset, stamp,
+from decree.inversion import (STOP_EARLY, STOP_SLOW, BestTrigger, InversionError, LambdaSchedule, OwnDraws,
+                              initial_params, invert_trigger, learning_rate, mean_pairwise_cos, stamp,
                               trigger_from_params)
+from decree.settings import InversionConfig, preset
 
 FAST = dict(lr=0.5, batch_size=32, max_epochs=80)
 

@@ -14,7 +14,8 @@ import models
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from common.device import cpu_supports_bf16
 from decree.inversion import (STOP_BUDGET, STOP_EARLY, STOP_SLOW, STOP_VERDICT, UPPER_BOUND_STOPS, drop_rows,
-                              invert_trigger, preset)
+                              invert_trigger)
+from decree.settings import preset
 from decree import detect, shadow_cache
 from decree.target import analyse_target, load_target, recover_target
 from models.fold import batchnorm_count, fold_batchnorm
