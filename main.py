@@ -71,7 +71,7 @@ def main(argv=None):
     with user_errors("main.py"):
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
-        record = run_detection(job, progress=not args.quiet)
+        record = run_detection(job, progress=not args.quiet).record
     print(f"results: {printable(job.paths().json)}")
     print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"

@@ -186,8 +186,8 @@ def add_setting_flag(group, setting: Flag, default) -> None:
     if setting.switch is not None:
         group.add_argument(f"--{setting.name}", action="store_true", default=None, help=setting.help)
         return
-    group.add_argument(f"--{setting.name}", type=setting_type(setting, default), default=default, choices=setting.choices or None,
-                       metavar=setting.metavar, help=setting.help)
+    group.add_argument(f"--{setting.name}", type=setting_type(setting, default), default=default,
+                       choices=setting.choices or None, metavar=setting.metavar, help=setting.help)
 
 
 def add_memory_arg(parser: argparse.ArgumentParser, sweep: bool = False) -> None:

@@ -165,7 +165,7 @@ def detect(cfg: DemoConfig, encoder_path: Path, data: dict, out_dir: Path, devic
         log(f"    {name}: {_pl1_text(record)} (cached)")
         return record, True
     log(f"    {name}: trigger inversion, at most {cfg.decree_epochs} epochs")
-    return run_detection(job, progress=progress), False
+    return run_detection(job, progress=progress).record, False
 
 
 def _pl1_text(record: dict) -> str:
