@@ -20,11 +20,9 @@ from common.signals import interrupt_on_sigterm
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
                         inversion_kwargs, output_file, run_id, target_kwargs, user_errors)
 from decree.detect import DetectionJob, run_detection
+from decree.settings import PAPER_MAIN_DEFAULTS
 from decree.target import target_lines
 from models import import_arch_modules
-
-EXPERIMENT_DEFAULTS = {"lr": 0.5, "batch_size": 32, "seed": 80, "mask_init": "rand"}
-PAPER_MAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 256, "seed": 100, "mask_init": "rand"}
 
 
 def parse_args(argv=None):
@@ -38,10 +36,10 @@ def parse_args(argv=None):
                              "open_clip model config (embed_dim, vision_cfg: e.g. a custom model's), or a Hugging "
                              "Face/timm config.json")
     add_inversion_args(parser)
-    parser.set_defaults(**EXPERIMENT_DEFAULTS)
+    paper_main = ", ".join(f"{name} {value:g}" for name, value in PAPER_MAIN_DEFAULTS.items())
     parser.add_argument("--paper_main_defaults", action="store_true",
-                        help="default to the paper's main.py values (lr 1e-3, batch 256, seed 100) instead of "
-                             "its experiments' (lr 0.5, batch 32, seed 80)")
+                        help=f"default to the paper's main.py values ({paper_main}) instead of its experiments' "
+                             "(the defaults above)")
     add_determinism_arg(parser)
     add_target_args(parser)
     parser.add_argument("--out_dir", default=".", help="root of the three output folders (default .)")
@@ -73,7 +71,7 @@ def main(argv=None):
     with user_errors("main.py"):
         interrupt_on_sigterm()
         import_arch_modules(args.arch_module)
-        record = run_detection(job, progress=not args.quiet)
+        record = run_detection(job, progress=not args.quiet).record
     print(f"results: {printable(job.paths().json)}")
     print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"

@@ -24,7 +24,7 @@ import time
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
-                        at_least, inversion_kwargs, output_file, target_kwargs, user_errors)
+                        at_least, inversion_flags, output_file, target_kwargs, user_errors)
 from common.determinism import add_determinism_arg
 from common.files import printable
 from common.io import check_writable
@@ -35,7 +35,7 @@ from models import DEFAULT_USAGE_INFO, HUB_FAMILIES, encoder_spec, import_arch_m
 from sweeps.discovery import find_encoders
 from sweeps.export import export_predictions
 from sweeps.outputs import write_sweep_config
-from sweeps.pool import DEFAULT_TIMEOUT, SWEEP_DEFAULTS, check_timeout, pending, run_sweep
+from sweeps.pool import DEFAULT_TIMEOUT, check_timeout, pending, run_sweep
 from sweeps.report import format_metrics, write_report
 from sweeps.shards import parse_shard, select_shard, shard_from_slurm
 from sweeps.workers import cpu_workers, worker_devices
@@ -62,7 +62,6 @@ def parse_args(argv=None):
     add_encoder_args(parser)
     add_inversion_args(parser)
     add_determinism_arg(parser)
-    parser.set_defaults(**SWEEP_DEFAULTS)
     add_target_args(parser, reference=False)  # per-encoder truths come from the manifest
     run = parser.add_argument_group("sweep")
     run.add_argument("--out_dir", default=".", help="root of trigger_inv/, detect_log/, trigger_norm/ (default .)")
@@ -106,7 +105,7 @@ def describe(encoders, shard) -> str:
 
 def sweep_options(args) -> dict:
     """The main.py options every encoder of the sweep runs with (sweeps.workers.passthrough_argv makes the flags)."""
-    return {**inversion_kwargs(args), **target_kwargs(args), "result_file": args.result_file,
+    return {**inversion_flags(args), **target_kwargs(args), "result_file": args.result_file,
             "nondeterministic": args.nondeterministic, "max_memory": args.max_memory}
 
 

@@ -12,7 +12,8 @@ from models import FORMATS, USAGE_INFOS, CheckpointError
 from common.device import DeviceError, add_device_args
 from common.files import printable
 from common.memory import is_out_of_memory, parse_size
-from .inversion import SPEED_PRESETS, InversionError
+from .inversion import InversionError
+from .settings import Flag, InversionConfig, settings_flags
 from .target import TEMPLATE_SETS
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
@@ -95,6 +96,12 @@ finite = in_range(-math.inf, math.inf, low_open=True, high_open=True)
 fraction = in_range(0.0, 1.0)  # (0,1]
 
 
+def interval(text: str):
+    """argparse type of an interval written as in the settings, e.g. "(0,1]" or "(0,inf)"."""
+    low, high = (float(end) for end in text[1:-1].split(","))
+    return in_range(low, high, low_open=text[0] == "(", high_open=text[-1] == ")")
+
+
 def output_file(text: str) -> str:
     """argparse type: a file to write or append to; an existing folder there is refused before any work."""
     if Path(text).is_dir():
@@ -108,6 +115,12 @@ def run_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name; use letters, digits, '_', '-', '.' "
                                          "(no path separators, no '..', not starting with '-' or '.')")
     return text
+
+
+# the flags, besides the settings', that a detection job takes from add_encoder_args and add_inversion_args
+ENCODER_FLAGS = ("encoder_usage_info", "arch", "encoder_format", "trust_checkpoint", "clip_normalization", "device",
+                 "gpu")
+SHADOW_FLAGS = ("shadow_data", "shadow_size", "shadow_fraction", "shadow_cache", "save_snapshots")
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
@@ -136,54 +149,11 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_inversion_args(parser: argparse.ArgumentParser) -> None:
-    """DECREE hyper-parameters; unset ones take the paper's per-usage-info preset."""
-    group = parser.add_argument_group("trigger inversion (defaults: the paper's, per usage info)")
-    group.add_argument("--preset", default="paper", choices=tuple(SPEED_PRESETS),
-                       help="paper: the paper's settings (default), drawn and rounded as the paper's code "
-                            "draws and rounds them (see --seed); "
-                            "exact: paper with --stop_at_verdict, the paper's verdict on every encoder, sooner; "
-                            "fast: the paper's run with cheaper encoder calls (--fold_batchnorm --channels_last: "
-                            "the same math, float32 rounding differs; our own draws); triage: fast with "
-                            "--stop_at_verdict (the "
-                            "quickest). Near the threshold rounding decides the paper's own verdict, so fast/triage "
-                            "can differ there: 28 of the latest 30 benchmark encoders agreed. Flags given "
-                            "explicitly override it. See docs/speed.md")
-    group.add_argument("--stop_at_verdict", action="store_true",
-                       help="exact early exit: stop once the best PL1 is below --pl1_threshold (the best PL1 "
-                            "only falls, so the TROJANED verdict is final; the reported PL1 is then an upper "
-                            "bound). Clean encoders run to the usual early stop")
-    group.add_argument("--min_progress", type=in_range(0, 1, low_open=False, high_open=True), default=None,
-                       metavar="F",
-                       help="also end the run (a 'slow progress' stop) once, for more than the early-stop patience, "
-                            "the best PL1 has not fallen by more than F times its distance to --pl1_threshold: at "
-                            "that pace it would need over patience/F steps to get there. Cuts clean encoders' runs "
-                            "short; their PL1 is then an upper bound, and a backdoor found late is missed (default 0: "
-                            "the paper's rule; in no preset, see docs/speed.md)")
-    group.add_argument("--restarts", type=at_least(1), default=None,
-                       help="K independent inversions from different initial triggers and batch orders, run "
-                            "together in one K*batch encoder batch; the smallest PL1 wins and the JSON lists all "
-                            "K (default 1 = the paper's single run). Under --preset paper/exact restart 0 takes the "
-                            "paper's draws for --seed (hub and custom encoders: our own generator, see --seed), the "
-                            "others draws of their own; the larger encoder batch can "
-                            "round differently, so only K = 1 is the paper's run bit for bit")
-    group.add_argument("--batch_size", type=at_least(2), default=None,
-                       help="shadow images per step, >= 2: the loss compares pairs (default 32)")
-    group.add_argument("--lr", type=positive, default=None,
-                       help="Adam lr on the trigger (default %(default)s; the paper's experiments: 0.5, "
-                            "its main.py: 1e-3)")
-    group.add_argument("--seed", type=int, default=80,
-                       help="seeds python, numpy and torch, and the shadow sample (default %(default)s). Under "
-                            "--preset paper/exact the initial trigger and every epoch's batch order are the ones the "
-                            "paper's main.py draws for this seed (after building the encoder it builds); hub "
-                            "encoders (open_clip, hf_clip, timm), custom archs and CLIP ViT-B/32, which its main.py "
-                            "cannot build, draw from our own generator seeded with it, as fast/triage do")
-    group.add_argument("--mask_init", default="rand", choices=("rand", "orc"),
-                       help="initial mask (default %(default)s)")
-    group.add_argument("--thres", type=in_range(0, 1, high_open=True), default=0.99,
-                       help="|cos| in (0,1) that counts as success (default 0.99)")
-    group.add_argument("--epochs", type=at_least(1), default=1000, help="maximum epochs (default 1000)")
-    group.add_argument("--pl1_threshold", type=fraction, default=0.1,
-                       help="flag the encoder when PL1-norm = L1/(H*W*3) is below this (default 0.1)")
+    """DECREE's settings as flags (decree/settings.py), and the shadow set's; switches left unset take the preset."""
+    group = parser.add_argument_group("trigger inversion (defaults: main.py's, adapted per usage info)")
+    defaults = vars(InversionConfig())
+    for name, setting in settings_flags().items():
+        add_setting_flag(group, setting, defaults[name])
     group.add_argument("--shadow_data", default=None,
                        help="npz (x uint8 (N,H,W,3)) or image folder, used whole (a folder of more than "
                             "10,000 images: a seeded 10,000). Default per usage info, with the paper's rule: "
@@ -198,19 +168,26 @@ def add_inversion_args(parser: argparse.ArgumentParser) -> None:
                        help="image-folder shadow sets are decoded once and kept here, keyed by folder contents, "
                             "selection, size and seed, so a sweep decodes them once (default <out_dir>/shadow_cache; "
                             "off: no cache)")
-    group.add_argument("--float32", action="store_true", help="float32 trigger parameters (paper: float64)")
-    group.add_argument("--amp", action="store_true",
-                       help="bf16 autocast of the encoder on CUDA and on CPUs with avx512_bf16/amx_bf16 (ignored "
-                            "on other CPUs, where it is slower; the JSON records amp_used). Not in any preset: on "
-                            "the benchmark populations it made runs end much sooner or later than the paper's and "
-                            "moved a per-family AUROC (docs/speed.md)")
-    group.add_argument("--channels_last", action="store_true",
-                       help="channels_last inputs and weights (faster convolutions on CPUs and most GPUs)")
-    group.add_argument("--fold_batchnorm", action="store_true",
-                       help="fold each eval-mode batch norm into the convolution before it (the same function in "
-                            "fewer operations; encoders torch.fx cannot trace are used as they are)")
     group.add_argument("--save_snapshots", action="store_true",
                        help="also save the best trigger of every improving epoch, as the paper's code did")
+
+
+def setting_type(setting: Flag, default):
+    """argparse type of a settings flag that takes a value: its minimum or interval, else its default's type."""
+    if setting.minimum is not None:
+        return at_least(setting.minimum)
+    if setting.interval:
+        return interval(setting.interval)
+    return None if setting.choices else type(default)
+
+
+def add_setting_flag(group, setting: Flag, default) -> None:
+    """One settings field's flag. A switch is None unless given, so that a preset's own value stands."""
+    if setting.switch is not None:
+        group.add_argument(f"--{setting.name}", action="store_true", default=None, help=setting.help)
+        return
+    group.add_argument(f"--{setting.name}", type=setting_type(setting, default), default=default,
+                       choices=setting.choices or None, metavar=setting.metavar, help=setting.help)
 
 
 def add_memory_arg(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
@@ -252,10 +229,23 @@ def target_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in names if hasattr(args, k)}
 
 
+def inversion_flags(args) -> dict:
+    """The values of the flags add_encoder_args/add_inversion_args define, by flag name (a sweep passes them on)."""
+    names = (*ENCODER_FLAGS, *SHADOW_FLAGS, *(setting.name for setting in settings_flags().values()))
+    return {name: getattr(args, name) for name in names}
+
+
+def settings_from_flags(args) -> dict:
+    """InversionConfig overrides from add_inversion_args's flags: a given switch sets its field's value."""
+    overrides = {}
+    for name, setting in settings_flags().items():
+        value = getattr(args, setting.name)
+        if value is not None:
+            overrides[name] = setting.switch if setting.switch is not None else value
+    return overrides
+
+
 def inversion_kwargs(args) -> dict:
     """The DetectionJob fields that add_encoder_args/add_inversion_args define."""
-    return {k: getattr(args, k) for k in (
-        "encoder_usage_info", "arch", "trust_checkpoint", "clip_normalization", "device", "gpu", "batch_size",
-        "encoder_format", "lr", "seed", "mask_init", "thres", "epochs", "pl1_threshold", "shadow_data", "shadow_size",
-        "shadow_fraction", "float32", "amp", "channels_last", "fold_batchnorm", "save_snapshots", "preset",
-        "stop_at_verdict", "min_progress", "restarts", "shadow_cache")}
+    return {**{name: getattr(args, name) for name in (*ENCODER_FLAGS, *SHADOW_FLAGS)},
+            "settings": settings_from_flags(args)}

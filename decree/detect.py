@@ -4,28 +4,32 @@ Shared by main.py (one encoder) and run_decree.py (sweeps), so both behave and w
 """
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from datasets import load_shadow_set
+import numpy as np
+import torch
+
+from datasets import ShadowSet, load_shadow_set, resize_center_crop
 from datasets.shadow import shadow_path
-from models import load_encoder, resolve_usage_info
+from models import EncoderSpec, load_encoder, resolve_usage_info
 
 from common import io as atomic
 from common.device import resolve_device
-from .inversion import NO_TRIGGER_L1, InversionConfig, InversionError, invert_trigger, prepare_encoder, preset
+from .inversion import NO_TRIGGER_L1, InversionError, InversionResult, invert_trigger, prepare_encoder
 from .outputs import (RunPaths, append_result_line, check_output_folders, encoder_identity, run_id_for, write_run,
                       write_trigger_images)
+from .settings import InversionConfig, preset
 from .shadow_cache import load_image_folder_cached
 from .stop_reasons import STOP_SLOW, STOP_VERDICT, stop_message
-from .target import (analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
+from .target import (TargetSetup, analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
                      verdict_notes)
 
 
 @dataclass
 class DetectionJob:
-    """Everything one run needs; field names follow the CLI flags."""
+    """Everything one run needs; field names follow the CLI flags, the inversion's settings gathered in `settings`."""
     encoder_path: str
     encoder_usage_info: str | None = None  # None: the hub family the path names, else cifar10 (resolve_usage_info)
     arch: str | None = None
@@ -43,18 +47,9 @@ class DetectionJob:
     trust_checkpoint: bool = False
     clip_normalization: bool = False
     save_snapshots: bool = False
-    # inversion hyper-parameters; None = the preset of the usage info
-    lr: float | None = None
-    batch_size: int | None = None
-    seed: int | None = None
-    mask_init: str | None = None
-    thres: float | None = None
-    epochs: int | None = None
-    pl1_threshold: float | None = None
-    float32: bool = False
-    amp: bool = False
-    channels_last: bool = False
-    fold_batchnorm: bool = False
+    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
+    # InversionConfig fields to override (speed_preset included); the others take the usage info's preset
+    settings: dict = field(default_factory=dict)
     # the attack's target (decree/target.py): truth to compare with, and naming for CLIP encoders
     reference_file: str | None = None
     reference_text: str | None = None
@@ -62,20 +57,9 @@ class DetectionJob:
     target_vocab: str | None = None
     target_templates: str = "auto"
     no_target_names: bool = False
-    preset: str = "paper"                 # speed preset (decree.inversion.SPEED_PRESETS)
-    stop_at_verdict: bool = False
-    min_progress: float | None = None
-    restarts: int | None = None
-    shadow_cache: str | None = None       # image-folder shadow sets: cache folder (default <out_dir>/shadow_cache)
 
     def inversion_config(self) -> InversionConfig:
-        return preset(self.encoder_usage_info, self.preset, stop_at_verdict=self.stop_at_verdict or None,
-                      min_progress=self.min_progress, restarts=self.restarts, lr=self.lr,
-                      batch_size=self.batch_size, seed=self.seed, mask_init=self.mask_init, thres=self.thres,
-                      max_epochs=self.epochs, pl1_threshold=self.pl1_threshold,
-                      param_dtype="float32" if self.float32 else None,
-                      amp=self.amp or None, channels_last=self.channels_last or None,
-                      fold_batchnorm=self.fold_batchnorm or None)
+        return preset(self.encoder_usage_info, **self.settings)
 
     def shadow_cache_dir(self) -> Path | None:
         if self.shadow_cache == "off":
@@ -115,8 +99,68 @@ def speed_record(result) -> dict:
     return record
 
 
-def run_detection(job: DetectionJob, progress: bool = True) -> dict:
-    """Run DECREE for one encoder and write its outputs; returns the trigger_norm record."""
+def print_line(line: str) -> None:
+    """main.py's log: each line flushed at once, so that it lands in order among the progress bars on stderr."""
+    print(line, flush=True)
+
+
+@dataclass
+class EncoderUnderTest:
+    """What one run inspects: the encoder and what it expects, its shadow set, the target's truth and naming."""
+    model: torch.nn.Module                 # on the run's device
+    spec: EncoderSpec
+    shadow_set: ShadowSet
+    target_setup: TargetSetup
+    identity: dict                         # encoder_identity of its files; None values for a module in memory
+    shadow_cache: dict = field(default_factory=dict)  # the shadow cache file read or written, and its SHA-256
+
+
+@dataclass
+class Detection:
+    """A finished run: its trigger_norm record and the inversion's result (the trigger in float, the history)."""
+    record: dict
+    result: InversionResult
+
+
+def given_shadow_set(images, input_size: int) -> ShadowSet:
+    """A shadow set of the caller's own images, uint8 (N,H,W,3), brought to the encoder's input size as files are."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 (N,H,W,3), not {images.dtype} {images.shape}")
+    return ShadowSet(resize_center_crop(images, input_size), "the images given", "all of them", len(images))
+
+
+def job_shadow_set(job: DetectionJob, input_size: int, progress: bool, images=None) -> tuple[ShadowSet, dict]:
+    """The job's shadow set at the encoder's input size, chosen as main.py chooses it, or `images` (uint8
+    (N,H,W,3)) when given; and the shadow cache file it read or wrote, with its SHA-256 ({} when none)."""
+    if images is not None:
+        return given_shadow_set(images, input_size), {}
+    cache_used = {}
+    shadow_set = load_shadow_set(job.encoder_usage_info, input_size, job.shadow_data, job.shadow_size,
+                                 job.shadow_fraction, seed=job.inversion_config().seed, progress=progress,
+                                 read_folder=partial(load_image_folder_cached, job.shadow_cache_dir(), used=cache_used))
+    return shadow_set, cache_used
+
+
+def load_under_test(job: DetectionJob, device, progress: bool = True, log=print_line,
+                    images=None) -> EncoderUnderTest:
+    """The job's encoder file, loaded as main.py loads it, and its shadow set (job_shadow_set)."""
+    if images is None:
+        shadow_path(job.encoder_usage_info, job.shadow_data)  # before the encoder loads, which can take a minute
+    identity = encoder_identity(job.encoder_path)  # before loading: the bytes a finished result stands for
+    model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
+                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
+                               encoder_format=job.encoder_format, model_config=job.model_config)
+    if spec.arch_note:
+        log(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
+    shadow_set, cache_used = job_shadow_set(job, spec.input_size, progress, images)
+    log(shadow_set.describe())
+    return EncoderUnderTest(model, spec, shadow_set, prepare_target(job, spec, device, log), identity, cache_used)
+
+
+def run_detection(job: DetectionJob, progress: bool = True, log=print_line, load=load_under_test) -> Detection:
+    """Run DECREE for one encoder and write its outputs. `log` takes the lines a run prints besides its progress
+    bars; `load(job, device, progress, log)` gives the EncoderUnderTest (default: the job's encoder file)."""
     started = time.time()
     job = replace(job, encoder_usage_info=resolve_usage_info(job.encoder_path, job.encoder_usage_info,
                                                              job.model_config))
@@ -126,20 +170,8 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     check_output_folders(paths.out_dir, paths.run_id, [job.shadow_cache_dir()] if job.shadow_cache_dir() else [])
     cfg = job.inversion_config()
     check_target_flags(job, job.encoder_usage_info)  # before the encoder loads, which can take a minute
-    shadow_path(job.encoder_usage_info, job.shadow_data)
-    identity = encoder_identity(job.encoder_path)  # before loading: the bytes a finished result stands for
-    model, spec = load_encoder(job.encoder_path, job.encoder_usage_info, job.arch, device,
-                               trust_checkpoint=job.trust_checkpoint, clip_normalization=job.clip_normalization,
-                               encoder_format=job.encoder_format, model_config=job.model_config)
-    if spec.arch_note:
-        print(f"{job.encoder_path}: --arch {spec.arch} (inferred from the checkpoint: {spec.arch_note})")
-    cache_used = {}  # the shadow cache file read or written, and its SHA-256, for the record
-    shadow_set = load_shadow_set(job.encoder_usage_info, spec.input_size, job.shadow_data, job.shadow_size,
-                                 job.shadow_fraction, seed=cfg.seed, progress=progress,
-                                 read_folder=partial(load_image_folder_cached, job.shadow_cache_dir(), used=cache_used))
-    shadow = shadow_set.images
-    print(shadow_set.describe(), flush=True)
-    target_setup = prepare_target(job, spec, device)
+    under_test = load(job, device, progress, log)
+    spec, shadow = under_test.spec, under_test.shadow_set.images
 
     def save_snapshot(record, best):
         if job.save_snapshots and best.improved_this_epoch:
@@ -148,7 +180,7 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
                                  best.pattern.float().cpu().numpy(), suffix)
 
     try:
-        prepared = prepare_encoder(model, cfg, progress)
+        prepared = prepare_encoder(under_test.model, cfg, progress)
         result = invert_trigger(prepared, shadow, spec.mean, spec.std, cfg, device=device, progress=progress,
                                 on_epoch=save_snapshot, paper_encoder=(spec.usage_info, spec.arch))
     except BaseException as err:
@@ -157,14 +189,15 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
         if isinstance(err, InversionError):
             raise InversionError(f"{job.encoder_path}: {err}") from err
         raise
-    target = analyse_target(target_setup, prepared.module, spec, shadow, result, device, paths.target,
+    target = analyse_target(under_test.target_setup, prepared.module, spec, shadow, result, device, paths.target,
                             progress=progress)
     spread = shadow_spread(prepared.module, shadow, spec.mean, spec.std, device)
-    meta = {"encoder_path": str(job.encoder_path), **identity, "usage_info": spec.usage_info, "arch": spec.arch,
-            "arch_inferred_from": spec.arch_note or None,
+    meta = {"encoder_path": str(job.encoder_path), **under_test.identity, "usage_info": spec.usage_info,
+            "arch": spec.arch, "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
             "device": str(device), "seed": cfg.seed, "shadow_images": int(len(shadow)),
-            "shadow_data": shadow_set.source, "shadow_set": shadow_set.describe(), "shadow_cache": cache_used or None,
+            "shadow_data": under_test.shadow_set.source, "shadow_set": under_test.shadow_set.describe(),
+            "shadow_cache": under_test.shadow_cache or None,
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
             "score": ranking_score(result.pl1, result.pl1_threshold), "target": target, "shadow_spread": spread,
             "notes": verdict_notes(result.found, spread, cfg.thres),
@@ -173,4 +206,4 @@ def run_detection(job: DetectionJob, progress: bool = True) -> dict:
     if job.result_file:
         append_result_line(job.result_file, job.encoder_path, job.model_flag,
                            result.l1 if result.found else NO_TRIGGER_L1, result.seconds)
-    return record
+    return Detection(record, result)

@@ -23,7 +23,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from models.fold import fold_batchnorm
 from .paper_draws import paper_build
 from .progress import ProgressBar
 from .restarts import Restart, RestartStack, smallest_best
+from .settings import InversionConfig
 from .stop_reasons import STOP_BUDGET, STOP_EARLY, STOP_SLOW, STOP_VERDICT, UPPER_BOUND_STOPS
 
 EPS = 1e-7
@@ -43,78 +44,6 @@ NO_TRIGGER_L1 = 1 / EPS  # the paper's "infinite" L1 before any trigger reached 
 
 class InversionError(RuntimeError):
     """The inversion cannot go on (e.g. the encoder returns NaN/inf)."""
-
-
-@dataclass
-class InversionConfig:
-    """Hyper-parameters with the paper's defaults (main.py); `preset` adapts them per usage info."""
-    lr: float = 1e-3                    # Adam on (w, v); sweeps use 0.5
-    batch_size: int = 32
-    thres: float = 0.99                 # |cos| above this counts as "trigger works"
-    max_epochs: int = 1000
-    mask_init: str = "rand"             # rand | orc
-    seed: int = 80
-    lambda_init: float = 1e-3
-    lambda_factor: float = 5.0          # the paper's adaptor
-    lambda_max: float = 1e5             # lambda only grows while below this
-    lambda_min: float = 1e-5            # 1e-7 for CLIP/imagenet/moco
-    patience: int = 5                   # lambda changes after patience+1 steps in a row
-    early_stop_patience: int = 10       # 35 for CLIP/imagenet/moco
-    min_progress: float = 0.0           # also stop once the best gains < this share of its way to the threshold
-    lr_milestones: tuple = (30, 50)     # (200, 500) for CLIP/imagenet
-    lr_after_milestones: tuple = (0.1, 0.05)
-    orc_square: tuple = (5, 22)         # (top-left, side) of the `orc` initial mask; (24, 176) at 224 px
-    pl1_threshold: float = 0.1          # flag the encoder when PL1 < this
-    param_dtype: str = "float64"        # the paper's trigger parameters; float32 behind a flag
-    amp: bool = False                   # bf16 autocast of the encoder forward (CUDA; CPUs with bf16 instructions)
-    channels_last: bool = False
-    fold_batchnorm: bool = False        # conv->BN pairs folded into one conv (eval mode: the same function)
-    stop_at_verdict: bool = False       # exact early exit: end the run once the best PL1 is below the threshold
-    restarts: int = 1                   # independent inversions run together; the smallest L1 wins
-    paper_draws: bool = True            # restart 0 draws its trigger and orders as the paper's main.py (paper_draws.py)
-    speed_preset: str = "paper"         # which SPEED_PRESETS entry set the fields above (recorded in the JSON)
-
-    @property
-    def lambda_reset_patience(self) -> int:
-        return 2 * self.patience
-
-
-# encoders from model hubs take the settings of the paper's closest case (large 224-px-class models)
-HUB_PRESETS = {"open_clip": "CLIP", "hf_clip": "CLIP", "timm": "imagenet"}
-# Speed presets: changes to the paper's settings, checked on the detection benchmark's populations
-# (docs/speed.md). `paper` is the paper's run: its draws (decree/paper_draws.py) and its rounding. `exact` is that
-# run ended once the TROJANED verdict is final (the exact early exit): the paper's verdict on every encoder.
-# `fast` keeps the paper's math and float64 trigger and only makes each encoder call cheaper: batch norms folded
-# into their convolutions and channels_last (float32 rounding inside the encoder differs, nothing else); since its
-# runs are not the paper's anyway, it keeps the project's own draws, as it always had. `triage` is `fast` with the
-# exact early exit.
-# Not in any preset: float32 trigger parameters and bf16 autocast (--float32, --amp). float32 stops registering
-# the tiny L1 decreases that keep the paper's float64 run going, so runs end sooner with larger PL1s, and on the
-# benchmark population that changed verdicts near the threshold; bf16 noise in the embeddings moves run lengths
-# both ways, which kept the verdicts but moved a per-family AUROC by 0.125.
-CHEAPER_ENCODER_CALLS = {"fold_batchnorm": True, "channels_last": True, "paper_draws": False}
-SPEED_PRESETS = {
-    "paper": {},
-    "exact": {"stop_at_verdict": True},
-    "fast": CHEAPER_ENCODER_CALLS,
-    "triage": {**CHEAPER_ENCODER_CALLS, "stop_at_verdict": True},
-}
-
-
-def preset(usage_info: str, speed: str = "paper", **overrides) -> InversionConfig:
-    """The paper's per-usage-info settings, then a speed preset, then any overrides (None values are ignored)."""
-    if speed not in SPEED_PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(SPEED_PRESETS)}, not {speed!r}")
-    usage_info = HUB_PRESETS.get(usage_info, usage_info)
-    large = usage_info in ("CLIP", "imagenet")
-    base = InversionConfig(
-        lambda_min=1e-5 if usage_info in ("cifar10", "stl10") else 1e-7,
-        early_stop_patience=10 if usage_info in ("cifar10", "stl10") else 35,
-        lr_milestones=(200, 500) if large else (30, 50),  # moco keeps the cifar thresholds, as in the paper
-        orc_square=(24, 176) if usage_info in ("CLIP", "imagenet", "moco") else (5, 22),
-        speed_preset=speed, **SPEED_PRESETS[speed],
-    )
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -594,7 +523,3 @@ def invert_trigger(encoder: "torch.nn.Module | PreparedEncoder", shadow: torch.T
                           batchnorms_folded=inputs.encoder.batchnorms_folded)
     bar.finish(result)
     return result
-
-
-def config_dict(cfg: InversionConfig) -> dict:
-    return asdict(cfg)

@@ -250,8 +250,9 @@ def check_target_flags(job, usage_info: str) -> None:
                         f"CLIP file of the same arch (e.g. OpenAI's RN50.pt) with --text_tower")
 
 
-def prepare_target(job, spec, device) -> TargetSetup:
-    """Load the truth (reference images / text) and the text tower a run's flags ask for (job: DetectionJob)."""
+def prepare_target(job, spec, device, log=print) -> TargetSetup:
+    """Load the truth (reference images / text) and the text tower a run's flags ask for (job: DetectionJob);
+    `log` takes the line that says how the target will be named."""
     setup = TargetSetup(reference_file=job.reference_file, reference_text=job.reference_text,
                         templates=resolve_templates(job.target_templates, device),
                         name_cache=job.shadow_cache_dir())
@@ -274,9 +275,9 @@ def prepare_target(job, spec, device) -> TargetSetup:
         setup.vocabulary_source = job.target_vocab or "ImageNet classes (open_clip.zero_shot_metadata)"
         if job.target_templates == "auto":
             count = len(prompt_templates(setup.templates))
-            print(f"naming the target: {len(setup.vocabulary)} names x {count} template(s) ({setup.templates}, "
-                  f"--target_templates auto on {torch.device(device).type}; paper = CLIP's 80 templates), name "
-                  f"embeddings cached per text tower", flush=True)
+            log(f"naming the target: {len(setup.vocabulary)} names x {count} template(s) ({setup.templates}, "
+                f"--target_templates auto on {torch.device(device).type}; paper = CLIP's 80 templates), name "
+                "embeddings cached per text tower")
     return setup
 
 

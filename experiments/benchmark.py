@@ -32,7 +32,8 @@ import torch
 from common.device import cpu_flags, cpu_supports_bf16, describe_machine
 from datasets.photos import photo_patches
 from models import encoder_spec, get_encoder
-from decree.inversion import invert_trigger, preset
+from decree.inversion import invert_trigger
+from decree.settings import preset
 from .paper_path import paper_invert_trigger
 
 # name -> (usage info, arch): "tiny" is a width-8 ResNet18-CIFAR, where the data path weighs the most

@@ -36,7 +36,8 @@ import torch
 
 from common import io as atomic
 
-from decree.inversion import invert_trigger, preset
+from decree.inversion import invert_trigger
+from decree.settings import preset
 from sweeps.discovery import read_manifest
 from sweeps.metrics import BACKDOOR, CLEAN, auroc, by_truth, flagged, pl1_or_inf, rates, row_truth
 from sweeps.workers import WorkerServer, worker_imports

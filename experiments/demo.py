@@ -157,15 +157,15 @@ def detect(cfg: DemoConfig, encoder_path: Path, data: dict, out_dir: Path, devic
                        shadow_data=str(data["shadow"]), shadow_size=cfg.shadow_images,  # all of it, not 10%/class
                        reference_file=str(data["reference"]),
                        out_dir=str(out_dir), model_flag=LABELS[encoder_path.parent.name],
-                       device=str(device), lr=cfg.decree_lr, epochs=cfg.decree_epochs,
-                       pl1_threshold=cfg.pl1_threshold)
+                       device=str(device), settings={"lr": cfg.decree_lr, "max_epochs": cfg.decree_epochs,
+                                                     "pl1_threshold": cfg.pl1_threshold})
     name = f"{encoder_path.parent.name}/{encoder_path.name}"
     record = cached_detection(job)
     if record is not None:
         log(f"    {name}: {_pl1_text(record)} (cached)")
         return record, True
     log(f"    {name}: trigger inversion, at most {cfg.decree_epochs} epochs")
-    return run_detection(job, progress=progress), False
+    return run_detection(job, progress=progress).record, False
 
 
 def _pl1_text(record: dict) -> str:

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from models.simclr import _narrow_resnet18, narrow_width
-from decree.inversion import (EPS, BestTrigger, InversionConfig, InversionError, InversionResult, LambdaSchedule,
-                              final_result, learning_rate, seed_everything)
+from decree.inversion import (EPS, BestTrigger, InversionError, InversionResult, LambdaSchedule, final_result,
+                              learning_rate, seed_everything)
+from decree.settings import InversionConfig
 
 
 class ShadowImages(Dataset):

@@ -14,7 +14,7 @@ OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # what OpenMP read when tor
 
 from common import io as atomic  # noqa: E402
 from datasets import load_shadow_set  # noqa: E402
-from decree.inversion import preset  # noqa: E402
+from decree.settings import preset  # noqa: E402
 from models import load_encoder  # noqa: E402
 from .paper_path import paper_invert_trigger  # noqa: E402
 

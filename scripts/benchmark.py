@@ -31,7 +31,7 @@ from experiments.benchmark_population import (CONTENDERS, DEFAULT_CONTENDERS, po
                                               run_population)
 from experiments.benchmark_sweeps import run_sweeps, sweeps_table  # noqa: E402
 from decree.cli import user_errors  # noqa: E402
-from decree.inversion import SPEED_PRESETS  # noqa: E402
+from decree.settings import SPEED_PRESETS  # noqa: E402
 from common.device import add_device_args, resolve_device  # noqa: E402
 
 

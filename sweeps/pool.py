@@ -26,8 +26,6 @@ from .outputs import failure_path, worker_log_path
 from .workers import (WorkerDied, WorkerServer, last_error_line, main_py_args, main_py_command, worker_env,
                       worker_imports)
 
-# the paper's sweep (run_decree.py) differs from main.py's defaults only in the learning rate
-SWEEP_DEFAULTS = {"lr": 0.5}
 # exit statuses of an interrupted main.py (decree.cli.user_errors, or killed by SIGINT)
 INTERRUPTED = (130, -signal.SIGINT)
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU

@@ -61,7 +61,7 @@ def worker_devices(devices: str | None, device: str = "auto", gpu: int | None = 
 
 
 def passthrough_argv(options: dict) -> list[str]:
-    """main.py flags for the sweep-wide options (inversion_kwargs names = main.py flag names)."""
+    """main.py flags for the sweep-wide options (decree.cli.inversion_flags names = main.py flag names)."""
     argv = []
     for name, value in options.items():
         if name in PER_ENCODER_FLAGS or value is None or value is False:

@@ -10,7 +10,8 @@ import torch
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from experiments.benchmark import machine_peak, parse_variant, step_flops
 from models import get_encoder
-from decree.inversion import invert_trigger, preset
+from decree.inversion import invert_trigger
+from decree.settings import preset
 from experiments.paper_path import paper_invert_trigger
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"

@@ -7,9 +7,10 @@ import torch
 
 from conftest import (CIFAR_MEAN, CIFAR_STD, PLANTED_SIDE, PLANTED_TOP, PlantedBackdoorEncoder,
                       RandomFeatureEncoder)
-from decree.inversion import (BestTrigger, InversionConfig, InversionError, LambdaSchedule, initial_params,
-                              invert_trigger, learning_rate, mean_pairwise_cos, preset, stamp, trigger_from_params)
+from decree.inversion import (BestTrigger, InversionError, LambdaSchedule, initial_params,
+                              invert_trigger, learning_rate, mean_pairwise_cos, stamp, trigger_from_params)
 from decree.restarts import OwnDraws
+from decree.settings import InversionConfig, preset
 from decree.stop_reasons import STOP_EARLY, STOP_SLOW
 
 FAST = dict(lr=0.5, batch_size=32, max_epochs=80)

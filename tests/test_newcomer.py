@@ -133,11 +133,12 @@ def test_demo_reuses_a_detection_only_for_the_same_settings_and_a_newer_result(t
     encoder = tmp_path / "encoders" / "clean_encoder" / "model_1.pth"
     encoder.parent.mkdir(parents=True)
     encoder.write_bytes(b"weights")
-    job = DetectionJob(encoder_path=str(encoder), shadow_data="shadow.npz", out_dir=str(tmp_path), epochs=3)
+    job = DetectionJob(encoder_path=str(encoder), shadow_data="shadow.npz", out_dir=str(tmp_path),
+                       settings={"max_epochs": 3})
     assert cached_detection(job) is None
     atomic.write_json(job.paths().json, {"pl1": 0.5, "job": asdict(job)})
     assert cached_detection(job)["pl1"] == 0.5
-    assert cached_detection(replace(job, epochs=4)) is None, "other settings"
+    assert cached_detection(replace(job, settings={"max_epochs": 4})) is None, "other settings"
     later = job.paths().json.stat().st_mtime_ns + 10**9
     os.utime(encoder, ns=(later, later))
     assert cached_detection(job) is None, "the encoder changed after the result was written"

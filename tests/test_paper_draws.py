@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder
-from decree.inversion import invert_trigger, mean_pairwise_cos, preset, similar_enough
+from decree.inversion import invert_trigger, mean_pairwise_cos, similar_enough
+from decree.settings import preset
 from decree.paper_draws import PaperDraws, paper_build
 from experiments.paper_path import paper_invert_trigger, papers_start, self_cos_sim
 

@@ -13,8 +13,9 @@ import main
 import models
 from conftest import CIFAR_MEAN, CIFAR_STD, PlantedBackdoorEncoder, RandomFeatureEncoder, smooth_images
 from common.device import cpu_supports_bf16
-from decree.inversion import invert_trigger, preset
+from decree.inversion import invert_trigger
 from decree.restarts import drop_rows
+from decree.settings import preset
 from decree.stop_reasons import STOP_BUDGET, STOP_EARLY, STOP_SLOW, STOP_VERDICT, UPPER_BOUND_STOPS
 from decree import detect, shadow_cache
 from decree.target import analyse_target, load_target, recover_target
