@@ -44,6 +44,7 @@ from common.threads import threads_per_worker, usable_cores
 from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.inversion import mean_pairwise_cos
+from decree.settings import InversionConfig
 from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from models import SimCLR, load_encoder, mobilenet_arch
@@ -87,9 +88,9 @@ class BenchConfig:
     drupe_spread: float = 0.6                # and, for DRUPE, its stamped embeddings' pairwise cosine is below
     shadow_data: str | None = None           # DECREE's shadow set; None: held-out photo patches
     shadow_images: int | None = 500          # None with shadow_data: the paper's default selection
-    decree_lr: float = 0.5                   # the paper's sweep setting
-    decree_epochs: int = 1000
-    decree_seed: int = 80
+    decree_lr: float = InversionConfig.lr
+    decree_epochs: int = InversionConfig.max_epochs
+    decree_seed: int = InversionConfig.seed
     pl1_threshold: float = 0.1
     workers: int = 2                         # parallel DECREE runs
     seed: int = 0

@@ -30,6 +30,7 @@ from models import SimCLR, load_encoder
 from common import io as atomic
 from decree.detect import DetectionJob, run_detection
 from decree.outputs import read_run
+from decree.settings import InversionConfig
 from sweeps.report import format_metrics, write_report
 
 USAGE_INFO = "cifar10"
@@ -49,8 +50,8 @@ class DemoConfig:
     attack_lr: float = 0.01          # BadEncoder's 1e-3 needs its 200 epochs; 10x for the 20 here
     trigger_side: int = 6            # black-and-white checkerboard at the bottom-right corner
     shadow_images: int = 500         # DECREE's shadow set: held-out patches
-    decree_lr: float = 0.5           # the paper's sweep setting
-    decree_epochs: int = 1000
+    decree_lr: float = InversionConfig.lr
+    decree_epochs: int = InversionConfig.max_epochs
     pl1_threshold: float = 0.1
     seed: int = 0
 
