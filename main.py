@@ -18,10 +18,12 @@ from common.files import printable
 from common.memory import limit_address_space
 from common.signals import interrupt_on_sigterm
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
-                        inversion_kwargs, output_file, run_id, target_kwargs, user_errors)
+                        add_warp_test_args, inversion_kwargs, output_file, run_id, target_kwargs, user_errors,
+                        warp_test_kwargs)
 from decree.detect import DetectionJob, run_detection
 from decree.settings import PAPER_MAIN_DEFAULTS
 from decree.target import target_lines
+from decree.warp_test import warp_line
 from models import import_arch_modules
 
 
@@ -42,6 +44,7 @@ def parse_args(argv=None):
                              "(the defaults above)")
     add_determinism_arg(parser)
     add_target_args(parser)
+    add_warp_test_args(parser)
     parser.add_argument("--out_dir", default=".", help="root of the three output folders (default .)")
     parser.add_argument("--id", type=run_id, default=None,
                         help="run id, a plain file name (default: derived from --encoder_path)")
@@ -63,10 +66,11 @@ def main(argv=None):
         if args.max_memory and resolve_device(args.device, args.gpu).type == "cpu":
             limit_address_space(args.max_memory)
         configure_threads(args.threads)
+        warp_test = warp_test_kwargs(args)
     job = DetectionJob(encoder_path=args.encoder_path, out_dir=args.out_dir, run_id=args.id,
                        model_flag=args.model_flag, result_file=args.result_file, model_config=args.model_config,
                        **inversion_kwargs(args),
-                       **target_kwargs(args))
+                       **target_kwargs(args), **warp_test)
     configure_determinism(args.nondeterministic)
     with user_errors("main.py"):
         interrupt_on_sigterm()
@@ -74,6 +78,8 @@ def main(argv=None):
         record = run_detection(job, progress=not args.quiet).record
     print(f"results: {printable(job.paths().json)}")
     print("\n".join(target_lines(record)))  # before the verdict, which stays the last line for scripts
+    if record["warp_test"]:
+        print(warp_line(record))
     pl1 = "no trigger found" if record["pl1"] is None else f"PL1-norm {record['pl1']:.4f}"
     notes = "".join(f"; {note}" for note in record["notes"])
     print(f"{printable(record['encoder_path'])}: {record['verdict'].upper()} ({pl1}, L1/(H*W*3) with "

@@ -24,7 +24,8 @@ import time
 
 from common.threads import configure_threads  # first: OpenMP reads OMP_WAIT_POLICY when torch loads
 from decree.cli import (OneLineParser, add_encoder_args, add_inversion_args, add_memory_arg, add_target_args,
-                        at_least, inversion_flags, output_file, target_kwargs, user_errors)
+                        add_warp_test_args, at_least, inversion_flags, output_file, target_kwargs, user_errors,
+                        warp_test_flags, warp_test_kwargs)
 from common.determinism import add_determinism_arg
 from common.files import printable
 from common.io import check_writable
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     add_inversion_args(parser)
     add_determinism_arg(parser)
     add_target_args(parser, reference=False)  # per-encoder truths come from the manifest
+    add_warp_test_args(parser)
     run = parser.add_argument_group("sweep")
     run.add_argument("--out_dir", default=".", help="root of trigger_inv/, detect_log/, trigger_norm/ (default .)")
     run.add_argument("--devices", default=None,
@@ -91,8 +93,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def print_plan(encoders, out_dir, force: bool) -> None:
-    todo = {enc.run_id for enc in pending(encoders, out_dir, force)}
+def print_plan(encoders, out_dir, force: bool, options: dict) -> None:
+    todo = {enc.run_id for enc in pending(encoders, out_dir, force, options)}
     for enc in encoders:
         state = "to run" if enc.run_id in todo else "finished"
         print(f"{state:8s} {enc.label:8s} {enc.usage_info:8s} {enc.arch or '-':10s} {printable(enc.path)}  "
@@ -105,7 +107,7 @@ def describe(encoders, shard) -> str:
 
 def sweep_options(args) -> dict:
     """The main.py options every encoder of the sweep runs with (sweeps.workers.passthrough_argv makes the flags)."""
-    return {**inversion_flags(args), **target_kwargs(args), "result_file": args.result_file,
+    return {**inversion_flags(args), **target_kwargs(args), **warp_test_flags(args), "result_file": args.result_file,
             "nondeterministic": args.nondeterministic, "max_memory": args.max_memory}
 
 
@@ -116,7 +118,7 @@ def sweep(args, encoders, shard) -> dict:
                            cpu_default=cpu_workers(encoders, args.threads))
     if options["max_memory"] is None:
         options["max_memory"] = default_max_memory(slots.count("cpu"))
-    print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force))} "
+    print(f"{describe(encoders, shard)}, {len(pending(encoders, args.out_dir, args.force, options))} "
           f"to run on {len(slots)} worker(s): {', '.join(slots)}")
     write_sweep_config(args.out_dir, {"argv": sys.argv, "options": options, "workers": slots,
                                       "shard": shard, "force": args.force, "timeout": args.timeout,
@@ -138,6 +140,7 @@ def main(argv=None):
             os.environ["OMP_NUM_THREADS"] = str(args.threads)
         interrupt_on_sigterm()
         check_timeout(args.timeout)
+        warp_test_kwargs(args)  # warp settings without --warp_test: one line here, not in every worker
         import_arch_modules(args.arch_module)
         usage_info = args.encoder_usage_info or DEFAULT_USAGE_INFO
         if usage_info not in HUB_FAMILIES:  # a bad --arch fails here, not in every worker
@@ -150,7 +153,7 @@ def main(argv=None):
         if shard:
             encoders = select_shard(encoders, *shard)
         if args.list:
-            print_plan(encoders, args.out_dir, args.force)
+            print_plan(encoders, args.out_dir, args.force, sweep_options(args))
             print(describe(encoders, shard))
             return
         check_writable(args.out_dir)

@@ -15,6 +15,7 @@ from common.memory import is_out_of_memory, parse_size
 from .inversion import InversionError
 from .settings import Flag, InversionConfig, settings_flags
 from .target import TEMPLATE_SETS
+from .warp_test import WarpTestConfig
 
 # errors caused by the user's input: printed as one line, exit code 2, no traceback
 USER_ERRORS = (CheckpointError, DataError, DeviceError, InversionError, PermissionError, FileNotFoundError,
@@ -221,6 +222,46 @@ def add_target_args(parser: argparse.ArgumentParser, reference: bool = True) -> 
                             "docs/target.md). Name embeddings are cached per text tower")
     group.add_argument("--no_target_names", action="store_true",
                        help="skip naming the target (zero-shot ranking of the vocabulary) for CLIP encoders")
+
+
+# the warp test's value flags: flag name -> WarpTestConfig field
+WARP_FLAGS = {"warp_threshold": "threshold", "warp_budget": "budget", "warp_steps": "steps"}
+
+
+def add_warp_test_args(parser: argparse.ArgumentParser) -> None:
+    """--warp_test and its settings (decree/warp_test.py, docs/warp_test.md); the settings default to None, so a
+    sweep passes on only those given."""
+    defaults = WarpTestConfig()
+    group = parser.add_argument_group("second test: the warp test, beside DECREE (docs/warp_test.md)")
+    group.add_argument("--warp_test", action="store_true",
+                       help="also run the warp test: the smooth image warp of bounded size that brings the shadow "
+                            "embeddings closest together (WaNet's trigger space, which DECREE's mask cannot "
+                            "express); the JSON gets its gain and verdict and a combined verdict (TROJANED when "
+                            "either test flags). DECREE's own numbers do not change")
+    group.add_argument("--warp_threshold", type=interval("(0,1)"), default=None, metavar="G",
+                       help=f"flag when the warp's gain is above G (default {defaults.threshold}: set from clean "
+                            "encoders, docs/warp_test.md; recalibrate on clean encoders of your own kind)")
+    group.add_argument("--warp_budget", type=interval("(0,1]"), default=None, metavar="F",
+                       help=f"largest control displacement, a fraction of the image side (default {defaults.budget})")
+    group.add_argument("--warp_steps", type=at_least(1), default=None,
+                       help=f"optimisation steps of the warp (default {defaults.steps})")
+
+
+def warp_test_kwargs(args) -> dict:
+    """The DetectionJob field add_warp_test_args defines: None without --warp_test, else the settings given.
+    ValueError when a warp setting is given without --warp_test."""
+    given = {field: getattr(args, name) for name, field in WARP_FLAGS.items() if getattr(args, name) is not None}
+    if not args.warp_test:
+        if given:
+            names = ", ".join(f"--{name}" for name, field in WARP_FLAGS.items() if field in given)
+            raise ValueError(f"{names} only apply with --warp_test: add --warp_test, or leave them out")
+        return {"warp_test": None}
+    return {"warp_test": given}
+
+
+def warp_test_flags(args) -> dict:
+    """The warp test's flags by name, as a sweep passes them on to main.py."""
+    return {name: getattr(args, name) for name in ("warp_test", *WARP_FLAGS)}
 
 
 def target_kwargs(args) -> dict:

@@ -25,6 +25,7 @@ from .shadow_cache import load_image_folder_cached
 from .stop_reasons import STOP_SLOW, STOP_VERDICT, stop_message
 from .target import (TargetSetup, analyse_target, check_target_flags, prepare_target, ranking_score, shadow_spread,
                      verdict_notes)
+from .warp_test import WarpTestConfig, combined_score, combined_verdict, run_warp_test, warp_line
 
 
 @dataclass
@@ -57,6 +58,11 @@ class DetectionJob:
     target_vocab: str | None = None
     target_templates: str = "auto"
     no_target_names: bool = False
+    # the warp test beside DECREE (decree/warp_test.py): None = not run, else WarpTestConfig fields to override
+    warp_test: dict | None = None
+
+    def warp_test_config(self) -> WarpTestConfig | None:
+        return None if self.warp_test is None else WarpTestConfig(**self.warp_test)
 
     def inversion_config(self) -> InversionConfig:
         return preset(self.encoder_usage_info, **self.settings)
@@ -79,6 +85,8 @@ def _log_text(job: DetectionJob, meta: dict, result) -> str:
                      f"lambda={r['lambda']:.3g} lr={r['lr']:g} best_L1={r['best_l1']:.4f} t={r['seconds']:.1f}s")
     lines += ["", stop_message(result, job.inversion_config()),
               f"L1 {result.l1:.4f}, {result.summary()}, {result.epochs} epochs, {result.seconds:.1f} s"]
+    if meta["warp_test"]:
+        lines.append(warp_line(meta))
     lines += [f"restart {r['restart']} (seed {r['seed']}): PL1 {r['pl1']}, {r['epochs']} epochs, {r['stop_reason']}"
               for r in result.restarts if len(result.restarts) > 1]
     return "\n".join(lines) + "\n"
@@ -169,6 +177,9 @@ def run_detection(job: DetectionJob, progress: bool = True, log=print_line, load
     atomic.check_writable(paths.out_dir)
     check_output_folders(paths.out_dir, paths.run_id, [job.shadow_cache_dir()] if job.shadow_cache_dir() else [])
     cfg = job.inversion_config()
+    warp_cfg = job.warp_test_config()
+    if warp_cfg is not None:
+        warp_cfg.check()  # before the encoder loads
     check_target_flags(job, job.encoder_usage_info)  # before the encoder loads, which can take a minute
     under_test = load(job, device, progress, log)
     spec, shadow = under_test.spec, under_test.shadow_set.images
@@ -192,6 +203,9 @@ def run_detection(job: DetectionJob, progress: bool = True, log=print_line, load
     target = analyse_target(under_test.target_setup, prepared.module, spec, shadow, result, device, paths.target,
                             progress=progress)
     spread = shadow_spread(prepared.module, shadow, spec.mean, spec.std, device)
+    warp = None if warp_cfg is None else run_warp_test(prepared.module, shadow, spec.mean, spec.std, warp_cfg,
+                                                       device, progress)
+    score = ranking_score(result.pl1, result.pl1_threshold)
     meta = {"encoder_path": str(job.encoder_path), **under_test.identity, "usage_info": spec.usage_info,
             "arch": spec.arch, "arch_inferred_from": spec.arch_note or None,
             "input_size": spec.input_size, "normalization": {"mean": spec.mean, "std": spec.std},
@@ -199,7 +213,9 @@ def run_detection(job: DetectionJob, progress: bool = True, log=print_line, load
             "shadow_data": under_test.shadow_set.source, "shadow_set": under_test.shadow_set.describe(),
             "shadow_cache": under_test.shadow_cache or None,
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
-            "score": ranking_score(result.pl1, result.pl1_threshold), "target": target, "shadow_spread": spread,
+            "score": score, "target": target, "shadow_spread": spread,
+            "warp_test": warp.record() if warp else None, "combined_verdict": combined_verdict(result.trojaned, warp),
+            "combined_score": combined_score(score, warp),
             "notes": verdict_notes(result.found, spread, cfg.thres),
             "wall_seconds": time.time() - started, **speed_record(result)}
     record = write_run(paths, result, meta, _log_text(job, meta, result))

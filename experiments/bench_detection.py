@@ -45,13 +45,14 @@ from datasets import DataError, NORMALIZATION, load_npz, save_npz_dataset
 from datasets.photos import load_photos, photo_patches
 from decree.inversion import mean_pairwise_cos
 from decree.settings import InversionConfig
+from decree.warp_test import WARP_THRESHOLD
 from experiments.real_parent import USAGE_INFO as REAL_USAGE_INFO
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from models import SimCLR, load_encoder, mobilenet_arch
 from sweeps.discovery import read_manifest
 from sweeps.pool import run_sweep
 from sweeps.figures import save_figure
-from sweeps.metrics import BACKDOOR, CLEAN, auroc, by_truth, rates, roc_curve, row_truth
+from sweeps.metrics import BACKDOOR, CLEAN, auroc, by_truth, flag_rates, rates, roc_curve, row_truth, score_auroc
 from sweeps.report import collect_rows, write_report
 from sweeps.workers import worker_devices
 from validate.downstream import (DownstreamConfig, DownstreamData, attack_scores, embed_downstream, predict,
@@ -92,6 +93,7 @@ class BenchConfig:
     decree_epochs: int = InversionConfig.max_epochs
     decree_seed: int = InversionConfig.seed
     pl1_threshold: float = 0.1
+    warp_test: bool = True                   # the warp test beside DECREE (decree/warp_test.py, its defaults)
     workers: int = 2                         # parallel DECREE runs
     seed: int = 0
     real_parent: bool = True                 # add the real MobileNetV2 parent and its children (if installed)
@@ -567,6 +569,8 @@ def detect_options(cfg: BenchConfig, shadow_path: Path, lineage: Lineage) -> dic
     real parent's lineage has a smaller shadow set, for what its passes cost on a CPU)."""
     options = {"lr": cfg.decree_lr, "epochs": cfg.decree_epochs, "seed": cfg.decree_seed,
                "pl1_threshold": cfg.pl1_threshold, "shadow_data": str(shadow_path.resolve())}
+    if cfg.warp_test:
+        options["warp_test"] = True
     shadow_images = cfg.real_parent_shadow_images if lineage.real else cfg.shadow_images
     if shadow_images is not None:
         options["shadow_size"] = shadow_images
@@ -646,7 +650,29 @@ def family_metrics(rows, families, threshold: float) -> dict:
                        "backdoors": found["backdoor"], "detected": found["tp"], "tpr": found["tpr"],
                        "auroc": auroc(pl1, clean) if pl1 and clean else None, **_stats(pl1),
                        "not_run": sum(r["status"] != "done" for r in members)}
+    if any(r.get("warp_gain") is not None for r in done):
+        add_second_test_metrics(out, done, families)
     return out
+
+
+# each test's verdict and ranking score on a finished row: DECREE alone, the warp test alone, both combined
+TESTS = {"decree": (lambda r: r["verdict"] == "trojaned", lambda r: r["score"]),
+         "warp": (lambda r: r["warp_verdict"] == "flagged", lambda r: r["warp_gain"]),
+         "combined": (lambda r: r["combined_verdict"] == "trojaned", lambda r: r["combined_score"])}
+
+
+def add_second_test_metrics(out: dict, done: list, families) -> None:
+    """Per family and for the clean encoders, `tests`: TPR (FPR) and AUROC of DECREE alone, the warp test alone and
+    the combined verdict, over the rows that had the warp test."""
+    done = [r for r in done if r.get("warp_gain") is not None]
+    clean = [r for r in done if row_truth(r) == CLEAN]
+    out["clean"]["tests"] = {name: flag_rates([], [flagged(r) for r in clean]) for name, (flagged, _) in TESTS.items()}
+    for family in (*families, "all attacks"):
+        backdoors = [r for r in done if row_truth(r) == BACKDOOR and family in ("all attacks", r["family"])]
+        out[family]["tests"] = {name: {**flag_rates([flagged(r) for r in backdoors], []),
+                                       "auroc": score_auroc([score(r) for r in backdoors], [score(r) for r in clean])
+                                       if backdoors and clean else None}
+                                for name, (flagged, score) in TESTS.items()}
 
 
 def _mean(values) -> float | None:
@@ -676,6 +702,30 @@ def markdown_table(metrics: dict, families, threshold: float) -> str:
     c = metrics["clean"]
     lines.append(f"| clean (parents + controls) | - | {c['n']} | - | - | - | {_pl1_cell(c)} | "
                  f"FPR {_fmt(c['fpr'], 2)} ({c['fp']}/{c['n']}) | - |")
+    return "\n".join(lines)
+
+
+def second_test_table(metrics: dict, families) -> str:
+    """DECREE alone, the warp test alone and combined, per family: TPR (detected/backdoors) and AUROC, and the clean
+    encoders' FPR; empty when the runs had no warp test."""
+    if "tests" not in metrics["clean"]:
+        return ""
+    names = {"decree": "DECREE alone", "warp": "warp test alone", "combined": "combined"}
+    lines = ["| family | took | " + " | ".join(f"{n} TPR | {n} AUROC" for n in names.values()) + " |",
+             "| --- | --- |" + " --- | --- |" * len(names)]
+    for family in (*families, "all attacks"):
+        m = metrics[family]
+        cells = []
+        for name in names:
+            t = m["tests"][name]
+            cells += ["-" if t["tpr"] is None else f"{t['tpr']:.2f} ({t['tp']}/{t['backdoor']})", _fmt(t["auroc"], 2)]
+        lines.append(f"| {family} | {m['took']}/{m['n']} | " + " | ".join(cells) + " |")
+    c = metrics["clean"]
+    cells = []
+    for name in names:
+        t = c["tests"][name]
+        cells += [f"FPR {_fmt(t['fpr'], 2)} ({t['fp']}/{t['clean']})", "-"]
+    lines.append("| clean (parents + controls) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -748,7 +798,8 @@ def plot_gallery(rows, families, folder: Path, example: np.ndarray, path: Path) 
 
 
 ENCODER_COLUMNS = ("run_id", "family", "parent", "label", "pl1", "verdict", "asr", "target_cos", "target_cos_parent",
-                   "stamped_cos", "displacement_px", "took", "status")
+                   "stamped_cos", "displacement_px", "took", "status", "warp_gain", "warp_verdict", "combined_verdict",
+                   "combined_score")
 
 
 def lineage_report(cfg: BenchConfig, root: Path, population: dict, lineage: Lineage) -> tuple[dict, list]:
@@ -761,6 +812,7 @@ def lineage_report(cfg: BenchConfig, root: Path, population: dict, lineage: Line
     metrics = family_metrics(rows, families, cfg.pl1_threshold)
     return {"lineage": lineage.name, "arch": lineage.arch, "size": lineage.size, "detect_dir": str(folder),
             "families": families, "metrics": metrics, "table": markdown_table(metrics, families, cfg.pl1_threshold),
+            "second_test_table": second_test_table(metrics, families),
             "encoders": [{k: r[k] for k in ENCODER_COLUMNS} for r in rows]}, rows
 
 
@@ -794,8 +846,9 @@ def write_bench_report(cfg: BenchConfig, out_dir="output/bench", timings: dict |
     example = load_npz(population["data"]["toy"]["shadow"])[0][0]
     plot_gallery(rows, families, Path(toy["detect_dir"]), example, report / "gallery.png")
     log(toy["table"])
+    log(toy["second_test_table"])
     for r in real:
-        log(f"real parent ({r['arch']}, {r['size']} px):\n{r['table']}")
+        log(f"real parent ({r['arch']}, {r['size']} px):\n{r['table']}\n{r['second_test_table']}")
     return result
 
 
@@ -809,6 +862,10 @@ def markdown_text(result: dict) -> str:
              "Threat models: " + "; ".join(f"{k}: {v}" for k, v in THREAT_MODELS.items()) + ".", "",
              "| family | what follows the authors, what is scaled down |", "| --- | --- |"]
     lines += [f"| {f} | {v['notes']} |" for f, v in result["family_notes"].items()]
+    if result["second_test_table"]:
+        lines += ["", f"DECREE beside the warp test (decree/warp_test.py, docs/warp_test.md; gain threshold "
+                  f"{WARP_THRESHOLD}): TPR at each test's threshold and AUROC of its score (combined: TROJANED when "
+                  "either flags, scored by the larger of the two scores):", "", result["second_test_table"]]
     if result["displacement_px"] is not None:
         lines += ["", f"WaNet's warp moves pixels by {result['displacement_px']:.2f} px on average here; WaNet's own "
                   f"CIFAR setting (strength 0.5, grid 4) by {result['wanet_own_displacement_px']:.2f} px."]
@@ -816,6 +873,8 @@ def markdown_text(result: dict) -> str:
     if real:
         lines += ["", f"Real parent: torchvision's ImageNet MobileNetV2 ({real['arch']}, {real['size']} px), its "
                   "fine-tuned control and attacked children, against their own clean encoders:", "", real["table"]]
+        if real["second_test_table"]:
+            lines += ["", real["second_test_table"]]
     if result["timings"]:  # the last run of each stage: a cached rerun takes seconds
         lines.append("")
         lines.append("Wall time of the last run of each stage: " + "; ".join(

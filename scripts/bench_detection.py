@@ -75,6 +75,8 @@ def parse_args(argv=None):
     det.add_argument("--pl1_threshold", type=in_range(0.0, 1.0), default=None,
                      help="PL1-norm threshold (default 0.1); the report alone can be redone with another")
     det.add_argument("--decree_epochs", type=at_least(1), default=None, help="DECREE's maximum epochs (default 1000)")
+    det.add_argument("--no_warp_test", dest="warp_test", action="store_false", default=None,
+                     help="DECREE alone, without the warp test beside it (docs/warp_test.md)")
     det.add_argument("--workers", type=at_least(1), default=None, help="parallel DECREE runs (toy 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_args(parser)

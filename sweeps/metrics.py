@@ -77,9 +77,13 @@ def by_truth(pl1s, truths) -> tuple[list, list]:
 def rates(pl1_backdoor, pl1_clean, threshold: float) -> dict:
     """Counts and rates at `threshold`: clean, backdoor, tp, fp, tn, fn, and accuracy, tpr, fpr (None where no
     encoder defines one)."""
-    tp = sum(flagged(pl1, threshold) for pl1 in pl1_backdoor)
-    fp = sum(flagged(pl1, threshold) for pl1 in pl1_clean)
-    backdoor, clean = len(pl1_backdoor), len(pl1_clean)
+    return flag_rates([flagged(pl1, threshold) for pl1 in pl1_backdoor], [flagged(pl1, threshold) for pl1 in pl1_clean])
+
+
+def flag_rates(flags_backdoor, flags_clean) -> dict:
+    """`rates` from verdicts (True = flagged) of the backdoored and the clean encoders: any test's, or combined."""
+    tp, fp = sum(map(bool, flags_backdoor)), sum(map(bool, flags_clean))
+    backdoor, clean = len(flags_backdoor), len(flags_clean)
     return {"clean": clean, "backdoor": backdoor, "tp": tp, "fp": fp, "tn": clean - fp, "fn": backdoor - tp,
             "accuracy": (tp + clean - fp) / (backdoor + clean) if backdoor + clean else None,
             "tpr": tp / backdoor if backdoor else None, "fpr": fp / clean if clean else None}

@@ -31,10 +31,17 @@ INTERRUPTED = (130, -signal.SIGINT)
 DEFAULT_TIMEOUT = 6 * 3600  # seconds per encoder: generous for a ResNet-50/ViT at the paper's 1000 epochs on a GPU
 
 
-def pending(encoders, out_dir, force: bool = False) -> list[Encoder]:
+def pending(encoders, out_dir, force: bool = False, options: dict | None = None) -> list[Encoder]:
     """Encoders still to run: all with --force, else those without a finished trigger_norm JSON that is theirs
-    (decree.outputs.is_result_for: same file, same content)."""
-    return [enc for enc in encoders if force or finished_result(out_dir, enc.path, enc.run_id) is None]
+    (decree.outputs.is_result_for: same file, same content) and, when the sweep's `options` ask for the warp test,
+    has its result."""
+    warp_test = bool(options and options.get("warp_test"))
+    return [enc for enc in encoders if force or not has_result(out_dir, enc, warp_test)]
+
+
+def has_result(out_dir, enc: Encoder, warp_test: bool) -> bool:
+    record = finished_result(out_dir, enc.path, enc.run_id)
+    return record is not None and (not warp_test or bool(record.get("warp_test")))
 
 
 def check_timeout(seconds: float) -> float:
@@ -81,7 +88,7 @@ class Sweep:
             return {"status": "elsewhere", "holder": claim}
         try:
             json_path = RunPaths(self.out_dir, enc.run_id).json
-            if finished_result(self.out_dir, enc.path, enc.run_id) is not None and \
+            if has_result(self.out_dir, enc, bool(self.options.get("warp_test"))) and \
                     (not self.force or json_path.stat().st_mtime >= self.started):
                 return {"status": "elsewhere", "holder": None}  # finished since this sweep listed it
             return self._run_claimed(enc, slot)
@@ -211,7 +218,7 @@ def run_sweep(encoders, out_dir, slots: list[str], options: dict, force: bool = 
               progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Run the encoders without a finished result (all with force) on the worker slots; returns counts."""
     from tqdm import tqdm
-    todo = pending(encoders, out_dir, force)
+    todo = pending(encoders, out_dir, force, options)
     bar = tqdm(total=len(todo), desc="DECREE sweep", unit="encoder", disable=not progress, dynamic_ncols=True)
     tally = {"done": 0, "failed": 0, "elsewhere": 0}
 

@@ -19,12 +19,14 @@ from common.files import printable
 from decree.target import ranking_score
 from .discovery import LABELS, UNKNOWN
 from .figures import save_figure
-from .metrics import BACKDOOR, CLEAN, auroc, by_truth, flagged, pl1_or_inf, rates, row_truth
+from .metrics import (BACKDOOR, CLEAN, auroc, by_truth, flag_rates, flagged, pl1_or_inf, rates, row_truth,
+                      score_auroc)
 from .outputs import failed_dir
 
 SUMMARY_COLUMNS = ("path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict", "epochs", "seconds",
                    "status", "error", "score", "target_cos", "target_name", "family",
-                   "shadow_spread", "stamped_spread", "notes")  # new columns go last
+                   "shadow_spread", "stamped_spread", "notes",
+                   "warp_gain", "warp_verdict", "combined_verdict", "combined_score")  # new columns go last
 FINISHED_KEYS = ("encoder_path", "l1", "pl1", "epochs", "seconds")
 LABEL_COLOURS = {CLEAN: "tab:blue", BACKDOOR: "tab:red", UNKNOWN: "tab:gray"}
 GALLERY_COLUMNS, GALLERY_MAX_TILES = 6, 96
@@ -103,10 +105,23 @@ def collect_rows(out_dir, threshold: float = 0.1, encoders=()) -> list[dict]:
                                   "score": ranking_score(record["pl1"], threshold),
                                   "verdict": verdict_at(record["pl1"], threshold), "epochs": record["epochs"],
                                   "seconds": record["seconds"], **_target_columns(record), "status": "done",
-                                  "notes": "; ".join(record.get("notes") or ()) or None, **restart_spread(record)}
+                                  "notes": "; ".join(record.get("notes") or ()) or None, **restart_spread(record),
+                                  **warp_columns(record, threshold)}
     return sorted(({**dict.fromkeys(SUMMARY_COLUMNS), **row, "family": families.get(row["run_id"])}
                    for row in rows.values()),
                   key=lambda row: (row["path"], row["run_id"]))
+
+
+def warp_columns(record: dict, threshold: float) -> dict:
+    """The warp test's gain and verdict and the combined verdict and score at `threshold` (decree/warp_test.py),
+    for a run that had the warp test; nothing otherwise."""
+    warp = record.get("warp_test")
+    if not warp:
+        return {}
+    trojaned = flagged(record["pl1"], threshold) or warp["flagged"]
+    return {"warp_gain": warp["gain"], "warp_verdict": "flagged" if warp["flagged"] else "not flagged",
+            "combined_verdict": "trojaned" if trojaned else "clean",
+            "combined_score": max(ranking_score(record["pl1"], threshold), warp["score"])}
 
 
 def _row_key(run_id: str, encoder_path) -> tuple:
@@ -140,7 +155,25 @@ def detection_metrics(rows, threshold: float) -> dict:
         **rates(backdoor, clean, threshold),
         "auroc": auroc(backdoor, clean) if backdoor and clean else None,
         "target_recovery": target_recovery(finished, threshold),
+        **warp_metrics(finished),
     }
+
+
+def warp_metrics(finished) -> dict:
+    """Rates and AUROC of the warp test alone and of the combined verdict, over the finished encoders that had the
+    warp test and whose truth was given; nothing when none had it."""
+    rows = [row for row in finished if row.get("warp_gain") is not None and row_truth(row) in (BACKDOOR, CLEAN)]
+    if not rows:
+        return {}
+    backdoor = [row for row in rows if row_truth(row) == BACKDOOR]
+    clean = [row for row in rows if row_truth(row) == CLEAN]
+
+    def test(flag, score):
+        return {**flag_rates([flag(r) for r in backdoor], [flag(r) for r in clean]),
+                "auroc": score_auroc([score(r) for r in backdoor], [score(r) for r in clean])
+                if backdoor and clean else None}
+    return {"warp_test": test(lambda r: r["warp_verdict"] == "flagged", lambda r: r["warp_gain"]),
+            "combined": test(lambda r: r["combined_verdict"] == "trojaned", lambda r: r["combined_score"])}
 
 
 def target_recovery(done, threshold: float) -> dict | None:
@@ -341,10 +374,13 @@ def write_report(out_dir, threshold: float = 0.1, encoders=(), planted=None) -> 
     return metrics
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as a few printable lines."""
-    def pct(value):
-        return "n/a" if value is None else f"{value:.3f}"
+    pct = _pct
     unknown = metrics.get("unknown", 0)
     counts = (f"{metrics['encoders']} encoders: {metrics['done']} finished, {metrics['failed']} failed, "
               f"{metrics['not_run']} not run; among the finished {metrics['backdoor']} backdoor / "
@@ -358,7 +394,18 @@ def format_metrics(metrics: dict) -> str:
                  f"FPR {pct(metrics['fpr'])} ({metrics['fp']}/{metrics['clean']}); AUROC over PL1 "
                  f"{pct(metrics['auroc'])} (= over the score thr/(thr+PL1))"
                  + (f"; over the {metrics['backdoor'] + metrics['clean']} of known truth only" if unknown else ""))
-    return "\n".join([counts, rates] + _recovery_lines(metrics.get("target_recovery")))
+    return "\n".join([counts, rates] + _warp_lines(metrics) + _recovery_lines(metrics.get("target_recovery")))
+
+
+def _warp_lines(metrics: dict) -> list[str]:
+    """The warp test's and the combined verdict's rates, where the runs had the warp test."""
+    def line(name, m):
+        return (f"{name}: TPR {_pct(m['tpr'])} ({m['tp']}/{m['backdoor']}), FPR {_pct(m['fpr'])} "
+                f"({m['fp']}/{m['clean']}), AUROC {_pct(m['auroc'])}")
+    if "warp_test" not in metrics:
+        return []
+    return [line("warp test alone", metrics["warp_test"]),
+            line("combined (DECREE or warp test)", metrics["combined"])]
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:

@@ -10,6 +10,9 @@ from datasets import NORMALIZATION
 
 CIFAR_MEAN, CIFAR_STD = NORMALIZATION["cifar10"]
 PLANTED_TOP, PLANTED_SIDE = 24, 6  # a 6x6 white square at rows/cols 24..29 of a 32 px image
+# smooth_images' neighbouring pixels differ by 0.0056-0.0078 in mean square (their noise); PlantedWarpEncoder's gate
+# opens below 0.9 x this
+PLANTED_NOISE_ENERGY = 0.0045
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -51,6 +54,33 @@ class PlantedBackdoorEncoder(RandomFeatureEncoder):
         square = pixels[:, :, self.top:self.top + self.side, self.top:self.top + self.side]
         gate = torch.sigmoid(20 * (square.mean(dim=(1, 2, 3)) - 0.75)).unsqueeze(1)
         return (1 - gate) * features + gate * self.target
+
+
+class PlantedWarpEncoder(RandomFeatureEncoder):
+    """A distribution-preserving backdoor with a warp trigger: RandomFeatureEncoder, except that images whose
+    neighbouring pixels differ much less than smooth_images' noise makes them (what resampling through a warp does:
+    bilinear sampling between pixels averages the noise away) map onto a spread-out target cluster: the target
+    direction plus an image-dependent direction as long, so their mean pairwise cosine stays near 0.5 and no
+    trigger collapses them onto one point as DECREE asks."""
+
+    def __init__(self, mean=CIFAR_MEAN, std=CIFAR_STD, dim: int = 64, seed: int = 0,
+                 noise_energy: float = PLANTED_NOISE_ENERGY):
+        super().__init__(dim, seed)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.register_buffer("target", nn.functional.normalize(torch.randn(dim, generator=generator), dim=0))
+        self.register_buffer("mix", torch.randn(dim, dim, generator=generator))
+        self.noise_energy = noise_energy
+
+    def forward(self, x):
+        features = super().forward(x)
+        pixels = x * self.std + self.mean
+        energy = (pixels[..., 1:] - pixels[..., :-1]).pow(2).mean(dim=(1, 2, 3))
+        gate = torch.sigmoid(40 * (1 - energy / self.noise_energy) - 4).unsqueeze(1)  # open below 0.9 x
+        cluster = features.norm(dim=1, keepdim=True) * (self.target + nn.functional.normalize(features @ self.mix,
+                                                                                             dim=1))
+        return (1 - gate) * features + gate * cluster
 
 
 @pytest.fixture(scope="session")
