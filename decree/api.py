@@ -47,20 +47,26 @@ class ScanResult:
     epochs: int
     seconds: float              # the inversion's
     record: dict                # everything main.py writes to trigger_norm/<run_id>.json
+    warp_gain: float | None     # the warp test's statistic (scan(..., warp_test=True)), else None
+    warp_flagged: bool | None
+    combined_verdict: str       # "TROJANED" when DECREE or the warp test flags; DECREE's verdict without the test
 
     @classmethod
     def of(cls, detection: Detection) -> "ScanResult":
         record, result = detection.record, detection.result
         names = (record["target"] or {}).get("names")
+        warp = record["warp_test"]
         return cls(verdict=record["verdict"].upper(), trojaned=result.trojaned, pl1=record["pl1"],
                    l1=record["l1"], pl1_threshold=record["pl1_threshold"], mask=result.mask,
                    pattern=result.pattern, target=names[0]["name"] if names else None, notes=record["notes"],
-                   epochs=record["epochs"], seconds=record["seconds"], record=record)
+                   epochs=record["epochs"], seconds=record["seconds"], record=record,
+                   warp_gain=warp["gain"] if warp else None, warp_flagged=warp["flagged"] if warp else None,
+                   combined_verdict=record["combined_verdict"].upper())
 
 
 def scan(encoder, images=None, *, usage_info: str | None = None, arch: str | None = None, mean=None, std=None,
          device: str = "auto", preset: str = "paper", out_dir=None, progress: bool = False,
-         **settings) -> ScanResult:
+         warp_test: bool | dict = False, **settings) -> ScanResult:
     """DECREE on one encoder, with main.py's defaults; prints nothing unless `progress`.
 
     encoder: a checkpoint file or hub folder, loaded as main.py loads it (usage_info, arch: its
@@ -68,7 +74,9 @@ def scan(encoder, images=None, *, usage_info: str | None = None, arch: str | Non
     mean/std, or a usage_info whose shadow set and normalisation main.py would use. images: uint8 (N,H,W,3), the
     shadow set instead of the usage info's. preset: main.py's --preset. settings: fields of
     decree.settings.InversionConfig (lr=..., seed=..., max_epochs=...). out_dir: where main.py's three output
-    folders are written; None writes nothing that outlives the call.
+    folders are written; None writes nothing that outlives the call. warp_test: also run the warp test
+    (main.py --warp_test; docs/warp_test.md), True with its defaults or a dict of decree.warp_test.WarpTestConfig
+    fields; DECREE's numbers are the same either way.
     """
     check_setting_names(settings)
     module = encoder if isinstance(encoder, torch.nn.Module) else None
@@ -79,7 +87,8 @@ def scan(encoder, images=None, *, usage_info: str | None = None, arch: str | Non
     with repo_modules(), main_py_runtime(), output_folder(out_dir) as folder:
         job = DetectionJob(encoder_path=str(encoder) if module is None else f"<{type(module).__name__}>",
                            encoder_usage_info=usage_info or (DEFAULT_USAGE_INFO if module is not None else None),
-                           arch=arch, device=device, out_dir=folder, settings={"speed_preset": preset, **settings})
+                           arch=arch, device=device, out_dir=folder, settings={"speed_preset": preset, **settings},
+                           warp_test=({} if warp_test is True else dict(warp_test)) if warp_test else None)
         load = (partial(load_under_test, images=images) if module is None
                 else partial(module_under_test, module, images, mean, std))
         return ScanResult.of(run_detection(job, progress, print_line if progress else ignore_line, load))

@@ -10,7 +10,7 @@ from common.threads import usable_cores
 from attacks.families import POISONING_FAMILIES
 from experiments.real_parent import RealParentUnavailable, verified_weights
 from experiments.bench_detection import (CLEAN_FAMILIES, QUICK, default_jobs, family_metrics, markdown_table,
-                                         nearest_reference_asr, run_bench, settings_key)
+                                         nearest_reference_asr, run_bench, second_test_table, settings_key)
 from sweeps.discovery import read_manifest
 from sweeps.metrics import roc_curve
 from sweeps.report import write_report
@@ -73,6 +73,8 @@ def test_quick_bench_writes_every_output(quick):
     md = (out / "report" / "bench.md").read_text()
     assert report["table"] in md and "| blend |" in md and describe_machine("cpu") in md  # stage times, machine
     assert "n/a" not in md and "| ctrl | poison |" in md and "WaNet's warp moves pixels by" in md
+    assert report["second_test_table"] in md and "| DECREE alone TPR |" in md  # the warp test ran beside DECREE
+    assert all(r["warp_gain"] is not None for r in report["encoders"])
     if REAL_ROLES:
         assert report["real_parent"]["metrics"]["clean"]["n"] == 2 and report["real_parent"]["table"] in md
     for name in ("roc.png", "pl1_by_family.png", "gallery.png"):
@@ -183,3 +185,29 @@ def test_manifest_family_reaches_the_sweep_summary(tmp_path):
     write_report(tmp_path, 0.1, encoders)
     with open(tmp_path / "trigger_norm" / "summary.csv", newline="") as fh:
         assert [r["family"] for r in csv.DictReader(fh)] == ["clean-parent", "sig"]
+
+
+def warp_row(family, pl1, gain, took=True):
+    """A finished row with the warp test (threshold 0.07) and the combined verdict, as the sweep report makes it."""
+    from decree.target import ranking_score
+    flagged = gain > 0.07
+    decree = ranking_score(pl1, 0.1)
+    return {**row(family, pl1, took), "verdict": "trojaned" if pl1 < 0.1 else "clean", "score": decree,
+            "warp_gain": gain, "warp_verdict": "flagged" if flagged else "not flagged",
+            "combined_verdict": "trojaned" if pl1 < 0.1 or flagged else "clean",
+            "combined_score": max(decree, gain / (gain + 0.07))}
+
+
+def test_the_second_test_table_gives_decree_the_warp_test_and_both_per_family():
+    rows = [warp_row("clean-parent", 0.2, 0.02), warp_row("clean-control", 0.18, 0.08),
+            warp_row("wanet", 0.15, 0.2), warp_row("wanet", 0.12, 0.05), warp_row("sig", 0.05, 0.01)]
+    m = family_metrics(rows, ["sig", "wanet"], threshold=0.1)
+    wanet = m["wanet"]["tests"]
+    assert (wanet["decree"]["tp"], wanet["warp"]["tp"], wanet["combined"]["tp"]) == (0, 1, 1)
+    assert wanet["decree"]["auroc"] == 1.0 and wanet["warp"]["auroc"] == 0.75
+    assert m["clean"]["tests"]["warp"]["fp"] == 1 and m["clean"]["tests"]["decree"]["fp"] == 0
+    assert m["all attacks"]["tests"]["combined"]["tp"] == 2
+    table = second_test_table(m, ["sig", "wanet"])
+    assert "| wanet | 2/2 | 0.00 (0/2) | 1.00 | 0.50 (1/2) | 0.75 | 0.50 (1/2) |" in table
+    assert "| clean (parents + controls) | - | FPR 0.00 (0/2) | - | FPR 0.50 (1/2) | - | FPR 0.50 (1/2) | - |" in table
+    assert second_test_table(family_metrics([row("sig", 0.05)], ["sig"], 0.1), ["sig"]) == ""

@@ -165,3 +165,16 @@ def test_a_sweep_carries_the_warp_test_into_its_report(tmp_path, capsys):
     assert rows["backdoor"]["verdict"] == "clean" and rows["backdoor"]["warp_verdict"] == "flagged"
     assert rows["backdoor"]["combined_verdict"] == "trojaned" and rows["clean"]["combined_verdict"] == "clean"
     assert float(rows["backdoor"]["warp_gain"]) > WARP_THRESHOLD > float(rows["clean"]["warp_gain"])
+
+
+def test_scan_runs_the_warp_test_beside_decree(one_thread):
+    from decree import scan
+    planted = PlantedWarpEncoder()
+    with_test = scan(planted, SHADOW[:64], mean=CIFAR_MEAN, std=CIFAR_STD, max_epochs=10, warp_test=True)
+    without = scan(planted, SHADOW[:64], mean=CIFAR_MEAN, std=CIFAR_STD, max_epochs=10)
+    assert with_test.verdict == without.verdict == "CLEAN" and with_test.pl1 == without.pl1
+    assert with_test.warp_flagged and with_test.warp_gain > WARP_THRESHOLD
+    assert with_test.combined_verdict == "TROJANED" and without.combined_verdict == "CLEAN"
+    assert without.warp_gain is None and without.warp_flagged is None
+    strict = scan(planted, SHADOW[:64], mean=CIFAR_MEAN, std=CIFAR_STD, max_epochs=10, warp_test={"threshold": 0.9})
+    assert not strict.warp_flagged and strict.combined_verdict == "CLEAN"
