@@ -55,13 +55,13 @@ class ScanResult:
     def of(cls, detection: Detection) -> "ScanResult":
         record, result = detection.record, detection.result
         names = (record["target"] or {}).get("names")
-        warp = record["warp_test"]
+        warp = record.get("warp_test")  # records written before the warp test existed have no such key
         return cls(verdict=record["verdict"].upper(), trojaned=result.trojaned, pl1=record["pl1"],
                    l1=record["l1"], pl1_threshold=record["pl1_threshold"], mask=result.mask,
                    pattern=result.pattern, target=names[0]["name"] if names else None, notes=record["notes"],
                    epochs=record["epochs"], seconds=record["seconds"], record=record,
                    warp_gain=warp["gain"] if warp else None, warp_flagged=warp["flagged"] if warp else None,
-                   combined_verdict=record["combined_verdict"].upper())
+                   combined_verdict=record.get("combined_verdict", record["verdict"]).upper())
 
 
 def scan(encoder, images=None, *, usage_info: str | None = None, arch: str | None = None, mean=None, std=None,

@@ -177,6 +177,7 @@ def test_the_target_is_the_name_main_py_ranks_first():
     result = type("Result", (), {"trojaned": True, "mask": None, "pattern": None})()
     assert ScanResult.of(Detection(record, result)).target == "truck"
     assert ScanResult.of(Detection({**record, "target": None}, result)).target is None
+    assert ScanResult.of(Detection(record, result)).combined_verdict == "TROJANED"  # a record from before the warp test
 
 
 @pytest.mark.parametrize("file", ["common/__init__.py", "decree/__init__.py", "decree/repo_modules.py"])

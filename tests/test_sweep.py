@@ -117,7 +117,9 @@ def test_sweep_flags_the_planted_encoders_and_reports(sweep):
     summary = pd.read_csv(norm / "summary.csv")
     assert list(summary.columns) == ["path", "run_id", "usage_info", "arch", "label", "l1", "pl1", "verdict",
                                      "epochs", "seconds", "status", "error", "score", "target_cos", "target_name",
-                                     "family", "shadow_spread", "stamped_spread", "notes"]
+                                     "family", "shadow_spread", "stamped_spread", "notes", "warp_gain", "warp_verdict",
+                                     "combined_verdict", "combined_score"]
+    assert summary.warp_gain.isna().all() and summary.combined_verdict.isna().all()  # no --warp_test here
     assert summary.shadow_spread.notna().sum() == 4  # every finished run records its unstamped spread
     finished = summary[summary.status == "done"]
     assert len(finished) == 4 and (finished.verdict == finished.label.map(
