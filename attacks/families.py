@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import stamp, white_square_trigger
+from decree.warp_test import displacement_px as warp_displacement, identity_grid, warp_pixels as warp
 
 FAMILIES = ("patch-white", "patch-checker", "patch-random", "blend", "sig", "wanet", "ctrl-finetune", "ctrl", "drupe")
 POISONING_FAMILIES = ("ctrl",)
@@ -163,13 +164,6 @@ WANET_CROSS_RATIO = 2   # WaNet's noise mode: two noise-warped images per poison
 WANET_NOISE_RATIO = 2   # its jitter bound over its strength (1 / size at 0.5 / size)
 
 
-def identity_grid(size: int) -> torch.Tensor:
-    """grid_sample's identity sampling grid: float (1,size,size,2) of (x, y) in [-1,1]."""
-    line = torch.linspace(-1, 1, size)
-    rows, cols = torch.meshgrid(line, line, indexing="ij")
-    return torch.stack([cols, rows], dim=-1)[None]
-
-
 def warp_grid(size: int, seed: int, strength: float = WANET_STRENGTH, grid: int = WANET_GRID) -> torch.Tensor:
     """WaNet's warping field: a random grid x grid flow, mean |flow| 1, upsampled bicubically, scaled by
     strength / size and added to the identity sampling grid; float (1,size,size,2) in [-1,1]."""
@@ -178,20 +172,6 @@ def warp_grid(size: int, seed: int, strength: float = WANET_STRENGTH, grid: int 
     flow = flow / flow.abs().mean()
     flow = F.interpolate(flow, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     return (identity_grid(size) + strength * flow / size).clamp(-1, 1)
-
-
-def warp_displacement(field: torch.Tensor) -> float:
-    """Mean displacement in pixels of a sampling field (1,size,size,2) from the identity."""
-    size = field.shape[1]
-    shift = (field - identity_grid(size)) * (size - 1) / 2
-    return float(shift.norm(dim=-1).mean())
-
-
-def warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """Pixels (B,H,W,3) resampled through field (1 or B,H,W,2), bilinear: float pixels (B,H,W,3), unrounded."""
-    chw = x.permute(0, 3, 1, 2).float()
-    warped = F.grid_sample(chw, field.to(x.device).expand(len(x), -1, -1, -1), align_corners=True)
-    return warped.permute(0, 2, 3, 1)
 
 
 def wanet(size: int = 32, seed: int = 0, strength: float = WANET_STRENGTH, grid: int = WANET_GRID) -> FamilyTrigger:

@@ -214,8 +214,9 @@ def run_detection(job: DetectionJob, progress: bool = True, log=print_line, load
             "shadow_cache": under_test.shadow_cache or None,
             "model_flag": job.model_flag, "config": asdict(cfg), "job": asdict(job), "run_id": paths.run_id,
             "score": score, "target": target, "shadow_spread": spread,
-            "warp_test": warp.record() if warp else None, "combined_verdict": combined_verdict(result.trojaned, warp),
-            "combined_score": combined_score(score, warp),
+            "warp_test": warp.record() if warp else None,
+            "combined_verdict": combined_verdict(result.trojaned, warp and warp.flagged),
+            "combined_score": combined_score(score, warp and warp.score),
             "notes": verdict_notes(result.found, spread, cfg.thres),
             "wall_seconds": time.time() - started, **speed_record(result)}
     record = write_run(paths, result, meta, _log_text(job, meta, result))

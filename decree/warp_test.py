@@ -105,9 +105,9 @@ def warp_field(flow: torch.Tensor, size: int, budget: float) -> torch.Tensor:
 
 
 def warp_pixels(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (B,S,S,3) resampled through field (1,S,S,2), bilinear -> float pixels (B,S,S,3) in [0,255]."""
+    """Pixels (B,S,S,3) resampled through field (1 or B,S,S,2), bilinear -> float pixels (B,S,S,3), unrounded."""
     chw = images.permute(0, 3, 1, 2).float()
-    warped = F.grid_sample(chw, field.expand(len(images), -1, -1, -1), align_corners=True)
+    warped = F.grid_sample(chw, field.to(images.device).expand(len(images), -1, -1, -1), align_corners=True)
     return warped.permute(0, 2, 3, 1)
 
 
@@ -186,15 +186,15 @@ def run_warp_test(encoder: torch.nn.Module, shadow, mean, std, cfg: WarpTestConf
                           flow=(torch.tanh(flow) * cfg.budget)[0].cpu().tolist(), settings=asdict(cfg))
 
 
-def combined_verdict(decree_trojaned: bool, warp: WarpTestResult | None) -> str:
-    """TROJANED when either test flags the encoder; without the warp test, DECREE's verdict."""
-    return "trojaned" if decree_trojaned or (warp is not None and warp.flagged) else "clean"
+def combined_verdict(decree_trojaned: bool, warp_flagged: bool | None) -> str:
+    """TROJANED when either test flags the encoder; without the warp test (None), DECREE's verdict."""
+    return "trojaned" if decree_trojaned or bool(warp_flagged) else "clean"
 
 
-def combined_score(decree_score: float, warp: WarpTestResult | None) -> float:
+def combined_score(decree_score: float, warp_score: float | None) -> float:
     """The larger of the two scores (each 0.5 at its own threshold), so above 0.5 exactly when the combined verdict
-    is TROJANED; DECREE's score without the warp test."""
-    return decree_score if warp is None else max(decree_score, warp.score)
+    is TROJANED; DECREE's score without the warp test (None)."""
+    return decree_score if warp_score is None else max(decree_score, warp_score)
 
 
 def warp_line(record: dict) -> str:

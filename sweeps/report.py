@@ -17,6 +17,7 @@ import numpy as np
 from common import io as atomic
 from common.files import printable
 from decree.target import ranking_score
+from decree.warp_test import combined_score, combined_verdict
 from .discovery import LABELS, UNKNOWN
 from .figures import save_figure
 from .metrics import (BACKDOOR, CLEAN, auroc, by_truth, flag_rates, flagged, pl1_or_inf, rates, row_truth,
@@ -118,10 +119,9 @@ def warp_columns(record: dict, threshold: float) -> dict:
     warp = record.get("warp_test")
     if not warp:
         return {}
-    trojaned = flagged(record["pl1"], threshold) or warp["flagged"]
     return {"warp_gain": warp["gain"], "warp_verdict": "flagged" if warp["flagged"] else "not flagged",
-            "combined_verdict": "trojaned" if trojaned else "clean",
-            "combined_score": max(ranking_score(record["pl1"], threshold), warp["score"])}
+            "combined_verdict": combined_verdict(flagged(record["pl1"], threshold), warp["flagged"]),
+            "combined_score": combined_score(ranking_score(record["pl1"], threshold), warp["score"])}
 
 
 def _row_key(run_id: str, encoder_path) -> tuple:

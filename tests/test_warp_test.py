@@ -57,14 +57,14 @@ def test_warp_test_flags_the_planted_backdoor_decree_calls_clean(one_thread):
     assert 0 < warp.displacement_px <= WarpTestConfig().budget * 32
     decree = invert_trigger(planted, SHADOW, CIFAR_MEAN, CIFAR_STD, preset("cifar10", max_epochs=40), progress=False)
     assert decree.verdict == "clean"
-    assert combined_verdict(decree.trojaned, warp) == "trojaned"
-    assert combined_score(0.2, warp) == warp.score > 0.5
+    assert combined_verdict(decree.trojaned, warp.flagged) == "trojaned"
+    assert combined_score(0.2, warp.score) == warp.score > 0.5
 
 
 def test_warp_test_leaves_a_clean_encoder_unflagged(one_thread):
     warp = run_warp_test(encoders()["clean"], SHADOW, CIFAR_MEAN, CIFAR_STD, progress=False)
     assert not warp.flagged and warp.gain < WARP_THRESHOLD / 2
-    assert combined_verdict(False, warp) == "clean" and combined_score(0.3, warp) == 0.3
+    assert combined_verdict(False, warp.flagged) == "clean" and combined_score(0.3, warp.score) == 0.3
 
 
 def test_warp_field_is_the_identity_at_rest_and_bounded_by_the_budget():
