@@ -151,15 +151,6 @@ def search_warp(encoder, shadow: torch.Tensor, mean, std, cfg: WarpTestConfig, g
     return flow.detach()
 
 
-@torch.no_grad()
-def warped_spread(encoder, images: torch.Tensor, field: torch.Tensor, mean, std, batch_size: int) -> float:
-    """Mean pairwise cosine of the embeddings of `images` (uint8 (N,S,S,3)) resampled through `field`."""
-    units = torch.cat([F.normalize(encoder(to_model_input(warp_pixels(images[i:i + batch_size], field), mean,
-                                                          std)).float(), dim=1)
-                       for i in range(0, len(images), batch_size)])
-    return mean_pairwise_cos_of_units(units)
-
-
 def run_warp_test(encoder: torch.nn.Module, shadow, mean, std, cfg: WarpTestConfig | None = None, device="cpu",
                   progress: bool = True) -> WarpTestResult:
     """The warp test on `encoder` (normalised float (N,3,S,S) -> (N,D), frozen, eval mode) with shadow images uint8
@@ -178,7 +169,9 @@ def run_warp_test(encoder: torch.nn.Module, shadow, mean, std, cfg: WarpTestConf
     field = warp_field(flow, size, cfg.budget)
     sample = shadow[torch.randperm(len(shadow), generator=generator)[:cfg.eval_images].to(device)]
     cos_clean = mean_pairwise_cos_of_units(unit_embeddings(encoder, sample, mean, std, device))
-    cos_warped = warped_spread(encoder, sample, field, mean, std, cfg.batch_size)
+    with torch.no_grad():
+        warped = warp_pixels(sample, field)
+    cos_warped = mean_pairwise_cos_of_units(unit_embeddings(encoder, warped, mean, std, device))
     gain = (cos_warped - cos_clean) / (1 - cos_clean) if cos_clean < 1 else 0.0
     return WarpTestResult(gain=gain, cos_clean=cos_clean, cos_warped=cos_warped, threshold=cfg.threshold,
                           displacement_px=displacement_px(field), steps=cfg.steps, eval_images=len(sample),
